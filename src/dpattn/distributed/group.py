@@ -1,0 +1,158 @@
+"""Collective groups: one interface, a torch.distributed implementation and a trace.
+
+Every collective goes through a `Group`, which records (group, op, shape) into the rank's
+trace, so tests and the lock-step checker can compare what each rank issued.
+"""
+
+from __future__ import annotations
+
+import pickle
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: ranks diverged, a peer died, or it timed out."""
+
+
+@dataclass
+class Trace:
+    """The collectives one rank issued, in order: (group, op, shape) tuples."""
+
+    enabled: bool = True
+    calls: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)
+
+    def record(self, group: str, op: str, shape: tuple[int, ...]) -> None:
+        if self.enabled:
+            self.calls.append((group, op, shape))
+
+    def take(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+class Group(ABC):
+    """One rank's handle on a group of ranks. Tensors are split / concatenated on dim 0."""
+
+    def __init__(self, name: str, ranks: list[int], rank: int, trace: Trace) -> None:
+        self.name = name
+        self.ranks = ranks
+        self.size = len(ranks)
+        self.rank_in_group = ranks.index(rank)
+        self.trace = trace
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self.trace.record(self.name, "all_reduce", tuple(t.shape))
+        return t if self.size == 1 else self._all_reduce(t)
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.trace.record(self.name, "all_gather", tuple(t.shape))
+        return t if self.size == 1 else self._all_gather(t)
+
+    def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
+        self.trace.record(self.name, "reduce_scatter", tuple(t.shape))
+        if t.shape[0] % self.size:
+            raise ValueError(f"{self.name}: reduce_scatter of {t.shape[0]} rows over {self.size}")
+        return t if self.size == 1 else self._reduce_scatter(t)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self.trace.record(self.name, "broadcast", tuple(t.shape))
+        return t if self.size == 1 else self._broadcast(t, src)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        self.trace.record(self.name, "all_gather_object", ())
+        return [obj] if self.size == 1 else self._all_gather_object(obj)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        self.trace.record(self.name, "broadcast_object", ())
+        return obj if self.size == 1 else self._broadcast_object(obj, src)
+
+    @abstractmethod
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _reduce_scatter(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _all_gather_object(self, obj: Any) -> list[Any]: ...
+
+    @abstractmethod
+    def _broadcast_object(self, obj: Any, src: int) -> Any: ...
+
+
+class TorchGroup(Group):
+    """A torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(
+        self, name: str, ranks: list[int], rank: int, trace: Trace, pg: dist.ProcessGroup
+    ) -> None:
+        super().__init__(name, ranks, rank, trace)
+        self.pg = pg
+        self.is_gloo = dist.get_backend(pg) == "gloo"
+
+    def _wrap(self, op: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except RuntimeError as e:  # gloo/NCCL errors are terse: say which collective failed
+            raise CollectiveError(f"{self.name}.{op} failed: {e}") from e
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        self._wrap("all_reduce", lambda: dist.all_reduce(t, group=self.pg))
+        return t
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        if t.numel() == 0:  # gloo rejects empty buffers; the result is empty anyway
+            return t.new_empty((0, *t.shape[1:]))
+        if self.is_gloo:
+            parts = [torch.empty_like(t) for _ in range(self.size)]
+            self._wrap("all_gather", lambda: dist.all_gather(parts, t, group=self.pg))
+            return torch.cat(parts)
+        out = t.new_empty((self.size * t.shape[0], *t.shape[1:]))
+        self._wrap("all_gather", lambda: dist.all_gather_into_tensor(out, t, group=self.pg))
+        return out
+
+    def _reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[0] // self.size
+        if self.is_gloo:  # gloo's reduce_scatter is slow: all-reduce + slice is cheaper on CPU
+            full = self._all_reduce(t.clone())
+            return full[self.rank_in_group * n : (self.rank_in_group + 1) * n].clone()
+        out = t.new_empty((n, *t.shape[1:]))
+        self._wrap(
+            "reduce_scatter",
+            lambda: dist.reduce_scatter_tensor(out, t.contiguous(), group=self.pg),
+        )
+        return out
+
+    def _broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        t = t.contiguous()
+        self._wrap("broadcast", lambda: dist.broadcast(t, self.ranks[src], group=self.pg))
+        return t
+
+    def _all_gather_object(self, obj: Any) -> list[Any]:
+        # Length first, then padded bytes: gloo cannot all-gather unequal sizes.
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        sizes = self._all_gather(torch.tensor([data.numel()], dtype=torch.int64)).tolist()
+        buf = torch.zeros(max(sizes), dtype=torch.uint8)
+        buf[: data.numel()] = data
+        rows = self._all_gather(buf.unsqueeze(0))
+        return [pickle.loads(rows[i, :n].numpy().tobytes()) for i, n in enumerate(sizes)]
+
+    def _broadcast_object(self, obj: Any, src: int) -> Any:
+        box = [obj]
+        self._wrap(
+            "broadcast_object",
+            lambda: dist.broadcast_object_list(box, src=self.ranks[src], group=self.pg),
+        )
+        return box[0]

@@ -1,0 +1,131 @@
+"""Topology of one model replica (DESIGN §1) and the groups each rank uses.
+
+T = tp_size ranks, D = dp_size DP groups, attention-TP width A = T / D. Rank r is in DP group
+r // A with attn_tp rank r % A (dp-major numbering). `world` carries MLP/MoE collectives and the
+MLP sync; `attn_tp` carries attention collectives and request broadcast. Each has a CPU flavour
+for scheduler metadata (gloo) and a device flavour for tensors (the same group on CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from dpattn.distributed.group import Group, TorchGroup, Trace
+from dpattn.distributed.thread_backend import ThreadWorld
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp_size: int = 1
+    dp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tp_size < 1 or self.dp_size < 1 or self.tp_size % self.dp_size:
+            raise ValueError(f"tp_size {self.tp_size} must be a positive multiple of dp_size {self.dp_size}")
+
+    @property
+    def attn_tp_size(self) -> int:
+        return self.tp_size // self.dp_size
+
+    def dp_rank(self, rank: int) -> int:
+        return rank // self.attn_tp_size
+
+    def attn_tp_rank(self, rank: int) -> int:
+        return rank % self.attn_tp_size
+
+    def attn_tp_ranks(self, dp_rank: int) -> list[int]:
+        a = self.attn_tp_size
+        return list(range(dp_rank * a, (dp_rank + 1) * a))
+
+
+@dataclass
+class ParallelState:
+    layout: Layout
+    rank: int
+    world: Group
+    attn_tp: Group
+    world_cpu: Group
+    attn_tp_cpu: Group
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def tp_size(self) -> int:
+        return self.layout.tp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp_size
+
+    @property
+    def attn_tp_size(self) -> int:
+        return self.layout.attn_tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.dp_rank(self.rank)
+
+    @property
+    def attn_tp_rank(self) -> int:
+        return self.layout.attn_tp_rank(self.rank)
+
+    @property
+    def trace(self) -> Trace:
+        return self.world.trace
+
+
+def thread_parallel_state(world: ThreadWorld, layout: Layout, rank: int) -> ParallelState:
+    """The groups of one rank thread; CPU and device flavours are the same group."""
+    trace = Trace()
+    d = layout.dp_rank(rank)
+    w = world.group("world", list(range(layout.tp_size)), rank, trace)
+    a = world.group(f"attn_tp{d}", layout.attn_tp_ranks(d), rank, trace)
+    return ParallelState(layout, rank, w, a, w, a)
+
+
+def torch_parallel_state(
+    layout: Layout,
+    rank: int,
+    init_method: str | None = None,
+    device: str = "cpu",
+    timeout_s: float = 60.0,
+) -> ParallelState:
+    """Initialise torch.distributed for this rank and build its groups.
+
+    `init_method` is a tcp:// address; None reads torchrun's environment (MASTER_ADDR, ...).
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dev = torch.device(device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        torch.cuda.set_device(dev)
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=layout.tp_size, timeout=timeout
+    )
+    trace = Trace()
+    world_ranks = list(range(layout.tp_size))
+    # Every rank must create every group, in the same order.
+    tp_groups = {
+        d: (
+            dist.new_group(layout.attn_tp_ranks(d), backend=backend, timeout=timeout),
+            dist.new_group(layout.attn_tp_ranks(d), backend="gloo", timeout=timeout)
+            if backend != "gloo"
+            else None,
+        )
+        for d in range(layout.dp_size)
+    }
+    world_cpu_pg = dist.new_group(world_ranks, backend="gloo", timeout=timeout) if backend != "gloo" else None
+    d = layout.dp_rank(rank)
+    tp_pg, tp_cpu_pg = tp_groups[d]
+    world = TorchGroup("world", world_ranks, rank, trace, dist.group.WORLD)
+    attn_tp = TorchGroup(f"attn_tp{d}", layout.attn_tp_ranks(d), rank, trace, tp_pg)
+    world_cpu = TorchGroup("world", world_ranks, rank, trace, world_cpu_pg) if world_cpu_pg else world
+    attn_tp_cpu = (
+        TorchGroup(f"attn_tp{d}", layout.attn_tp_ranks(d), rank, trace, tp_cpu_pg) if tp_cpu_pg else attn_tp
+    )
+    return ParallelState(layout, rank, world, attn_tp, world_cpu, attn_tp_cpu, dev)

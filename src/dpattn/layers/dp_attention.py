@@ -1,0 +1,130 @@
+"""DP gather / scatter between attention (local rows per DP group) and MLP (global rows).
+
+The math is DESIGN §4. Every DP group d has n_d real tokens, padded to p_d = ceil(n_d / A) * A.
+MAX_LEN gives every group the same slot length P = max p (buffer B = D * P); SUM_LEN gives
+group d exactly p_d rows (B = sum p). Slots tile [0, B). The residual stream between layers is
+"local full": n_d rows, identical on the A ranks of the group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from dpattn.distributed.parallel_state import ParallelState
+
+
+class PaddingMode(str, Enum):
+    MAX_LEN = "max_len"
+    SUM_LEN = "sum_len"
+
+
+def pad_to(n: int, a: int) -> int:
+    return math.ceil(n / a) * a
+
+
+def choose_padding_mode(
+    padded: list[int],
+    is_extend_in_batch: bool,
+    override: str = "auto",
+    graph: bool = False,
+) -> PaddingMode:
+    """DESIGN §4: graph replay => MAX_LEN; extend at D > 1 => SUM_LEN; else the cheaper one."""
+    if override != "auto":
+        return PaddingMode(override)
+    if graph:
+        return PaddingMode.MAX_LEN
+    d = len(padded)
+    if is_extend_in_batch and d > 1:
+        return PaddingMode.SUM_LEN
+    # all-gather moves D*P rows; the sum all-reduce moves ~2*sum(p).
+    return PaddingMode.MAX_LEN if 2 * sum(padded) >= d * max(padded) else PaddingMode.SUM_LEN
+
+
+@dataclass(frozen=True)
+class GatherPlan:
+    """Where each DP group's rows sit in the global buffer. Identical on every rank."""
+
+    attn_tp_size: int
+    global_num_tokens: tuple[int, ...]
+    mode: PaddingMode
+    padded: tuple[int, ...]  # p_d, multiples of A
+    lens: tuple[int, ...]  # L_d: rows of group d in the global buffer
+    starts: tuple[int, ...]  # s_d
+
+    @property
+    def total(self) -> int:
+        return sum(self.lens)
+
+    @classmethod
+    def build(
+        cls,
+        global_num_tokens: list[int],
+        attn_tp_size: int,
+        is_extend_in_batch: bool = False,
+        override: str = "auto",
+        graph: bool = False,
+    ) -> GatherPlan:
+        padded = [pad_to(n, attn_tp_size) for n in global_num_tokens]
+        mode = choose_padding_mode(padded, is_extend_in_batch, override, graph)
+        lens = [max(padded)] * len(padded) if mode is PaddingMode.MAX_LEN else padded
+        starts = [sum(lens[:d]) for d in range(len(lens))]
+        return cls(attn_tp_size, tuple(global_num_tokens), mode, tuple(padded), tuple(lens), tuple(starts))
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x
+    out = x.new_zeros((rows, *x.shape[1:]))
+    out[: x.shape[0]] = x
+    return out
+
+
+def _own_contribution(ps: ParallelState, partial: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    # The attention output is a partial sum over attn_tp; the residual is replicated there, so
+    # only the group's leader adds it before anything sums over the group.
+    return partial + residual if ps.attn_tp_rank == 0 else partial
+
+
+def dp_gather(
+    ps: ParallelState, plan: GatherPlan, partial: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """Local (attention partial, residual) of n_d rows -> global summed hidden [B, H]."""
+    d, a = ps.dp_rank, ps.attn_tp_size
+    own = _own_contribution(ps, partial, residual)
+    if plan.mode is PaddingMode.SUM_LEN:
+        buf = own.new_zeros((plan.total, *own.shape[1:]))
+        buf[plan.starts[d] : plan.starts[d] + own.shape[0]] = own
+        return ps.world.all_reduce(buf)
+    local = _pad_rows(own, plan.lens[d])
+    if a > 1:  # finish o_proj's partial sum; chunk lands at d*P + a*P/A after the world gather
+        local = ps.attn_tp.reduce_scatter(local)
+    return ps.world.all_gather(local)
+
+
+def dp_scatter(ps: ParallelState, plan: GatherPlan, mlp_partial: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Global (MLP partial over world, summed hidden) -> this group's n_d rows of their sum."""
+    d = ps.dp_rank
+    n = plan.global_num_tokens[d]
+    if plan.mode is PaddingMode.SUM_LEN:
+        full = ps.world.all_reduce(mlp_partial)
+        lo = plan.starts[d]
+        return full[lo : lo + n] + hidden[lo : lo + n]
+    chunk = ps.world.reduce_scatter(mlp_partial)
+    lo = ps.rank * chunk.shape[0]
+    chunk = chunk + hidden[lo : lo + chunk.shape[0]]
+    return ps.attn_tp.all_gather(chunk)[:n]
+
+
+def attn_tp_scatter(ps: ParallelState, plan: GatherPlan, partial: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Scattered MLP layout: this rank's p_d / A rows of the group's summed hidden."""
+    own = _pad_rows(_own_contribution(ps, partial, residual), plan.padded[ps.dp_rank])
+    return ps.attn_tp.reduce_scatter(own)
+
+
+def attn_tp_gather(ps: ParallelState, plan: GatherPlan, chunk: torch.Tensor) -> torch.Tensor:
+    """Scattered MLP layout: the group's chunks back to its n_d local rows."""
+    return ps.attn_tp.all_gather(chunk)[: plan.global_num_tokens[ps.dp_rank]]
