@@ -28,7 +28,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], P
     built: dict[tuple[str, bool], Path] = {}
     for arch in ARCHS:
         for fused in (True, False) if arch in tiny.MOE_ARCHS else (True,):
-            built[arch, fused] = make_tiny_model(arch, root / f"{arch}-{fused}", seed=0, fused_experts=fused)
+            built[arch, fused] = make_tiny_model(
+                arch, root / f"{arch}-{fused}", seed=0, fused_experts=fused
+            )
     return built
 
 
@@ -70,9 +72,14 @@ def test_per_expert_checkpoint(models: dict[tuple[str, bool], Path], arch: str) 
     fused, legacy = models[arch, True], models[arch, False]
     fused_keys, legacy_keys = _keys(fused), _keys(legacy)
     assert "model.layers.0.mlp.experts.gate_up_proj" in fused_keys
-    assert not any("experts.gate_up_proj" in k or "experts.down_proj" == k[-17:] for k in legacy_keys)
+    assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in legacy_keys)
     if arch == "mixtral":
-        expected = ["experts.7.w1.weight", "experts.7.w2.weight", "experts.7.w3.weight", "gate.weight"]
+        expected = [
+            "experts.7.w1.weight",
+            "experts.7.w2.weight",
+            "experts.7.w3.weight",
+            "gate.weight",
+        ]
         prefix = "model.layers.1.block_sparse_moe."
     else:
         expected = ["experts.7.gate_proj.weight", "experts.7.up_proj.weight"]
@@ -149,7 +156,16 @@ def _parse(argv: list[str], arch: str) -> dict[str, object]:
 
 def test_overrides_from_args() -> None:
     assert _parse([], "qwen3_moe") == {}
-    argv = ["--num-layers", "3", "--num-experts", "4", "--top-k", "1", "--moe-intermediate-size", "16"]
+    argv = [
+        "--num-layers",
+        "3",
+        "--num-experts",
+        "4",
+        "--top-k",
+        "1",
+        "--moe-intermediate-size",
+        "16",
+    ]
     assert _parse(argv, "qwen3_moe") == {
         "num_hidden_layers": 3,
         "num_experts": 4,

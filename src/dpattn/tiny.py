@@ -20,6 +20,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 ARCHS = ("llama", "qwen3", "qwen3_moe", "mixtral")
 MOE_ARCHS = ("qwen3_moe", "mixtral")
+_CONFIG_CLASSES = dict(llama="LlamaConfig", qwen3="Qwen3Config")
+_CONFIG_CLASSES.update(qwen3_moe="Qwen3MoeConfig", mixtral="MixtralConfig")
 
 BOS, EOS, PAD, IM_START, IM_END = "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
@@ -33,23 +35,23 @@ CHAT_TEMPLATE = (
 )
 
 _CORPUS = """\
-The quick brown fox jumps over the lazy dog. A small model can still be useful when we
-want to test the plumbing of an inference engine: the scheduler, the cache, the kernels
-and the way tokens flow from one process to another. Nobody expects it to write poetry.
+The quick brown fox jumps over the lazy dog. A small model can still be useful when we want to test
+the plumbing of an inference engine: the scheduler, the cache, the kernels and the way tokens flow
+from one process to another. Nobody expects it to write poetry.
 
-Once upon a time there was a little village by the sea. Every morning the fishermen went
-out in their boats, and every evening they came back with baskets full of silver fish.
-The children played on the sand, the old people sat in the shade, and the cats waited
-patiently near the harbour for their share of the catch.
+Once upon a time there was a little village by the sea. Every morning the fishermen went out in
+their boats, and every evening they came back with baskets full of silver fish. The children played
+on the sand, the old people sat in the shade, and the cats waited patiently near the harbour for
+their share of the catch.
 
-Attention is a function of queries, keys and values. Each token looks at the tokens
-before it, computes a weighted sum of their values, and passes the result to the next
-layer. In a mixture of experts, a router picks two of eight experts for every token, and
-the outputs of those experts are combined with the router weights.
+Attention is a function of queries, keys and values. Each token looks at the tokens before it,
+computes a weighted sum of their values, and passes the result to the next layer. In a mixture of
+experts, a router picks two of eight experts for every token, and the outputs of those experts are
+combined with the router weights.
 
-What time is it? It is half past seven in the evening, and the weather is mild. Would you
-like a cup of tea, some bread and cheese, or perhaps a bowl of soup? Thank you, that would
-be lovely. Numbers such as 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 42, 100 and 2024 appear too.
+What time is it? It is half past seven in the evening, and the weather is mild. Would you like a
+cup of tea, some bread and cheese, or perhaps a bowl of soup? Thank you, that would be lovely.
+Numbers such as 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 42, 100 and 2024 appear too.
 
 User: Hello! Can you help me with a question about the history of the city?
 Assistant: Of course. The city was founded on the river more than a thousand years ago,
@@ -65,12 +67,11 @@ def _train_tokenizer() -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TOKENIZER_VOCAB_SIZE,
-        min_frequency=1,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([_CORPUS], trainer=trainer)
     return tok
 
 
@@ -78,30 +79,17 @@ def make_tokenizer() -> Any:
     """Return a fresh ``PreTrainedTokenizerFast`` wrapping the cached trained tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_train_tokenizer().to_str()),
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        additional_special_tokens=[IM_START, IM_END],
-    )
+    obj = Tokenizer.from_str(_train_tokenizer().to_str())
+    tok = PreTrainedTokenizerFast(tokenizer_object=obj, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
 def _base_config(arch: str, vocab_size: int) -> dict[str, Any]:
-    cfg: dict[str, Any] = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        vocab_size=vocab_size,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-6,
-    )
+    cfg: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    cfg.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=vocab_size)
+    cfg.update(max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6)
     if arch == "qwen3_moe":
         cfg.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
         cfg.update(norm_topk_prob=True)
@@ -110,30 +98,17 @@ def _base_config(arch: str, vocab_size: int) -> dict[str, Any]:
     return cfg
 
 
-def _config_class(arch: str) -> Any:
-    import transformers
-
-    names = {"llama": "LlamaConfig", "qwen3": "Qwen3Config"}
-    names.update(qwen3_moe="Qwen3MoeConfig", mixtral="MixtralConfig")
-    return getattr(transformers, names[arch])
-
-
 @torch.no_grad()
 def _rescale_init(model: torch.nn.Module, seed: int) -> None:
     """Re-init with larger weights so logits are far from flat (greedy argmax not tie-prone)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-        if "norm" in name:
-            p.copy_(1.0 + 0.02 * noise)
-        elif "lm_head" in name:
-            p.copy_(0.2 * noise)
-        else:
-            p.copy_(0.1 * noise)
+        std = 0.02 if "norm" in name else 0.2 if "lm_head" in name else 0.1
+        p.copy_(float("norm" in name) + std * noise)  # norm weights: 1 + small noise
 
 
 _FUSED_RE = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_ROUTER_RE = re.compile(r"^(model\.layers\.\d+)\.mlp\.gate\.weight$")
 
 
 def _unfuse(arch: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,8 +119,7 @@ def _unfuse(arch: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     for key, t in tensors.items():
         m = _FUSED_RE.match(key)
         if m is None:
-            r = _ROUTER_RE.match(key)
-            out[f"{r.group(1)}.block_sparse_moe.gate.weight" if mixtral and r else key] = t
+            out[key.replace(".mlp.gate.", ".block_sparse_moe.gate.") if mixtral else key] = t
             continue
         prefix = f"{m.group(1)}.{'block_sparse_moe' if mixtral else 'mlp'}.experts"
         for e in range(t.shape[0]):
@@ -162,7 +136,7 @@ def _rewrite_per_expert(arch: str, out: Path) -> None:
     weight_map: dict[str, str] = {}
     for f in sorted(out.glob("*.safetensors")):
         with safe_open(str(f), "pt") as sf:
-            tensors = {k: sf.get_tensor(k) for k in sf.keys()}  # noqa: SIM118
+            tensors = {k: sf.get_tensor(k) for k in sf.keys()}
         new = _unfuse(arch, tensors)
         save_file(new, str(f), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(new, f.name))
@@ -186,6 +160,7 @@ def make_tiny_model(
     ``fused_experts=False`` (MoE archs) stores legacy per-expert weight keys instead of
     transformers 5's fused ``experts.gate_up_proj``/``experts.down_proj``.
     """
+    import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if arch not in ARCHS:
@@ -197,10 +172,8 @@ def make_tiny_model(
     cfg.update(overrides)
     if cfg["vocab_size"] < n_tok:
         raise ValueError(f"vocab_size={cfg['vocab_size']} < tokenizer vocab size {n_tok}")
-    special = dict(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
-    config = _config_class(arch)(**cfg, **special)
+    special = {f"{n}_token_id": getattr(tok, f"{n}_token_id") for n in ("bos", "eos", "pad")}
+    config = getattr(transformers, _CONFIG_CLASSES[arch])(**cfg, **special)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -243,41 +216,35 @@ def ensure_default_model() -> Path:
     return target
 
 
-_FLAGS: tuple[tuple[str, str], ...] = (
-    ("--hidden-size", "hidden_size"),
-    ("--intermediate-size", "intermediate_size"),
-    ("--num-layers", "num_hidden_layers"),
-    ("--num-heads", "num_attention_heads"),
-    ("--num-kv-heads", "num_key_value_heads"),
-    ("--head-dim", "head_dim"),
-    ("--num-experts", "num_experts"),
-    ("--top-k", "num_experts_per_tok"),
-    ("--moe-intermediate-size", "moe_intermediate_size"),
-    ("--vocab-size", "vocab_size"),
+# flag -> config key (mixtral remaps a couple of them in overrides_from_args)
+_FLAGS: dict[str, str] = dict(
+    pair.partition("=")[::2]
+    for pair in """hidden-size=hidden_size intermediate-size=intermediate_size
+    num-layers=num_hidden_layers num-heads=num_attention_heads num-kv-heads=num_key_value_heads
+    head-dim=head_dim num-experts=num_experts top-k=num_experts_per_tok
+    moe-intermediate-size=moe_intermediate_size vocab-size=vocab_size""".split()
 )
 _MOE_ONLY = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
+# MixtralConfig: experts count is num_local_experts, expert width is intermediate_size
+_MIXTRAL_KEYS = {"num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size"}
 
 
 def add_size_overrides(parser: argparse.ArgumentParser) -> None:
     """Add optional model-size flags (``--hidden-size``, ``--num-experts``, ...) to ``parser``."""
     group = parser.add_argument_group("model size overrides")
-    for flag, dest in _FLAGS:
-        group.add_argument(flag, dest=f"size_{dest}", type=int, default=None, metavar="N")
+    for flag, dest in _FLAGS.items():
+        group.add_argument(f"--{flag}", dest=f"size_{dest}", type=int, default=None, metavar="N")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Config overrides for the flags that were set, keyed per ``args.arch`` (default qwen3_moe)."""
     arch = getattr(args, "arch", None) or "qwen3_moe"
     result: dict[str, Any] = {}
-    for flag, dest in _FLAGS:
+    for flag, dest in _FLAGS.items():
         value = getattr(args, f"size_{dest}", None)
         if value is None:
             continue
         if dest in _MOE_ONLY and arch not in MOE_ARCHS:
-            raise ValueError(f"{flag} only applies to MoE archs {MOE_ARCHS}")
-        if arch == "mixtral" and dest == "num_experts":
-            dest = "num_local_experts"
-        elif arch == "mixtral" and dest == "moe_intermediate_size":
-            dest = "intermediate_size"  # mixtral experts use intermediate_size
-        result[dest] = value
+            raise ValueError(f"--{flag} only applies to MoE archs {MOE_ARCHS}")
+        result[_MIXTRAL_KEYS.get(dest, dest) if arch == "mixtral" else dest] = value
     return result

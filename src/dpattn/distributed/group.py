@@ -108,6 +108,8 @@ class TorchGroup(Group):
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
+        if t.numel() == 0:  # gloo rejects empty buffers
+            return t
         self._wrap("all_reduce", lambda: dist.all_reduce(t, group=self.pg))
         return t
 

@@ -26,7 +26,9 @@ class Layout:
 
     def __post_init__(self) -> None:
         if self.tp_size < 1 or self.dp_size < 1 or self.tp_size % self.dp_size:
-            raise ValueError(f"tp_size {self.tp_size} must be a positive multiple of dp_size {self.dp_size}")
+            raise ValueError(
+                f"tp_size {self.tp_size} must be a positive multiple of dp_size {self.dp_size}"
+            )
 
     @property
     def attn_tp_size(self) -> int:
@@ -102,7 +104,9 @@ def torch_parallel_state(
     dev = torch.device(device)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        dev = torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        )
         torch.cuda.set_device(dev)
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=layout.tp_size, timeout=timeout
@@ -119,13 +123,19 @@ def torch_parallel_state(
         )
         for d in range(layout.dp_size)
     }
-    world_cpu_pg = dist.new_group(world_ranks, backend="gloo", timeout=timeout) if backend != "gloo" else None
+    world_cpu_pg = (
+        dist.new_group(world_ranks, backend="gloo", timeout=timeout) if backend != "gloo" else None
+    )
     d = layout.dp_rank(rank)
     tp_pg, tp_cpu_pg = tp_groups[d]
     world = TorchGroup("world", world_ranks, rank, trace, dist.group.WORLD)
     attn_tp = TorchGroup(f"attn_tp{d}", layout.attn_tp_ranks(d), rank, trace, tp_pg)
-    world_cpu = TorchGroup("world", world_ranks, rank, trace, world_cpu_pg) if world_cpu_pg else world
+    world_cpu = (
+        TorchGroup("world", world_ranks, rank, trace, world_cpu_pg) if world_cpu_pg else world
+    )
     attn_tp_cpu = (
-        TorchGroup(f"attn_tp{d}", layout.attn_tp_ranks(d), rank, trace, tp_cpu_pg) if tp_cpu_pg else attn_tp
+        TorchGroup(f"attn_tp{d}", layout.attn_tp_ranks(d), rank, trace, tp_cpu_pg)
+        if tp_cpu_pg
+        else attn_tp
     )
     return ParallelState(layout, rank, world, attn_tp, world_cpu, attn_tp_cpu, dev)

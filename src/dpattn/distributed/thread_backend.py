@@ -44,7 +44,9 @@ class ThreadWorld:
 
     def group(self, name: str, ranks: list[int], rank: int, trace: Trace) -> ThreadGroup:
         with self.cond:
-            rdv = self.rendezvous.setdefault(name, _Rendezvous(name, ranks, slots=[None] * len(ranks)))
+            rdv = self.rendezvous.setdefault(
+                name, _Rendezvous(name, ranks, slots=[None] * len(ranks))
+            )
         return ThreadGroup(self, rdv, rank, trace)
 
     def fail(self, error: CollectiveError) -> None:
@@ -90,7 +92,9 @@ class ThreadWorld:
                     raise self.error
                 stuck = self._deadlock()
                 if stuck is not None:
-                    self.error = CollectiveError(f"ranks diverged, no collective can complete: {stuck}")
+                    self.error = CollectiveError(
+                        f"ranks diverged, no collective can complete: {stuck}"
+                    )
                     self.cond.notify_all()
                     raise self.error
                 left = deadline - time.monotonic()
@@ -119,7 +123,12 @@ class ThreadGroup(Group):
         self.rank = rank
 
     def _exchange(self, op: str, t: torch.Tensor | None, payload: Any, *extra: Any) -> list[Any]:
-        sig = (op, tuple(t.shape) if t is not None else (), str(t.dtype) if t is not None else "", *extra)
+        sig = (
+            op,
+            tuple(t.shape) if t is not None else (),
+            str(t.dtype) if t is not None else "",
+            *extra,
+        )
         return self.world.exchange(self.rdv, self.rank, sig, payload)
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -170,7 +179,9 @@ def run_threads(world: ThreadWorld, fn: Callable[[int], Any]) -> list[Any]:
         finally:
             world.mark_finished(rank)
 
-    threads = [threading.Thread(target=body, args=(r,), name=f"rank{r}") for r in range(world.world_size)]
+    threads = [
+        threading.Thread(target=body, args=(r,), name=f"rank{r}") for r in range(world.world_size)
+    ]
     for t in threads:
         t.start()
     for t in threads:

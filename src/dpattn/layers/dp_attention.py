@@ -72,7 +72,9 @@ class GatherPlan:
         mode = choose_padding_mode(padded, is_extend_in_batch, override, graph)
         lens = [max(padded)] * len(padded) if mode is PaddingMode.MAX_LEN else padded
         starts = [sum(lens[:d]) for d in range(len(lens))]
-        return cls(attn_tp_size, tuple(global_num_tokens), mode, tuple(padded), tuple(lens), tuple(starts))
+        return cls(
+            attn_tp_size, tuple(global_num_tokens), mode, tuple(padded), tuple(lens), tuple(starts)
+        )
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -83,7 +85,9 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-def _own_contribution(ps: ParallelState, partial: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def _own_contribution(
+    ps: ParallelState, partial: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
     # The attention output is a partial sum over attn_tp; the residual is replicated there, so
     # only the group's leader adds it before anything sums over the group.
     return partial + residual if ps.attn_tp_rank == 0 else partial
@@ -105,7 +109,9 @@ def dp_gather(
     return ps.world.all_gather(local)
 
 
-def dp_scatter(ps: ParallelState, plan: GatherPlan, mlp_partial: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def dp_scatter(
+    ps: ParallelState, plan: GatherPlan, mlp_partial: torch.Tensor, hidden: torch.Tensor
+) -> torch.Tensor:
     """Global (MLP partial over world, summed hidden) -> this group's n_d rows of their sum."""
     d = ps.dp_rank
     n = plan.global_num_tokens[d]
@@ -119,7 +125,9 @@ def dp_scatter(ps: ParallelState, plan: GatherPlan, mlp_partial: torch.Tensor, h
     return ps.attn_tp.all_gather(chunk)[:n]
 
 
-def attn_tp_scatter(ps: ParallelState, plan: GatherPlan, partial: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def attn_tp_scatter(
+    ps: ParallelState, plan: GatherPlan, partial: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
     """Scattered MLP layout: this rank's p_d / A rows of the group's summed hidden."""
     own = _pad_rows(_own_contribution(ps, partial, residual), plan.padded[ps.dp_rank])
     return ps.attn_tp.reduce_scatter(own)

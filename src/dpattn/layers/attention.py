@@ -1,0 +1,111 @@
+"""Attention of one DP group: heads split over attn_tp, paged KV, o_proj left as a partial sum."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpattn.distributed.parallel_state import ParallelState
+from dpattn.forward_batch import get_forward_context
+from dpattn.layers.basic import RMSNorm, Rotary, param, shard
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        ps: ParallelState,
+        layer_id: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: Rotary,
+        dtype: torch.dtype,
+        qk_norm_eps: float | None = None,
+        norm_offset: float = 0.0,
+        bias: bool = False,
+        scaling: float | None = None,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        a, rank = ps.attn_tp_size, ps.attn_tp_rank
+        if num_heads % a:
+            raise ValueError(f"{num_heads} attention heads cannot be split over attn_tp {a}")
+        if num_kv_heads >= a and num_kv_heads % a or num_kv_heads < a and a % num_kv_heads:
+            raise ValueError(f"{num_kv_heads} KV heads do not fit attn_tp {a}")
+        self.layer_id = layer_id
+        self.head_dim = head_dim
+        self.num_heads = num_heads // a
+        self.num_kv_heads = max(1, num_kv_heads // a)
+        # Fewer KV heads than ranks: each rank keeps (a copy of) the KV head its Q heads use.
+        kv_parts, kv_index = (
+            (a, rank) if num_kv_heads >= a else (num_kv_heads, rank * num_kv_heads // a)
+        )
+        self.scaling = scaling if scaling is not None else head_dim**-0.5
+        self.sliding_window = sliding_window
+        self.rotary = rotary
+
+        def rows(parts: int, index: int) -> object:
+            return lambda full: shard(full, 0, index, parts)
+
+        q_rows, kv_rows = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self.q_proj = param((q_rows, hidden_size), dtype, rows(a, rank))
+        self.k_proj = param((kv_rows, hidden_size), dtype, rows(kv_parts, kv_index))
+        self.v_proj = param((kv_rows, hidden_size), dtype, rows(kv_parts, kv_index))
+        self.o_proj = param((hidden_size, q_rows), dtype, lambda full: shard(full, 1, rank, a))
+        self.bias = bias
+        if bias:
+            self.q_bias = param((q_rows,), dtype, rows(a, rank))
+            self.k_bias = param((kv_rows,), dtype, rows(kv_parts, kv_index))
+            self.v_bias = param((kv_rows,), dtype, rows(kv_parts, kv_index))
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype, norm_offset) if qk_norm_eps else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype, norm_offset) if qk_norm_eps else None
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q = F.linear(x, self.q_proj, self.q_bias if self.bias else None).view(
+            n, self.num_heads, self.head_dim
+        )
+        k = F.linear(x, self.k_proj, self.k_bias if self.bias else None).view(
+            n, self.num_kv_heads, self.head_dim
+        )
+        v = F.linear(x, self.v_proj, self.v_bias if self.bias else None).view(
+            n, self.num_kv_heads, self.head_dim
+        )
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self._paged_attention(q, k, v)
+        return F.linear(
+            out.reshape(n, self.num_heads * self.head_dim), self.o_proj
+        )  # partial sum over attn_tp
+
+    def _paged_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        batch, pool = ctx.batch, ctx.kv_pool
+        pool.write(self.layer_id, batch.out_cache_loc, k, v)
+        k_buf, v_buf = pool.k[self.layer_id], pool.v[self.layer_id]
+        out = torch.empty_like(q)
+        start = 0
+        for row, seq_len, ext in zip(batch.req_pool_indices, batch.seq_lens, batch.extend_lens):
+            slots = ctx.req_to_token.table[row, :seq_len]
+            q_pos = torch.arange(seq_len - ext, seq_len, device=q.device)[:, None]
+            k_pos = torch.arange(seq_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if self.sliding_window:
+                mask &= k_pos > q_pos - self.sliding_window
+            qi = q[start : start + ext].transpose(0, 1)  # [heads, ext, d]
+            ki = k_buf[slots].transpose(0, 1)
+            vi = v_buf[slots].transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                qi,
+                ki,
+                vi,
+                attn_mask=mask,
+                scale=self.scaling,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+            out[start : start + ext] = o.transpose(0, 1)
+            start += ext
+        return out

@@ -1,0 +1,94 @@
+"""Model runner of one rank: the sharded model, its KV cache, and the forward entry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from dpattn.distributed.parallel_state import ParallelState
+from dpattn.forward_batch import ForwardBatch, ForwardContext, forward_context
+from dpattn.kv_cache import KVPool, ReqToTokenPool
+from dpattn.layers.dp_attention import GatherPlan
+from dpattn.models.decoder import DecoderModel, ModelOptions
+from dpattn.models.loader import load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunnerConfig:
+    model_path: str
+    dtype: str = "float32"
+    ep: bool = False
+    moe_dense_tp_size: int | None = None
+    dp_padding_mode: str = "auto"  # auto | max_len | sum_len
+    kv_pool_tokens: int = 4096
+    max_running_requests: int = 64
+    context_length: int | None = None
+
+
+class ModelRunner:
+    def __init__(self, cfg: RunnerConfig, ps: ParallelState) -> None:
+        self.cfg = cfg
+        self.ps = ps
+        self.hf_config = AutoConfig.from_pretrained(cfg.model_path)
+        opts = ModelOptions(DTYPES[cfg.dtype], cfg.ep, cfg.moe_dense_tp_size)
+        with torch.device(ps.device):
+            self.model = DecoderModel(self.hf_config, ps, opts).eval()
+        load_weights(self.model, Path(cfg.model_path))
+        hc = self.hf_config
+        self.context_length = cfg.context_length or int(
+            getattr(hc, "max_position_embeddings", 4096)
+        )
+        attn = self.model.layers[0].self_attn
+        self.kv_pool = KVPool(
+            cfg.kv_pool_tokens,
+            hc.num_hidden_layers,
+            attn.num_kv_heads,
+            attn.head_dim,
+            opts.dtype,
+            ps.device,
+        )
+        self.req_to_token = ReqToTokenPool(cfg.max_running_requests, self.context_length, ps.device)
+        # Without gather metadata a rank cannot know other groups' sizes, nor pad for attn_tp.
+        self.needs_gather_metadata = ps.dp_size > 1 or (
+            ps.attn_tp_size > 1 and self.model.has_scattered_layers
+        )
+
+    def gather_plan(self, batch: ForwardBatch) -> GatherPlan:
+        gnt = batch.global_num_tokens
+        if gnt is None:
+            if self.needs_gather_metadata:
+                raise ValueError(
+                    f"batch ({batch.forward_mode.name}, {batch.num_tokens} tokens) reached the model "
+                    f"runner without gather metadata (global_num_tokens), but tp={self.ps.tp_size} "
+                    f"dp={self.ps.dp_size} with this MLP layout needs it: run the MLP sync first"
+                )
+            gnt = [batch.num_tokens]
+        if len(gnt) != self.ps.dp_size or gnt[self.ps.dp_rank] != batch.num_tokens:
+            raise ValueError(
+                f"gather metadata {gnt} does not match dp_size {self.ps.dp_size} and this rank's "
+                f"{batch.num_tokens} tokens in DP group {self.ps.dp_rank}"
+            )
+        return GatherPlan.build(
+            list(gnt),
+            self.ps.attn_tp_size,
+            batch.is_extend_in_batch,
+            self.cfg.dp_padding_mode,
+            graph=batch.can_run_graph,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [rows, vocab] (fp32) of each request's last token, or of every token."""
+        plan = self.gather_plan(batch)
+        ctx = ForwardContext(batch, plan, self.ps, self.kv_pool, self.req_to_token)
+        with forward_context(ctx):
+            hidden = self.model(batch.input_ids, batch.positions)
+            if not batch.return_all_logits and batch.extend_lens:
+                last = torch.tensor(batch.extend_lens, device=hidden.device).cumsum(0) - 1
+                hidden = hidden[last]
+            return self.model.logits(hidden).float()

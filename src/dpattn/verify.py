@@ -1,0 +1,201 @@
+"""Layout verifier: run a DP-attention layout and compare its logits with HF transformers.
+
+Prompts of mixed lengths are spread unevenly over the DP groups (the last group gets none
+when D > 1), some arrive one step late so extend and decode mix across groups, and every
+rank's logits at every step are compared with a transformers forward over the same tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from dpattn.distributed.parallel_state import Layout, ParallelState
+from dpattn.forward_batch import ForwardBatch, ForwardMode
+from dpattn.launch import run_ranks
+from dpattn.model_runner import DTYPES, ModelRunner, RunnerConfig
+
+
+@dataclass
+class VerifyConfig:
+    model_path: str
+    tp: int = 1
+    dp: int = 1
+    ep: bool = False
+    moe_dense_tp_size: int | None = None
+    dp_padding_mode: str = "auto"
+    dtype: str = "float32"
+    backend: str = "gloo"
+    num_prompts: int = 5
+    decode_steps: int = 4
+    seed: int = 0
+    tolerance: float | None = None  # default: 1e-4 in fp32
+    reference_model_path: str | None = None
+    idle_group: bool = True  # D > 1: the last DP group gets no request at all
+
+
+@dataclass
+class Request:
+    rid: int
+    tokens: list[int]
+    arrival: int
+    dp_rank: int
+    kv_len: int = 0
+    row: int = -1
+    slots: torch.Tensor | None = None
+    decode_steps: int = 0
+    logits: int = 0  # logits produced so far
+
+
+def make_requests(cfg: VerifyConfig, vocab: int) -> list[Request]:
+    rng = random.Random(cfg.seed)
+    busy = max(1, cfg.dp - 1) if cfg.idle_group else cfg.dp
+    reqs = []
+    for i in range(cfg.num_prompts):
+        length = rng.choice([1, 2, 3, 5, 7, 11, 16])
+        group = 0 if i < (cfg.num_prompts + 1) // 2 else i % busy  # uneven: group 0 gets most
+        tokens = [rng.randrange(3, vocab) for _ in range(length)]
+        reqs.append(Request(i, tokens, arrival=i % 2, dp_rank=group, decode_steps=cfg.decode_steps))
+    return reqs
+
+
+def _build_batch(reqs: list[Request], step: int) -> ForwardBatch:
+    active = [r for r in reqs if r.arrival <= step and r.logits <= r.decode_steps]
+    if not active:
+        return ForwardBatch.idle()
+    ids, pos, loc, ext = [], [], [], []
+    for r in active:
+        new = r.tokens[r.kv_len :]
+        ids += new
+        pos += range(r.kv_len, len(r.tokens))
+        loc.append(r.slots[r.kv_len : len(r.tokens)])
+        ext.append(len(new))
+    modes = {e > 1 or r.kv_len == 0 for e, r in zip(ext, active)}
+    mode = (
+        ForwardMode.MIXED
+        if len(modes) == 2
+        else ForwardMode.EXTEND
+        if True in modes
+        else ForwardMode.DECODE
+    )
+    return ForwardBatch(
+        mode,
+        torch.tensor(ids),
+        torch.tensor(pos),
+        torch.cat(loc),
+        [r.row for r in active],
+        [len(r.tokens) for r in active],
+        ext,
+    )
+
+
+def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
+    runner = ModelRunner(
+        RunnerConfig(cfg.model_path, cfg.dtype, cfg.ep, cfg.moe_dense_tp_size, cfg.dp_padding_mode),
+        ps,
+    )
+    kv_free0, rows_free0 = runner.kv_pool.available_size(), runner.req_to_token.available_size()
+    reqs = [r for r in make_requests(cfg, runner.hf_config.vocab_size) if r.dp_rank == ps.dp_rank]
+    for r in reqs:
+        r.row = runner.req_to_token.alloc()
+        r.slots = runner.kv_pool.alloc(len(r.tokens) + cfg.decode_steps)
+        runner.req_to_token.table[r.row, : r.slots.numel()] = r.slots
+    out: dict[int, list[list[float]]] = {r.rid: [] for r in reqs}
+    steps = []
+    for step in range(cfg.decode_steps + 2):
+        batch = _build_batch(reqs, step)
+        # Stand-in for the scheduler's MLP sync: every DP group's token count, from the leaders.
+        rows = ps.world_cpu.all_gather_object(
+            (batch.num_tokens, batch.forward_mode.is_extend_like())
+        )
+        leaders = rows[:: ps.attn_tp_size]
+        batch.global_num_tokens = [n for n, _ in leaders]
+        batch.is_extend_in_batch = any(e for _, e in leaders)
+        if max(batch.global_num_tokens) == 0:
+            continue
+        plan = runner.gather_plan(batch)
+        logits = runner.forward(batch)
+        active = [r for r in reqs if r.arrival <= step and r.logits <= cfg.decode_steps]
+        for r, row in zip(active, logits):
+            r.kv_len = len(r.tokens)
+            r.logits += 1
+            out[r.rid].append(row.tolist())
+            if r.logits <= cfg.decode_steps:
+                r.tokens.append(int(row.argmax()))
+        steps.append(
+            {
+                "step": step,
+                "global_num_tokens": batch.global_num_tokens,
+                "mode": plan.mode.value,
+                "buffer": plan.total,
+            }
+        )
+    for r in reqs:
+        runner.kv_pool.free(r.slots)
+        runner.req_to_token.free(r.row)
+    leaked = (
+        kv_free0 - runner.kv_pool.available_size(),
+        rows_free0 - runner.req_to_token.available_size(),
+    )
+    return {
+        "tokens": {r.rid: r.tokens for r in reqs},
+        "logits": out,
+        "steps": steps,
+        "leaked": leaked,
+    }
+
+
+def reference_logits(
+    model_path: str, dtype: str, sequences: dict[int, list[int]]
+) -> dict[int, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).eval()
+    with torch.inference_mode():
+        return {rid: model(torch.tensor([seq])).logits[0].float() for rid, seq in sequences.items()}
+
+
+def verify(cfg: VerifyConfig) -> dict[str, Any]:
+    layout = Layout(cfg.tp, cfg.dp)
+    results = run_ranks(functools.partial(rank_main, cfg=cfg), layout, cfg.backend)
+    # Ranks of one DP group must agree exactly; then compare the leaders with the reference.
+    for r, res in enumerate(results):
+        lead = results[layout.dp_rank(r) * layout.attn_tp_size]
+        if res["tokens"] != lead["tokens"] or res["logits"] != lead["logits"]:
+            raise AssertionError(f"rank {r} disagrees with its DP group leader")
+    merged_tokens: dict[int, list[int]] = {}
+    merged_logits: dict[int, list[list[float]]] = {}
+    for res in results[:: layout.attn_tp_size]:
+        merged_tokens.update(res["tokens"])
+        merged_logits.update(res["logits"])
+    ref = reference_logits(cfg.reference_model_path or cfg.model_path, cfg.dtype, merged_tokens)
+    max_diff = 0.0
+    per_request = {}
+    for rid, rows in merged_logits.items():
+        prompt_len = len(merged_tokens[rid]) - cfg.decode_steps
+        diffs = [
+            float((torch.tensor(row) - ref[rid][prompt_len - 1 + i]).abs().max())
+            for i, row in enumerate(rows)
+        ]
+        per_request[rid] = {"prompt_len": prompt_len, "max_abs_diff": max(diffs)}
+        max_diff = max(max_diff, *diffs)
+    tol = cfg.tolerance if cfg.tolerance is not None else (1e-4 if cfg.dtype == "float32" else 5e-2)
+    return {
+        "ok": max_diff <= tol and all(res["leaked"] == (0, 0) for res in results),
+        "max_abs_logit_diff": max_diff,
+        "tolerance": tol,
+        "layout": {"tp": cfg.tp, "dp": cfg.dp, "attn_tp": layout.attn_tp_size, "ep": cfg.ep},
+        "config": asdict(cfg),
+        "requests": per_request,
+        "steps": results[0]["steps"],
+        "kv_leaked": [res["leaked"] for res in results],
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(json.dumps(report))
