@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue as queue_mod
 import socket
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -42,52 +44,99 @@ def _process_main(
             torch.distributed.destroy_process_group()
 
 
+class RankGroup:
+    """Running ranks. `wait` collects results in rank order; a failing rank fails the group."""
+
+    def __init__(
+        self, fn: RankFn, layout: Layout, backend: str = "gloo", timeout_s: float = 60.0
+    ) -> None:
+        self.layout = layout
+        self.backend = backend
+        self.results: dict[int, Any] = {}
+        self.errors: list[str] = []
+        self.procs: list[Any] = []
+        if backend == "thread":
+            self.world = ThreadWorld(layout.tp_size, timeout=timeout_s)
+            self._thread_error: BaseException | None = None
+            self._thread = threading.Thread(target=self._run_threads, args=(fn,), daemon=True)
+            self._thread.start()
+            return
+        if backend != "gloo":
+            raise ValueError(f"unknown backend {backend!r} (thread | gloo)")
+        ctx = mp.get_context("spawn")
+        self.queue = ctx.Queue()
+        init = f"tcp://127.0.0.1:{free_port()}"
+        self.procs = [
+            ctx.Process(
+                target=_process_main, args=(fn, layout, r, init, timeout_s, self.queue), daemon=True
+            )
+            for r in range(layout.tp_size)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def _run_threads(self, fn: RankFn) -> None:
+        try:
+            out = run_threads(
+                self.world, lambda r: fn(thread_parallel_state(self.world, self.layout, r))
+            )
+            self.results = dict(enumerate(out))
+        except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+            self._thread_error = e
+
+    def dead_rank(self) -> str | None:
+        """A description of the first rank that died or failed, if any."""
+        if self.backend == "thread":
+            return (
+                None
+                if self._thread.is_alive() or self._thread_error is None
+                else str(self._thread_error)
+            )
+        self._drain(0)
+        if self.errors:
+            return self.errors[0]
+        for r, p in enumerate(self.procs):
+            if not p.is_alive() and p.exitcode not in (0, None) and r not in self.results:
+                return f"rank {r} died (exit code {p.exitcode})"
+        return None
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            while True:
+                rank, ok, value = self.queue.get(timeout=timeout)
+                (self.results.__setitem__(rank, value) if ok else self.errors.append(value))
+                timeout = 0
+        except queue_mod.Empty:
+            pass
+
+    def wait(self, timeout: float | None = None) -> list[Any]:
+        if self.backend == "thread":
+            self._thread.join(timeout)
+            if self._thread_error is not None:
+                raise self._thread_error
+            return [self.results[r] for r in range(self.layout.tp_size)]
+        try:
+            while len(self.results) < self.layout.tp_size:
+                self._drain(1.0)
+                dead = self.dead_rank()
+                if dead:
+                    raise RuntimeError(dead)
+        finally:
+            self.terminate(grace=5.0 if not self.errors else 0.5)
+        return [self.results[r] for r in range(self.layout.tp_size)]
+
+    def terminate(self, grace: float = 5.0) -> None:
+        if self.backend == "thread":
+            return
+        for p in self.procs:
+            p.join(timeout=grace)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
 def run_ranks(
     fn: RankFn, layout: Layout, backend: str = "gloo", timeout_s: float = 60.0
 ) -> list[Any]:
     """Run fn(parallel_state) on every rank; results in rank order. Any rank failing raises."""
-    if backend == "thread":
-        world = ThreadWorld(layout.tp_size, timeout=timeout_s)
-        return run_threads(world, lambda r: fn(thread_parallel_state(world, layout, r)))
-    if backend != "gloo":
-        raise ValueError(f"unknown backend {backend!r} (thread | gloo)")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    init = f"tcp://127.0.0.1:{free_port()}"
-    procs = [
-        ctx.Process(target=_process_main, args=(fn, layout, r, init, timeout_s, queue), daemon=True)
-        for r in range(layout.tp_size)
-    ]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    errors: list[str] = []
-    try:
-        while len(results) + len(errors) < layout.tp_size:
-            try:
-                rank, ok, value = queue.get(timeout=1.0)
-            except Exception:  # queue.Empty: check for ranks that died without reporting
-                dead = [
-                    r
-                    for r, p in enumerate(procs)
-                    if not p.is_alive() and p.exitcode not in (0, None)
-                ]
-                dead = [r for r in dead if r not in results]
-                if dead:
-                    raise RuntimeError(
-                        f"rank {dead[0]} died (exit code {procs[dead[0]].exitcode})"
-                        + (f"; earlier: {errors[0]}" if errors else "")
-                    ) from None
-                continue
-            (results.__setitem__(rank, value) if ok else errors.append(value))
-            if errors:  # one failed rank: the rest are stuck or failing; stop them now
-                break
-    finally:
-        for p in procs:
-            p.join(timeout=5 if not errors else 0.5)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if errors:
-        raise RuntimeError(errors[0])
-    return [results[r] for r in range(layout.tp_size)]
+    return RankGroup(fn, layout, backend, timeout_s).wait()

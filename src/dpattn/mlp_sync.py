@@ -1,0 +1,102 @@
+"""The MLP sync (DESIGN §3): once per scheduler iteration, on every rank, in lock-step.
+
+`decide` is a pure function of the DP group leaders' rows; `prepare_mlp_sync_batch` is the thin
+transport around it: one all-gather over the world CPU group at D > 1, none at D == 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from dpattn.forward_batch import ForwardMode
+
+if TYPE_CHECKING:
+    from dpattn.distributed.parallel_state import ParallelState
+    from dpattn.schedule_batch import ScheduleBatch
+
+
+@dataclass(frozen=True)
+class SyncRow:
+    num_tokens: int = 0
+    num_tokens_for_logprob: int = 0
+    can_run_graph: bool = False
+    is_extend: bool = False
+    forward_mode: int = 0  # 0: no batch
+
+    def as_list(self) -> list[int]:
+        return [
+            self.num_tokens,
+            self.num_tokens_for_logprob,
+            int(self.can_run_graph),
+            int(self.is_extend),
+            self.forward_mode,
+        ]
+
+
+@dataclass(frozen=True)
+class SyncDecision:
+    global_num_tokens: list[int]
+    global_num_tokens_for_logprob: list[int]
+    can_run_graph: bool
+    is_extend_in_batch: bool
+    need_idle_batch: bool
+
+    @property
+    def run_forward(self) -> bool:
+        return max(self.global_num_tokens) > 0
+
+
+def local_row(batch: ScheduleBatch | None) -> SyncRow:
+    if batch is None:
+        return SyncRow()
+    mode = batch.forward_mode
+    if mode in (ForwardMode.IDLE, ForwardMode.PREBUILT):
+        return SyncRow(0, 0, batch.can_run_graph, False, int(mode))
+    n = batch.num_tokens
+    m = batch.num_tokens_for_logprob
+    return SyncRow(n, m, batch.can_run_graph, mode.is_extend_like(), int(mode))
+
+
+def decide(rows: list[SyncRow], dp_size: int, skip_all_gather: bool) -> SyncDecision:
+    """Rules 2-3 over one row per DP group (the attn_tp leaders'); identical on all ranks."""
+    return SyncDecision(
+        global_num_tokens=[r.num_tokens for r in rows],
+        global_num_tokens_for_logprob=[r.num_tokens_for_logprob for r in rows],
+        can_run_graph=min(r.can_run_graph for r in rows),
+        is_extend_in_batch=max(r.is_extend for r in rows),
+        need_idle_batch=dp_size > 1 if skip_all_gather else max(r.num_tokens for r in rows) > 0,
+    )
+
+
+def gather_rows(ps: ParallelState, row: SyncRow) -> list[SyncRow]:
+    """All-gather every rank's row over world as [D, A, F] and keep the leaders' [:, 0, :]."""
+    t = torch.tensor([row.as_list()], dtype=torch.int64)
+    grid = ps.world_cpu.all_gather(t).view(ps.dp_size, ps.attn_tp_size, -1)[:, 0, :]
+    return [SyncRow(int(n), int(m), bool(g), bool(e), int(f)) for n, m, g, e, f in grid.tolist()]
+
+
+def prepare_mlp_sync_batch(
+    ps: ParallelState, batch: ScheduleBatch | None, skip_all_gather: bool | None = None
+) -> tuple[ScheduleBatch | None, SyncDecision]:
+    """Returns the batch to run (None: no forward on any rank this iteration) and the decision."""
+    from dpattn.schedule_batch import ScheduleBatch
+
+    skip = ps.dp_size == 1 if skip_all_gather is None else skip_all_gather
+    row = local_row(batch)
+    rows = [row] if skip else gather_rows(ps, row)
+    decision = decide(rows, ps.dp_size, skip)
+    batch_to_gather = batch
+    if decision.need_idle_batch:
+        if batch is None:
+            batch = batch_to_gather = ScheduleBatch.idle()
+        elif batch.forward_mode is ForwardMode.PREBUILT:
+            batch.inner_idle_batch = batch_to_gather = ScheduleBatch.idle()
+    if batch_to_gather is not None:  # rule 5: also when no idle batch was needed (D == 1 padding)
+        batch_to_gather.global_num_tokens = decision.global_num_tokens
+        batch_to_gather.global_num_tokens_for_logprob = decision.global_num_tokens_for_logprob
+        batch_to_gather.is_extend_in_batch = decision.is_extend_in_batch
+        batch_to_gather.can_run_graph = decision.can_run_graph
+    return batch, decision

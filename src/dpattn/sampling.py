@@ -1,0 +1,95 @@
+"""Sampling parameters (the familiar names) and a sampler that agrees across attn_tp ranks.
+
+Every rank of a DP group holds the same full-vocab logits, and every request carries its own
+seeded generator (the leader picks a seed for unseeded requests before broadcasting them), so
+all ranks of a group draw the same tokens without exchanging them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(names)}")
+        if isinstance(d.get("stop"), str):
+            d["stop"] = [d["stop"]]
+        params = cls(**d)
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(
+            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+            "max_new_tokens must be an integer >= 1",
+        )
+        need(
+            isinstance(self.temperature, (int, float)) and self.temperature >= 0,
+            "temperature must be >= 0",
+        )
+        need(
+            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"
+        )
+        need(
+            isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+            "top_k must be -1 or >= 1",
+        )
+        need(
+            isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"
+        )
+        need(
+            isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+            "stop must be strings",
+        )
+        need(
+            all(isinstance(t, int) for t in self.stop_token_ids), "stop_token_ids must be integers"
+        )
+        need(self.seed is None or isinstance(self.seed, int), "seed must be an integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from one request's fp32 logits [vocab]."""
+    if params.greedy:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_k > 0:
+        kth = torch.topk(probs, min(params.top_k, probs.numel())).values[-1]
+        probs = probs.masked_fill(probs < kth, 0)
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        drop = (
+            sorted_p.cumsum(0) - sorted_p > params.top_p
+        )  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0))
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

@@ -1,0 +1,241 @@
+"""Per-rank scheduler: continuous batching (prefill first, chunked prefill, decode, retraction)
+with the MLP sync every iteration. Transport-agnostic: messages in, outputs out."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dpattn.forward_batch import ForwardMode
+from dpattn.mlp_sync import SyncDecision, prepare_mlp_sync_batch
+from dpattn.model_runner import ModelRunner
+from dpattn.sampling import sample
+from dpattn.schedule_batch import FinishReason, Req, ScheduleBatch
+
+
+@dataclass
+class SchedulerConfig:
+    chunked_prefill_size: int = 256
+    max_running_requests: int = 32
+    skip_all_gather: bool | None = None  # None: skip iff dp_size == 1
+
+
+@dataclass
+class Output:
+    """One step's news about one request, sent by the DP group leader."""
+
+    rid: str
+    new_ids: list[int]
+    new_logprobs: list[float]
+    finish_reason: str | None = None
+    matched_stop: str | int | None = None
+    prompt_tokens: int = 0
+
+
+@dataclass
+class StepStats:
+    forward_mode: str = "none"
+    num_tokens: int = 0
+    global_num_tokens: list[int] = field(default_factory=list)
+    padded_tokens: int = 0
+    idle_batch: bool = False
+
+
+class Scheduler:
+    def __init__(
+        self, runner: ModelRunner, cfg: SchedulerConfig, eos_ids: set[int], tokenizer: Any = None
+    ) -> None:
+        self.runner = runner
+        self.ps = runner.ps
+        self.cfg = cfg
+        self.eos_ids = eos_ids
+        self.tokenizer = tokenizer
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.chunked: Req | None = None  # a prompt being prefilled over several steps
+        self.outputs: list[Output] = []
+        self.last_stats = StepStats()
+
+    # ---- requests in ----
+    def add_request(self, req: Req) -> None:
+        self.waiting.append(req)
+
+    def abort_request(self, rid: str) -> None:
+        for req in [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]:
+            if req.rid == rid and not req.finished:
+                self._finish(req, FinishReason.ABORT)
+        self.waiting = deque(r for r in self.waiting if not r.finished)
+        self.running = [r for r in self.running if not r.finished]
+        if self.chunked is not None and self.chunked.finished:
+            self.chunked = None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    # ---- one iteration ----
+    def step(self) -> SyncDecision:
+        batch = self._next_batch()
+        batch, decision = prepare_mlp_sync_batch(self.ps, batch, self.cfg.skip_all_gather)
+        stats = StepStats(global_num_tokens=decision.global_num_tokens)
+        if batch is not None and decision.run_forward:
+            run = batch.inner_idle_batch if batch.forward_mode is ForwardMode.PREBUILT else batch
+            if run is not None:
+                fb = run.to_forward_batch()
+                plan = self.runner.gather_plan(fb)
+                logits = self.runner.forward(fb)
+                stats = StepStats(
+                    run.forward_mode.name.lower(),
+                    run.num_tokens,
+                    decision.global_num_tokens,
+                    plan.total,
+                    run.forward_mode is ForwardMode.IDLE,
+                )
+                if run.forward_mode is not ForwardMode.IDLE:
+                    self._process(run, logits)
+        if batch is not None and batch.forward_mode is ForwardMode.PREBUILT:
+            self._process_prebuilt(batch)
+        self.last_stats = stats
+        return decision
+
+    def take_outputs(self) -> list[Output]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    # ---- batch building ----
+    def _next_batch(self) -> ScheduleBatch | None:
+        batch = self._prefill_batch()
+        return batch if batch is not None else self._decode_batch()
+
+    def _prefill_batch(self) -> ScheduleBatch | None:
+        pool, rows = self.runner.kv_pool, self.runner.req_to_token
+        budget = self.cfg.chunked_prefill_size
+        batch = ScheduleBatch(ForwardMode.EXTEND)
+        locs = []
+        queue = ([self.chunked] if self.chunked else []) + list(self.waiting)
+        for req in queue:
+            if budget <= 0 or len(self.running) + len(batch.reqs) >= self.cfg.max_running_requests:
+                break
+            if req.row is None:
+                req.row = rows.alloc()
+                if req.row is None:
+                    break
+            # Keep one slot per running request so decode does not retract what prefill just took.
+            n = min(
+                len(req.all_ids) - req.kv_len, budget, pool.available_size() - len(self.running)
+            )
+            if n <= 0:
+                break
+            slots = pool.alloc(n)
+            rows.table[req.row, req.kv_len : req.kv_len + n] = slots
+            batch.reqs.append(req)
+            batch.input_ids += req.all_ids[req.kv_len : req.kv_len + n]
+            batch.positions += range(req.kv_len, req.kv_len + n)
+            batch.sample_mask.append(req.kv_len + n == len(req.all_ids))
+            locs.append(slots)
+            req.extend_len = n
+            budget -= n
+        if not batch.reqs:
+            return None
+        batch.out_cache_loc = torch.cat(locs)
+        taken = {id(r) for r in batch.reqs}
+        self.waiting = deque(r for r in self.waiting if id(r) not in taken)
+        last = batch.reqs[-1]
+        self.chunked = None if batch.sample_mask[-1] else last
+        return batch
+
+    def _decode_batch(self) -> ScheduleBatch | None:
+        if not self.running:
+            return None
+        self._retract_until_fits()
+        if not self.running:
+            return None
+        slots = self.runner.kv_pool.alloc(len(self.running))
+        assert slots is not None
+        batch = ScheduleBatch(ForwardMode.DECODE, reqs=list(self.running), out_cache_loc=slots)
+        for req, slot in zip(self.running, slots):
+            self.runner.req_to_token.table[req.row, req.kv_len] = slot
+            batch.input_ids.append(req.all_ids[-1])
+            batch.positions.append(req.kv_len)
+            batch.sample_mask.append(True)
+            req.extend_len = 1
+        return batch
+
+    def _retract_until_fits(self) -> None:
+        """KV pool exhausted: send the newest running requests back to wait (output unchanged)."""
+        while self.running and self.runner.kv_pool.available_size() < len(self.running):
+            req = self.running.pop()
+            if not self.running and not self.waiting:  # alone and still too big: cannot ever fit
+                self._finish(req, FinishReason.ABORT)
+                return
+            self._free_kv(req)
+            self.waiting.appendleft(req)
+
+    # ---- results ----
+    def _process(self, batch: ScheduleBatch, logits: torch.Tensor) -> None:
+        for req, row, do_sample in zip(batch.reqs, logits, batch.sample_mask):
+            req.kv_len += req.extend_len
+            req.extend_len = 0
+            if not do_sample or req.finished:
+                continue
+            token = sample(row, req.params, req.rng())
+            req.output_ids.append(token)
+            logprob = float(torch.log_softmax(row, -1)[token]) if req.return_logprob else 0.0
+            req.output_logprobs.append(logprob)
+            reason = self._stop_reason(req, token)
+            out = Output(
+                req.rid,
+                [token],
+                [logprob] if req.return_logprob else [],
+                prompt_tokens=len(req.input_ids),
+            )
+            self.outputs.append(out)
+            if reason is not None:
+                self._finish(req, reason, emit=False)
+                out.finish_reason, out.matched_stop = req.finish_reason.value, req.matched_stop  # type: ignore[union-attr]
+            elif batch.forward_mode.is_extend_like() and req not in self.running:
+                self.running.append(req)
+        self.running = [r for r in self.running if not r.finished]
+
+    def _process_prebuilt(self, batch: ScheduleBatch) -> None:
+        # Disaggregated decode: KV arrived from a prefill server; these requests start decoding.
+        for req in batch.reqs:
+            req.kv_len = len(req.all_ids) - 1
+            self.running.append(req)
+
+    def _stop_reason(self, req: Req, token: int) -> FinishReason | None:
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            req.matched_stop = token
+            return FinishReason.STOP
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(req.output_ids)
+            for s in p.stop:
+                if s in text:
+                    req.matched_stop = s
+                    return FinishReason.STOP
+        if (
+            len(req.output_ids) >= p.max_new_tokens
+            or len(req.all_ids) >= self.runner.context_length
+        ):
+            return FinishReason.LENGTH
+        return None
+
+    def _free_kv(self, req: Req) -> None:
+        if req.row is not None:
+            self.runner.kv_pool.free(
+                self.runner.req_to_token.table[req.row, : req.kv_len + req.extend_len].clone()
+            )
+            self.runner.req_to_token.free(req.row)
+        req.row, req.kv_len, req.extend_len = None, 0, 0
+
+    def _finish(self, req: Req, reason: FinishReason, emit: bool = True) -> None:
+        req.finish_reason = reason
+        self._free_kv(req)
+        if emit:
+            self.outputs.append(
+                Output(req.rid, [], [], reason.value, prompt_tokens=len(req.input_ids))
+            )
