@@ -38,7 +38,9 @@ def _round_trip(t: int, d: int, counts: list[int], mode: str) -> None:
         g = ps.dp_rank
         plan = GatherPlan.build(counts, a, override=mode)
         assert all(p % a == 0 for p in plan.padded)
-        assert plan.total == (d * max(plan.padded) if plan.mode is PaddingMode.MAX_LEN else sum(plan.padded))
+        assert plan.total == (
+            d * max(plan.padded) if plan.mode is PaddingMode.MAX_LEN else sum(plan.padded)
+        )
         hidden = dp_gather(ps, plan, partial[r], residual[g])
         assert hidden.shape == (plan.total, H)
         group_partials = sum(partial[q] for q in layout.attn_tp_ranks(g))
@@ -54,7 +56,9 @@ def _round_trip(t: int, d: int, counts: list[int], mode: str) -> None:
         torch.testing.assert_close(out, expect + mlp_sum[s : s + counts[g]], rtol=1e-5, atol=1e-5)
         # identity MLP: the local rows come back exactly
         zeros = torch.zeros_like(hidden)
-        back = dp_scatter(ps, plan, zeros, dp_gather(ps, plan, torch.zeros_like(residual[g]), residual[g]))
+        back = dp_scatter(
+            ps, plan, zeros, dp_gather(ps, plan, torch.zeros_like(residual[g]), residual[g])
+        )
         assert torch.equal(back, residual[g])
         # scattered MLP layout
         chunk = attn_tp_scatter(ps, plan, partial[r], residual[g])

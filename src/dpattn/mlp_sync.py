@@ -25,6 +25,7 @@ class SyncRow:
     can_run_graph: bool = False
     is_extend: bool = False
     forward_mode: int = 0  # 0: no batch
+    shutdown: bool = False  # rides along so every rank leaves the loop in the same iteration
 
     def as_list(self) -> list[int]:
         return [
@@ -33,6 +34,7 @@ class SyncRow:
             int(self.can_run_graph),
             int(self.is_extend),
             self.forward_mode,
+            int(self.shutdown),
         ]
 
 
@@ -43,21 +45,22 @@ class SyncDecision:
     can_run_graph: bool
     is_extend_in_batch: bool
     need_idle_batch: bool
+    shutdown: bool = False
 
     @property
     def run_forward(self) -> bool:
         return max(self.global_num_tokens) > 0
 
 
-def local_row(batch: ScheduleBatch | None) -> SyncRow:
+def local_row(batch: ScheduleBatch | None, shutdown: bool = False) -> SyncRow:
     if batch is None:
-        return SyncRow()
+        return SyncRow(shutdown=shutdown)
     mode = batch.forward_mode
     if mode in (ForwardMode.IDLE, ForwardMode.PREBUILT):
-        return SyncRow(0, 0, batch.can_run_graph, False, int(mode))
+        return SyncRow(0, 0, batch.can_run_graph, False, int(mode), shutdown)
     n = batch.num_tokens
     m = batch.num_tokens_for_logprob
-    return SyncRow(n, m, batch.can_run_graph, mode.is_extend_like(), int(mode))
+    return SyncRow(n, m, batch.can_run_graph, mode.is_extend_like(), int(mode), shutdown)
 
 
 def decide(rows: list[SyncRow], dp_size: int, skip_all_gather: bool) -> SyncDecision:
@@ -68,6 +71,7 @@ def decide(rows: list[SyncRow], dp_size: int, skip_all_gather: bool) -> SyncDeci
         can_run_graph=min(r.can_run_graph for r in rows),
         is_extend_in_batch=max(r.is_extend for r in rows),
         need_idle_batch=dp_size > 1 if skip_all_gather else max(r.num_tokens for r in rows) > 0,
+        shutdown=max(r.shutdown for r in rows),
     )
 
 
@@ -75,17 +79,23 @@ def gather_rows(ps: ParallelState, row: SyncRow) -> list[SyncRow]:
     """All-gather every rank's row over world as [D, A, F] and keep the leaders' [:, 0, :]."""
     t = torch.tensor([row.as_list()], dtype=torch.int64)
     grid = ps.world_cpu.all_gather(t).view(ps.dp_size, ps.attn_tp_size, -1)[:, 0, :]
-    return [SyncRow(int(n), int(m), bool(g), bool(e), int(f)) for n, m, g, e, f in grid.tolist()]
+    return [
+        SyncRow(int(n), int(m), bool(g), bool(e), int(f), bool(s))
+        for n, m, g, e, f, s in grid.tolist()
+    ]
 
 
 def prepare_mlp_sync_batch(
-    ps: ParallelState, batch: ScheduleBatch | None, skip_all_gather: bool | None = None
+    ps: ParallelState,
+    batch: ScheduleBatch | None,
+    skip_all_gather: bool | None = None,
+    shutdown: bool = False,
 ) -> tuple[ScheduleBatch | None, SyncDecision]:
     """Returns the batch to run (None: no forward on any rank this iteration) and the decision."""
     from dpattn.schedule_batch import ScheduleBatch
 
     skip = ps.dp_size == 1 if skip_all_gather is None else skip_all_gather
-    row = local_row(batch)
+    row = local_row(batch, shutdown)
     rows = [row] if skip else gather_rows(ps, row)
     decision = decide(rows, ps.dp_size, skip)
     batch_to_gather = batch

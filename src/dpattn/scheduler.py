@@ -77,9 +77,9 @@ class Scheduler:
         return bool(self.waiting or self.running or self.chunked)
 
     # ---- one iteration ----
-    def step(self) -> SyncDecision:
+    def step(self, shutdown: bool = False) -> SyncDecision:
         batch = self._next_batch()
-        batch, decision = prepare_mlp_sync_batch(self.ps, batch, self.cfg.skip_all_gather)
+        batch, decision = prepare_mlp_sync_batch(self.ps, batch, self.cfg.skip_all_gather, shutdown)
         stats = StepStats(global_num_tokens=decision.global_num_tokens)
         if batch is not None and decision.run_forward:
             run = batch.inner_idle_batch if batch.forward_mode is ForwardMode.PREBUILT else batch

@@ -1,0 +1,303 @@
+"""Offline engine: starts the rank processes, routes requests to DP groups, collects outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import os
+import random
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from dpattn.distributed.parallel_state import Layout
+from dpattn.launch import RankGroup
+from dpattn.model_runner import RunnerConfig
+from dpattn.rank_worker import WorkerAddrs, load_tokenizer, scheduler_main
+from dpattn.sampling import SamplingParams
+from dpattn.schedule_batch import Req
+from dpattn.scheduler import SchedulerConfig
+
+ROUTER_POLICIES = ("round_robin", "shortest_queue", "minimum_tokens")
+
+
+@dataclass
+class EngineConfig:
+    model_path: str
+    tp_size: int = 1
+    dp_size: int = 1
+    backend: str = "gloo"
+    router_policy: str = "round_robin"
+    collective_timeout_s: float = 60.0
+    runner: dict[str, Any] = field(default_factory=dict)  # RunnerConfig fields
+    scheduler: dict[str, Any] = field(default_factory=dict)  # SchedulerConfig fields
+
+    @classmethod
+    def from_options(
+        cls, model_path: str, tp_size: int, dp_size: int, **options: Any
+    ) -> EngineConfig:
+        own = {f.name for f in dataclasses.fields(cls)}
+        runner_keys = {f.name for f in dataclasses.fields(RunnerConfig)}
+        sched_keys = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        cfg = cls(model_path, tp_size, dp_size)
+        for key, value in options.items():
+            if key in own:
+                setattr(cfg, key, value)
+            elif key in runner_keys:
+                cfg.runner[key] = value
+            elif key in sched_keys:
+                cfg.scheduler[key] = value
+            else:
+                raise TypeError(f"unknown engine option {key!r}")
+        if cfg.router_policy not in ROUTER_POLICIES:
+            raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}")
+        return cfg
+
+
+@dataclass
+class _Pending:
+    prompt_tokens: int
+    dp_rank: int
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    matched_stop: str | int | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Engine:
+    def __init__(
+        self, model_path: str | None = None, tp_size: int = 1, dp_size: int = 1, **options: Any
+    ) -> None:
+        if model_path is None:
+            from dpattn.tiny import ensure_default_model
+
+            model_path = str(ensure_default_model())
+        self.cfg = EngineConfig.from_options(model_path, tp_size, dp_size, **options)
+        self.layout = Layout(tp_size, dp_size)
+        self.tokenizer = load_tokenizer(model_path)
+        self._zmq = zmq.Context()
+        self._dir = tempfile.mkdtemp(prefix="dpattn-")
+        addrs = WorkerAddrs(
+            [f"ipc://{self._dir}/req{d}" for d in range(dp_size)], f"ipc://{self._dir}/out"
+        )
+        self._req_socks = []
+        for a in addrs.requests:
+            s = self._zmq.socket(zmq.PUSH)
+            s.setsockopt(zmq.SNDTIMEO, 10_000)  # a leader that went away must not block us forever
+            s.bind(a)
+            self._req_socks.append(s)
+        self._out_sock = self._zmq.socket(zmq.PULL)
+        self._out_sock.bind(addrs.outputs)
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._inflight = [0] * dp_size  # requests per DP group (shortest_queue)
+        self._inflight_tokens = [0] * dp_size  # tokens per DP group (minimum_tokens)
+        self._rr = itertools.count()
+        self.step_stats: list[tuple[int, Any]] = []
+        self.kv_free: list[int] = [0] * dp_size
+        self.kv_total: list[int] = [0] * dp_size
+        runner_cfg = RunnerConfig(model_path, **self.cfg.runner)
+        fn = functools.partial(
+            scheduler_main,
+            runner_cfg=runner_cfg,
+            sched_cfg=SchedulerConfig(**self.cfg.scheduler),
+            addrs=addrs,
+        )
+        self.ranks = RankGroup(fn, self.layout, self.cfg.backend, self.cfg.collective_timeout_s)
+        self._closed = False
+        self._wait_ready()
+        self._reader = threading.Thread(target=self._read_outputs, daemon=True)
+        self._reader.start()
+
+    # ---- lifecycle ----
+    def _wait_ready(self, timeout_s: float = 300.0) -> None:
+        ready: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(ready) < self.layout.dp_size:
+            if self._out_sock.poll(200):
+                _, d, kv = self._out_sock.recv_pyobj()
+                ready.add(d)
+                self.kv_free[d] = self.kv_total[d] = kv
+            dead = self.ranks.dead_rank()
+            if dead or time.monotonic() > deadline:
+                self.shutdown()
+                raise RuntimeError(f"engine failed to start: {dead or 'timed out'}")
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for d in range(self.layout.dp_size):
+            try:
+                self._send(d, ("shutdown",))
+            except RuntimeError:
+                pass  # already dead: terminate() below cleans up
+        try:
+            self.ranks.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - a dead rank already failed the engine; still clean up
+            pass
+        self.ranks.terminate(grace=1.0)
+        for s in [*self._req_socks, self._out_sock]:
+            s.close(linger=0)
+        self._zmq.term()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.shutdown()
+
+    # ---- outputs ----
+    def _read_outputs(self) -> None:
+        while not self._closed:
+            try:
+                if not self._out_sock.poll(100):
+                    continue
+                msg = self._out_sock.recv_pyobj()
+            except zmq.ZMQError:
+                return
+            _, d, outputs, stats, kv_free = msg
+            with self._lock:
+                self.kv_free[d] = kv_free
+                self.step_stats.append((d, stats))
+                for o in outputs:
+                    p = self._pending.get(o.rid)
+                    if p is None:
+                        continue
+                    p.output_ids += o.new_ids
+                    p.logprobs += o.new_logprobs
+                    if o.finish_reason is not None:
+                        p.finish_reason, p.matched_stop = o.finish_reason, o.matched_stop
+                        self._inflight[p.dp_rank] -= 1
+                        self._inflight_tokens[p.dp_rank] -= p.prompt_tokens
+                        p.done.set()
+
+    # ---- requests ----
+    def _route(self, n_tokens: int, dp_rank: int | None) -> int:
+        if dp_rank is not None:
+            if not 0 <= dp_rank < self.layout.dp_size:
+                raise ValueError(
+                    f"dp_rank {dp_rank} out of range for dp_size {self.layout.dp_size}"
+                )
+            return dp_rank
+        policy = self.cfg.router_policy
+        if policy == "shortest_queue":
+            return min(range(self.layout.dp_size), key=lambda d: self._inflight[d])
+        if policy == "minimum_tokens":
+            return min(range(self.layout.dp_size), key=lambda d: self._inflight_tokens[d])
+        return next(self._rr) % self.layout.dp_size
+
+    def submit(
+        self,
+        input_ids: list[int],
+        params: SamplingParams,
+        return_logprob: bool = False,
+        dp_rank: int | None = None,
+    ) -> str:
+        if self._closed:
+            raise RuntimeError("engine is shut down")
+        if not input_ids:
+            raise ValueError("empty prompt")
+        ctx_len = self.cfg.runner.get("context_length") or 10**9
+        if len(input_ids) >= ctx_len:
+            raise ValueError(
+                f"prompt of {len(input_ids)} tokens does not fit the context length {ctx_len}"
+            )
+        rid = uuid.uuid4().hex
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        with self._lock:
+            d = self._route(len(input_ids), dp_rank)
+            self._pending[rid] = _Pending(len(input_ids), d)
+            self._inflight[d] += 1
+            self._inflight_tokens[d] += len(input_ids)
+            self._send(d, ("add", Req(rid, list(input_ids), params, seed, return_logprob)))
+            for other in range(self.layout.dp_size):  # cut idle groups' back-off short
+                if other != d:
+                    self._send(other, ("wake",))
+        return rid
+
+    def _send(self, d: int, msg: tuple[Any, ...]) -> None:
+        try:
+            self._req_socks[d].send_pyobj(msg)
+        except zmq.Again:
+            dead = self.ranks.dead_rank() or "no answer"
+            raise RuntimeError(f"DP group {d} does not take requests: {dead}") from None
+
+    def abort(self, rid: str) -> None:
+        with self._lock:
+            p = self._pending.get(rid)
+            if p is not None and not p.done.is_set():
+                self._send(p.dp_rank, ("abort", rid))
+
+    def result(self, rid: str, timeout: float | None = None) -> dict[str, Any]:
+        p = self._pending[rid]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not p.done.wait(0.2):
+            dead = self.ranks.dead_rank()
+            if dead:
+                raise RuntimeError(f"engine failed: {dead}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"request {rid} did not finish in {timeout}s")
+        with self._lock:
+            del self._pending[rid]
+        text = (
+            self.tokenizer.decode(p.output_ids, skip_special_tokens=True) if self.tokenizer else ""
+        )
+        if isinstance(p.matched_stop, str) and p.matched_stop in text:
+            text = text[: text.index(p.matched_stop)]
+        meta: dict[str, Any] = {
+            "id": rid,
+            "prompt_tokens": p.prompt_tokens,
+            "completion_tokens": len(p.output_ids),
+            "finish_reason": p.finish_reason,
+            "matched_stop": p.matched_stop,
+            "dp_rank": p.dp_rank,
+        }
+        if p.logprobs:
+            meta["output_token_logprobs"] = list(zip(p.logprobs, p.output_ids))
+        return {"text": text, "output_ids": p.output_ids, "meta_info": meta}
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        return_logprob: bool = False,
+        dp_rank: int | list[int] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt or input_ids")
+        single = isinstance(prompt, str) or (
+            input_ids is not None and input_ids and isinstance(input_ids[0], int)
+        )
+        if prompt is not None:
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass input_ids")
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            batch_ids = [self.tokenizer.encode(p) for p in prompts]
+        else:
+            batch_ids = [input_ids] if single else list(input_ids)  # type: ignore[list-item]
+        n = len(batch_ids)
+        sp = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
+        ranks = dp_rank if isinstance(dp_rank, list) else [dp_rank] * n
+        params = [SamplingParams.from_dict(s) for s in sp]  # validate all before sending any
+        rids = [
+            self.submit(ids, p, return_logprob, r) for ids, p, r in zip(batch_ids, params, ranks)
+        ]
+        outs = [self.result(rid) for rid in rids]
+        return outs[0] if single else outs
+
+    def kv_pools_full(self) -> bool:
+        with self._lock:
+            return self.kv_free == self.kv_total and os.path.isdir(self._dir)

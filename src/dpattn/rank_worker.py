@@ -1,0 +1,104 @@
+"""The event loop of one rank: receive (leader) and broadcast requests, step the scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from dpattn.distributed.parallel_state import ParallelState
+from dpattn.model_runner import ModelRunner, RunnerConfig
+from dpattn.scheduler import Scheduler, SchedulerConfig
+
+IDLE_BACKOFF_MAX_MS = 50
+
+
+@dataclass
+class WorkerAddrs:
+    requests: list[str]  # one per DP group: where its leader pulls requests from
+    outputs: str  # where leaders push outputs to
+
+
+def eos_token_ids(model_path: str, hf_config: Any) -> set[int]:
+    ids: set[int] = set()
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        eos = None
+    for value in (eos, getattr(hf_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return ids
+
+
+def load_tokenizer(model_path: str) -> Any:
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+
+
+def scheduler_main(
+    ps: ParallelState, runner_cfg: RunnerConfig, sched_cfg: SchedulerConfig, addrs: WorkerAddrs
+) -> dict[str, Any]:
+    runner = ModelRunner(runner_cfg, ps)
+    sched = Scheduler(
+        runner,
+        sched_cfg,
+        eos_token_ids(runner_cfg.model_path, runner.hf_config),
+        load_tokenizer(runner_cfg.model_path),
+    )
+    leader = ps.attn_tp_rank == 0
+    ctx = zmq.Context()
+    pull = push = None
+    if leader:
+        pull = ctx.socket(zmq.PULL)
+        pull.connect(addrs.requests[ps.dp_rank])
+        push = ctx.socket(zmq.PUSH)
+        push.connect(addrs.outputs)
+        push.send_pyobj(("ready", ps.dp_rank, runner.kv_pool.available_size()))
+    backoff_ms, shutdown, steps = 0, False, 0
+    try:
+        while True:
+            msgs: list[Any] = []
+            if pull is not None and pull.poll(0 if sched.has_work else backoff_ms):
+                while pull.poll(0):
+                    msgs.append(pull.recv_pyobj())
+            if ps.attn_tp_size > 1:
+                msgs = ps.attn_tp_cpu.broadcast_object(msgs)
+            for kind, *args in msgs:
+                if kind == "add":
+                    sched.add_request(args[0])
+                elif kind == "abort":
+                    sched.abort_request(args[0])
+                elif kind == "shutdown":  # ("wake",) only ends the idle back-off
+                    shutdown = True
+            decision = sched.step(shutdown)
+            steps += 1
+            outputs = sched.take_outputs()
+            if push is not None and (outputs or decision.run_forward):
+                stats = sched.last_stats
+                push.send_pyobj(
+                    ("out", ps.dp_rank, outputs, stats, runner.kv_pool.available_size())
+                )
+            if decision.shutdown:
+                break
+            idle = not decision.run_forward and not sched.has_work
+            backoff_ms = min(max(1, 2 * backoff_ms), IDLE_BACKOFF_MAX_MS) if idle else 0
+    finally:
+        for sock in (pull, push):
+            if sock is not None:
+                sock.close(linger=1000)
+        ctx.term()
+    return {
+        "steps": steps,
+        "kv_free": runner.kv_pool.available_size(),
+        "kv_total": runner.kv_pool.size,
+    }

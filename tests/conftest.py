@@ -1,0 +1,49 @@
+"""Shared tiny checkpoints (built once per test session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpattn.tiny import ARCHS, MOE_ARCHS, make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny fused-expert checkpoint per arch (seed 0): arch -> directory."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: make_tiny_model(arch, root / arch, seed=0) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def per_expert_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The MoE archs with legacy per-expert weight keys (``fused_experts=False``)."""
+    root = tmp_path_factory.mktemp("tiny-per-expert")
+    return {
+        arch: make_tiny_model(arch, root / arch, seed=0, fused_experts=False) for arch in MOE_ARCHS
+    }
+
+
+@pytest.fixture(scope="session")
+def mixed_moe_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """qwen3_moe whose layer 0 is dense (``mlp_only_layers=[0]``) and layer 1 is MoE.
+
+    The one tiny model where ``moe_dense_tp_size=1`` (scattered dense layer) and the world-wide
+    MoE layer meet in the same forward.
+    """
+    root = tmp_path_factory.mktemp("tiny-mixed")
+    return make_tiny_model("qwen3_moe", root / "qwen3_moe_mixed", seed=0, mlp_only_layers=[0])
+
+
+@pytest.fixture(scope="session")
+def all_models(tiny_models: dict[str, Path], mixed_moe_model: Path) -> dict[str, Path]:
+    """tiny_models plus ``qwen3_moe_mixed`` (dense + MoE layers)."""
+    return {**tiny_models, "qwen3_moe_mixed": mixed_moe_model}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gloo: spawns real gloo rank processes (a few s each)")
+    config.addinivalue_line(
+        "markers", "world4: a 4-process gloo world (runs by default; deselect with -m)"
+    )
