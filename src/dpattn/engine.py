@@ -6,11 +6,14 @@ import dataclasses
 import functools
 import itertools
 import os
+import queue
 import random
 import tempfile
 import threading
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +25,7 @@ from dpattn.model_runner import RunnerConfig
 from dpattn.rank_worker import WorkerAddrs, load_tokenizer, scheduler_main
 from dpattn.sampling import SamplingParams
 from dpattn.schedule_batch import Req
-from dpattn.scheduler import SchedulerConfig
+from dpattn.scheduler import SchedulerConfig, StepStats
 
 ROUTER_POLICIES = ("round_robin", "shortest_queue", "minimum_tokens")
 
@@ -69,6 +72,18 @@ class _Pending:
     finish_reason: str | None = None
     matched_stop: str | int | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    listeners: list[Callable[[Delta], None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New tokens of one request; finish_reason set on the last one."""
+
+    rid: str
+    new_ids: list[int]
+    new_logprobs: list[float]
+    finish_reason: str | None
+    matched_stop: str | int | None
 
 
 class Engine:
@@ -100,7 +115,9 @@ class Engine:
         self._inflight = [0] * dp_size  # requests per DP group (shortest_queue)
         self._inflight_tokens = [0] * dp_size  # tokens per DP group (minimum_tokens)
         self._rr = itertools.count()
-        self.step_stats: list[tuple[int, Any]] = []
+        # (dp_rank, StepStats) of recent steps, and callbacks for every step (metrics).
+        self.step_stats: deque[tuple[int, StepStats]] = deque(maxlen=100_000)
+        self.step_listeners: list[Callable[[int, StepStats, int], None]] = []
         self.kv_free: list[int] = [0] * dp_size
         self.kv_total: list[int] = [0] * dp_size
         runner_cfg = RunnerConfig(model_path, **self.cfg.runner)
@@ -171,12 +188,17 @@ class Engine:
             with self._lock:
                 self.kv_free[d] = kv_free
                 self.step_stats.append((d, stats))
+                for listener in self.step_listeners:
+                    listener(d, stats, kv_free)
                 for o in outputs:
                     p = self._pending.get(o.rid)
                     if p is None:
                         continue
                     p.output_ids += o.new_ids
                     p.logprobs += o.new_logprobs
+                    delta = Delta(o.rid, o.new_ids, o.new_logprobs, o.finish_reason, o.matched_stop)
+                    for listener in p.listeners:
+                        listener(delta)
                     if o.finish_reason is not None:
                         p.finish_reason, p.matched_stop = o.finish_reason, o.matched_stop
                         self._inflight[p.dp_rank] -= 1
@@ -234,6 +256,41 @@ class Engine:
             dead = self.ranks.dead_rank() or "no answer"
             raise RuntimeError(f"DP group {d} does not take requests: {dead}") from None
 
+    def listen(self, rid: str, listener: Callable[[Delta], None]) -> None:
+        """Call listener (from the engine's reader thread) with every delta of rid."""
+        with self._lock:
+            p = self._pending[rid]
+            if p.output_ids or p.finish_reason:  # catch up on what already arrived
+                listener(
+                    Delta(
+                        rid, list(p.output_ids), list(p.logprobs), p.finish_reason, p.matched_stop
+                    )
+                )
+            if not p.done.is_set():
+                p.listeners.append(listener)
+
+    def stream(self, rid: str, timeout: float | None = None) -> Iterator[Delta]:
+        """Deltas of rid as they arrive, ending with the one that has finish_reason."""
+        q: queue.Queue[Delta] = queue.Queue()
+        self.listen(rid, q.put)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                delta = q.get(timeout=0.2)
+            except queue.Empty:
+                self._check_alive(rid, deadline, timeout)
+                continue
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    def _check_alive(self, rid: str, deadline: float | None, timeout: float | None) -> None:
+        dead = self.ranks.dead_rank()
+        if dead:
+            raise RuntimeError(f"engine failed: {dead}")
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"request {rid} did not finish in {timeout}s")
+
     def abort(self, rid: str) -> None:
         with self._lock:
             p = self._pending.get(rid)
@@ -244,11 +301,7 @@ class Engine:
         p = self._pending[rid]
         deadline = None if timeout is None else time.monotonic() + timeout
         while not p.done.wait(0.2):
-            dead = self.ranks.dead_rank()
-            if dead:
-                raise RuntimeError(f"engine failed: {dead}")
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"request {rid} did not finish in {timeout}s")
+            self._check_alive(rid, deadline, timeout)
         with self._lock:
             del self._pending[rid]
         text = (

@@ -46,6 +46,7 @@ class SyncDecision:
     is_extend_in_batch: bool
     need_idle_batch: bool
     shutdown: bool = False
+    extending_groups: int = 0  # DP cooperation: how many groups extend this step
 
     @property
     def run_forward(self) -> bool:
@@ -72,6 +73,7 @@ def decide(rows: list[SyncRow], dp_size: int, skip_all_gather: bool) -> SyncDeci
         is_extend_in_batch=max(r.is_extend for r in rows),
         need_idle_batch=dp_size > 1 if skip_all_gather else max(r.num_tokens for r in rows) > 0,
         shutdown=max(r.shutdown for r in rows),
+        extending_groups=sum(r.is_extend for r in rows),
     )
 
 

@@ -82,9 +82,9 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, plan: GatherPlan | None = None) -> torch.Tensor:
         """Logits [rows, vocab] (fp32) of each request's last token, or of every token."""
-        plan = self.gather_plan(batch)
+        plan = plan or self.gather_plan(batch)
         ctx = ForwardContext(batch, plan, self.ps, self.kv_pool, self.req_to_token)
         with forward_context(ctx):
             hidden = self.model(batch.input_ids, batch.positions)

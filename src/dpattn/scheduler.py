@@ -3,6 +3,7 @@ with the MLP sync every iteration. Transport-agnostic: messages in, outputs out.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,8 +41,12 @@ class StepStats:
     forward_mode: str = "none"
     num_tokens: int = 0
     global_num_tokens: list[int] = field(default_factory=list)
-    padded_tokens: int = 0
+    padded_tokens: int = 0  # rows the MLP ran on (B); real ones are sum(global_num_tokens)
     idle_batch: bool = False
+    extending_groups: int = 0
+    sync_s: float = 0.0  # MLP sync wall time
+    running: int = 0
+    queued: int = 0
 
 
 class Scheduler:
@@ -79,25 +84,26 @@ class Scheduler:
     # ---- one iteration ----
     def step(self, shutdown: bool = False) -> SyncDecision:
         batch = self._next_batch()
+        t0 = time.perf_counter()
         batch, decision = prepare_mlp_sync_batch(self.ps, batch, self.cfg.skip_all_gather, shutdown)
-        stats = StepStats(global_num_tokens=decision.global_num_tokens)
+        stats = StepStats(
+            global_num_tokens=decision.global_num_tokens, sync_s=time.perf_counter() - t0
+        )
+        stats.extending_groups = decision.extending_groups
         if batch is not None and decision.run_forward:
             run = batch.inner_idle_batch if batch.forward_mode is ForwardMode.PREBUILT else batch
             if run is not None:
                 fb = run.to_forward_batch()
                 plan = self.runner.gather_plan(fb)
-                logits = self.runner.forward(fb)
-                stats = StepStats(
-                    run.forward_mode.name.lower(),
-                    run.num_tokens,
-                    decision.global_num_tokens,
-                    plan.total,
-                    run.forward_mode is ForwardMode.IDLE,
-                )
-                if run.forward_mode is not ForwardMode.IDLE:
+                logits = self.runner.forward(fb, plan)
+                stats.forward_mode = run.forward_mode.name.lower()
+                stats.num_tokens, stats.padded_tokens = run.num_tokens, plan.total
+                stats.idle_batch = run.forward_mode is ForwardMode.IDLE
+                if not stats.idle_batch:
                     self._process(run, logits)
         if batch is not None and batch.forward_mode is ForwardMode.PREBUILT:
             self._process_prebuilt(batch)
+        stats.running, stats.queued = len(self.running), len(self.waiting)
         self.last_stats = stats
         return decision
 
