@@ -108,26 +108,14 @@ def test_per_expert_keys(per_expert_models: dict[str, Path], arch: str, ep: bool
     check_report(*run_verify(per_expert_models[arch], 2, 2, ep=ep))
 
 
-BF16_NOISE = 0.25  # a few bf16 ulps at |logit| ~ 4-8: the bf16 run vs the bf16 HF reference
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bfloat16(tiny_models: dict[str, Path], arch: str):
+    # Default bf16 tolerance (0.25) is a few bf16 ulps at |logit| ~ 4-8; the tiny MoE router is
+    # sharp enough that bf16 rounding does not flip top-k choices.
     cfg, report = run_verify(tiny_models[arch], 2, 2, dtype="bfloat16")
-    assert report["tolerance"] == 5e-2  # the default for bf16
+    assert report["tolerance"] == 0.25
     check_schedule(cfg, report)
-    per_request = sorted(r["max_abs_diff"] for r in report["requests"].values())
-    assert per_request[len(per_request) // 2] <= BF16_NOISE, per_request  # median: no real bug
-    if arch not in MOE_ARCHS:  # MoE: bf16 noise can flip a top-k routing choice (see below)
-        assert per_request[-1] <= BF16_NOISE, per_request
-    if report["max_abs_logit_diff"] > report["tolerance"]:
-        # Known src issue (reported): bf16 noise alone exceeds the default 5e-2, even at T=D=1;
-        # HF's own bf16 forward differs from its fp32 one by ~0.09 (dense) and ~1.5 (MoE).
-        pytest.xfail(
-            f"bf16 default tolerance 5e-2 below bf16 noise: diff "
-            f"{report['max_abs_logit_diff']:.4g}, per request {per_request}"
-        )
-    assert report["ok"]
+    assert report["ok"], report["requests"]
 
 
 @pytest.fixture(scope="module")

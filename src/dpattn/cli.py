@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="give every DP group requests",
     )
     verify.add_argument(
-        "--tolerance", type=float, default=None, help="max |Δlogit| (default 1e-4 fp32, 5e-2 bf16)"
+        "--tolerance", type=float, default=None, help="max |Δlogit| (default 1e-4 fp32, 0.25 bf16)"
     )
     return parser
 

@@ -104,7 +104,9 @@ def _rescale_init(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-        std = 0.02 if "norm" in name else 0.2 if "lm_head" in name else 0.1
+        # A sharp router keeps top-k choices away from near-ties that bf16 rounding would flip.
+        router = name.endswith("mlp.gate.weight")
+        std = 0.02 if "norm" in name else 1.0 if router else 0.2 if "lm_head" in name else 0.1
         p.copy_(float("norm" in name) + std * noise)  # norm weights: 1 + small noise
 
 

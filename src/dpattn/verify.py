@@ -160,7 +160,16 @@ def reference_logits(
         return {rid: model(torch.tensor([seq])).logits[0].float() for rid, seq in sequences.items()}
 
 
+def default_tolerance(dtype: str) -> float:
+    # bf16 keeps 8 significant bits: logits of magnitude 4-8 have a ulp of 1/32, and the layout
+    # changes the order of partial sums, so a few ulps of difference are rounding, not a bug.
+    return 1e-4 if dtype == "float32" else 0.25
+
+
 def verify(cfg: VerifyConfig) -> dict[str, Any]:
+    if cfg.num_prompts < 1:
+        raise ValueError("verify needs at least one prompt")
+    tol = cfg.tolerance if cfg.tolerance is not None else default_tolerance(cfg.dtype)
     layout = Layout(cfg.tp, cfg.dp)
     results = run_ranks(functools.partial(rank_main, cfg=cfg), layout, cfg.backend)
     # Ranks of one DP group must agree exactly; then compare the leaders with the reference.
@@ -184,9 +193,11 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         ]
         per_request[rid] = {"prompt_len": prompt_len, "max_abs_diff": max(diffs)}
         max_diff = max(max_diff, *diffs)
-    tol = cfg.tolerance if cfg.tolerance is not None else (1e-4 if cfg.dtype == "float32" else 5e-2)
+    complete = bool(merged_logits) and all(
+        len(rows) == cfg.decode_steps + 1 for rows in merged_logits.values()
+    )
     return {
-        "ok": max_diff <= tol and all(res["leaked"] == (0, 0) for res in results),
+        "ok": complete and max_diff <= tol and all(res["leaked"] == (0, 0) for res in results),
         "max_abs_logit_diff": max_diff,
         "tolerance": tol,
         "layout": {"tp": cfg.tp, "dp": cfg.dp, "attn_tp": layout.attn_tp_size, "ep": cfg.ep},
