@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
 
 from dpattn.tiny import (
     ARCHS,
@@ -51,6 +53,44 @@ def _add_layout_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    _add_layout_flags(p)
+    p.add_argument(
+        "--router-policy",
+        choices=["round_robin", "shortest_queue", "minimum_tokens"],
+        default="round_robin",
+    )
+    p.add_argument("--chunked-prefill-size", type=int, default=256)
+    p.add_argument("--max-running-requests", type=int, default=32)
+    p.add_argument("--kv-pool-tokens", type=int, default=4096, help="KV cache slots per rank")
+    p.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=60.0,
+        help="seconds before a stuck collective fails",
+    )
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine kwargs from the flags of _add_engine_flags."""
+    return dict(
+        backend=args.backend,
+        router_policy=args.router_policy,
+        collective_timeout_s=args.collective_timeout,
+        dtype=args.dtype,
+        ep=args.ep,
+        moe_dense_tp_size=args.moe_dense_tp_size,
+        dp_padding_mode=args.dp_padding_mode,
+        kv_pool_tokens=args.kv_pool_tokens,
+        max_running_requests=args.max_running_requests,
+        chunked_prefill_size=args.chunked_prefill_size,
+    )
+
+
+def default_model_path() -> str:
+    return str(ensure_default_model())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpattn", description="LLM inference with data-parallel attention"
@@ -87,7 +127,82 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--tolerance", type=float, default=None, help="max |Δlogit| (default 1e-4 fp32, 0.25 bf16)"
     )
+
+    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    _add_engine_flags(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    gen.add_argument("--input-ids", help="comma-separated token ids instead of a prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+    bench = sub.add_parser("bench", help="offline benchmark through the Engine")
+    _add_engine_flags(bench)
+    bench.add_argument("--num-prompts", type=int, default=64)
+    bench.add_argument("--input-len", type=int, default=32)
+    bench.add_argument("--output-len", type=int, default=16)
+    bench.add_argument(
+        "--range-ratio", type=float, default=1.0, help="lengths uniform in [ratio*len, len]"
+    )
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--output", help="also write the JSON report here")
     return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dpattn.engine import Engine
+
+    if not args.prompt and not args.input_ids:
+        raise SystemExit("give --prompt or --input-ids")
+    params = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    with Engine(
+        args.model_path or default_model_path(), args.tp, args.dp, **engine_options(args)
+    ) as engine:
+        if args.input_ids:
+            ids = [int(x) for x in args.input_ids.split(",")]
+            outs = [engine.generate(input_ids=ids, sampling_params=params)]
+        else:
+            outs = engine.generate(prompt=args.prompt, sampling_params=params)
+    for prompt, out in zip(args.prompt or [args.input_ids], outs):  # type: ignore[arg-type]
+        print(json.dumps(out) if args.json else f"{prompt}{out['text']}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from dpattn.bench import BenchConfig, run_offline
+    from dpattn.engine import Engine
+
+    cfg = BenchConfig(
+        args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed
+    )
+    engine = Engine(
+        args.model_path or default_model_path(), args.tp, args.dp, **engine_options(args)
+    )
+    try:
+        report = run_offline(engine, cfg)
+    finally:
+        engine.shutdown()
+    text = json.dumps(report)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         from dpattn.verify import VerifyConfig, print_report, verify
 
         cfg = VerifyConfig(
-            model_path=args.model_path or str(ensure_default_model()),
+            model_path=args.model_path or default_model_path(),
             tp=args.tp,
             dp=args.dp,
             ep=args.ep,
@@ -124,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         report = verify(cfg)
         print_report(report)
         return 0 if report["ok"] else 1
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "bench":
+        return _bench(args)
     return 2
 
 

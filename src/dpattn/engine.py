@@ -129,6 +129,7 @@ class Engine:
         )
         self.ranks = RankGroup(fn, self.layout, self.cfg.backend, self.cfg.collective_timeout_s)
         self._closed = False
+        self.rank_results: list[dict[str, Any]] = []  # what each rank returned at shutdown
         self._wait_ready()
         self._reader = threading.Thread(target=self._read_outputs, daemon=True)
         self._reader.start()
@@ -157,7 +158,7 @@ class Engine:
             except RuntimeError:
                 pass  # already dead: terminate() below cleans up
         try:
-            self.ranks.wait(timeout=30)
+            self.rank_results = self.ranks.wait(timeout=30)
         except Exception:  # noqa: BLE001 - a dead rank already failed the engine; still clean up
             pass
         self.ranks.terminate(grace=1.0)

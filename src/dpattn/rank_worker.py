@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import zmq
 
 from dpattn.distributed.parallel_state import ParallelState
+from dpattn.mlp_sync import SyncRow
 from dpattn.model_runner import ModelRunner, RunnerConfig
 from dpattn.scheduler import Scheduler, SchedulerConfig
 
@@ -101,4 +104,21 @@ def scheduler_main(
         "steps": steps,
         "kv_free": runner.kv_pool.available_size(),
         "kv_total": runner.kv_pool.size,
+        "bare_all_gather_s": bare_all_gather_seconds(ps),
     }
+
+
+def bare_all_gather_seconds(ps: ParallelState, iters: int = 100) -> float:
+    """Mean time of a bare world all-gather of the MLP sync's row: the floor for the sync cost.
+
+    Every rank calls this right after leaving the loop in the same iteration, so it stays in
+    lock-step; at D == 1 the sync issues no collective and the floor is 0.
+    """
+    if ps.dp_size == 1:
+        return 0.0
+    row = torch.tensor([SyncRow().as_list()], dtype=torch.int64)
+    ps.world_cpu.all_gather(row)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        ps.world_cpu.all_gather(row)
+    return (time.perf_counter() - t0) / iters

@@ -1,0 +1,119 @@
+"""Offline benchmark: N requests through the Engine; throughput, latency, DP-attention costs."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from dpattn.engine import Delta, Engine
+
+
+@dataclass
+class BenchConfig:
+    num_prompts: int = 64
+    input_len: int = 32
+    output_len: int = 16
+    range_ratio: float = 1.0  # lengths drawn uniformly from [ratio * len, len]
+    seed: int = 0
+    progress: bool = True
+
+
+def _lengths(rng: random.Random, n: int, length: int, ratio: float) -> list[int]:
+    lo = max(1, int(length * ratio))
+    return [rng.randint(lo, length) for _ in range(n)]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    qs = (
+        statistics.quantiles(values, n=100, method="inclusive")
+        if len(values) > 1
+        else [values[0]] * 99
+    )
+    return {
+        "mean": statistics.fmean(values),
+        "p50": qs[49],
+        "p90": qs[89],
+        "p99": qs[98],
+        "max": max(values),
+    }
+
+
+def run_offline(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
+    """Benchmark a running engine, then shut it down (which measures the bare all-gather)."""
+    rng = random.Random(cfg.seed)
+    vocab = int(getattr(engine.tokenizer, "vocab_size", 0) or 256)
+    in_lens = _lengths(rng, cfg.num_prompts, cfg.input_len, cfg.range_ratio)
+    out_lens = _lengths(rng, cfg.num_prompts, cfg.output_len, cfg.range_ratio)
+    prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in in_lens]
+    first_token: dict[str, float] = {}
+    finished: dict[str, float] = {}
+    done = threading.Semaphore(0)
+    bar = tqdm(total=cfg.num_prompts, desc="requests", disable=not cfg.progress, leave=False)
+
+    def on_delta(delta: Delta) -> None:
+        now = time.perf_counter()
+        if delta.new_ids:
+            first_token.setdefault(delta.rid, now)
+        if delta.finish_reason is not None:
+            finished[delta.rid] = now
+            bar.update(1)
+            done.release()
+
+    steps_before = len(engine.step_stats)
+    start = time.perf_counter()
+    rids = []
+    for ids, n in zip(prompts, out_lens):
+        rid = engine.submit(ids, _params(n))
+        engine.listen(rid, on_delta)
+        rids.append(rid)
+    for rid in rids:
+        engine.result(rid)  # raises if a rank died
+    elapsed = time.perf_counter() - start
+    bar.close()
+    steps = list(engine.step_stats)[steps_before:]
+    engine.shutdown()
+    forward = [s for _, s in steps if s.forward_mode != "none"]
+    # Every leader reports the global buffer B; DP group 0's leader sees every forward step.
+    lead = [s for d, s in steps if d == 0 and s.forward_mode != "none"]
+    real = sum(sum(s.global_num_tokens) for s in lead)
+    padded = sum(s.padded_tokens for s in lead)
+    sync = [s.sync_s for _, s in steps]
+    bare = [r["bare_all_gather_s"] for r in engine.rank_results]
+    out_tokens = sum(out_lens)
+    report = {
+        "config": asdict(cfg),
+        "layout": {"tp": engine.layout.tp_size, "dp": engine.layout.dp_size},
+        "elapsed_s": elapsed,
+        "requests_per_s": cfg.num_prompts / elapsed,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "total_tokens_per_s": (out_tokens + sum(in_lens)) / elapsed,
+        "latency_s": percentiles([finished[r] - start for r in rids]),
+        "ttft_s": percentiles([first_token[r] - start for r in rids if r in first_token]),
+        "forward_steps": {
+            m: sum(1 for s in forward if s.forward_mode == m) for m in ("extend", "decode", "idle")
+        },
+        "idle_batches": sum(1 for s in forward if s.idle_batch),
+        # rows the MLP ran on per real token (>= 1): attn_tp padding plus MAX_LEN slots
+        "padding_waste": padded / real if real else None,
+        "mlp_sync_s_per_step": statistics.fmean(sync) if sync else 0.0,
+        "bare_all_gather_s": statistics.fmean(bare) if bare else 0.0,
+    }
+    floor = report["bare_all_gather_s"]
+    report["mlp_sync_over_bare_all_gather"] = (
+        report["mlp_sync_s_per_step"] / floor if floor else None
+    )
+    return report
+
+
+def _params(max_new_tokens: int) -> Any:
+    from dpattn.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
