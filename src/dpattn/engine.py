@@ -129,10 +129,13 @@ class Engine:
         )
         self.ranks = RankGroup(fn, self.layout, self.cfg.backend, self.cfg.collective_timeout_s)
         self._closed = False
+        self.failure: str | None = None  # set once a rank died: the engine refuses new work
         self.rank_results: list[dict[str, Any]] = []  # what each rank returned at shutdown
         self._wait_ready()
         self._reader = threading.Thread(target=self._read_outputs, daemon=True)
         self._reader.start()
+        self._watchdog = threading.Thread(target=self._watch, daemon=True)
+        self._watchdog.start()
 
     # ---- lifecycle ----
     def _wait_ready(self, timeout_s: float = 300.0) -> None:
@@ -175,6 +178,27 @@ class Engine:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             self.shutdown()
+
+    def _watch(self) -> None:
+        """Health watchdog: a rank that died or failed takes the whole engine down, fast."""
+        while not self._closed:
+            dead = self.ranks.dead_rank()
+            if dead:
+                self._fail(dead)
+                return
+            time.sleep(0.25)
+
+    def _fail(self, reason: str) -> None:
+        first_line = reason.strip().splitlines()[0] if reason.strip() else reason
+        with self._lock:
+            self.failure = f"engine stopped: {first_line}"
+            for rid, p in self._pending.items():
+                if not p.done.is_set():
+                    p.finish_reason = "error"
+                    for listener in p.listeners:
+                        listener(Delta(rid, [], [], "error", None))
+                    p.done.set()
+        self.ranks.terminate(grace=0.0)  # the survivors are stuck in collectives with the dead one
 
     # ---- outputs ----
     def _read_outputs(self) -> None:
@@ -228,6 +252,8 @@ class Engine:
         return_logprob: bool = False,
         dp_rank: int | None = None,
     ) -> str:
+        if self.failure:
+            raise RuntimeError(self.failure)
         if self._closed:
             raise RuntimeError("engine is shut down")
         if not input_ids:
@@ -281,14 +307,15 @@ class Engine:
             except queue.Empty:
                 self._check_alive(rid, deadline, timeout)
                 continue
+            if delta.finish_reason == "error":
+                raise RuntimeError(self.failure or "engine failed")
             yield delta
             if delta.finish_reason is not None:
                 return
 
     def _check_alive(self, rid: str, deadline: float | None, timeout: float | None) -> None:
-        dead = self.ranks.dead_rank()
-        if dead:
-            raise RuntimeError(f"engine failed: {dead}")
+        if self.failure:
+            raise RuntimeError(self.failure)
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"request {rid} did not finish in {timeout}s")
 
@@ -305,6 +332,8 @@ class Engine:
             self._check_alive(rid, deadline, timeout)
         with self._lock:
             del self._pending[rid]
+        if p.finish_reason == "error":
+            raise RuntimeError(self.failure or "engine failed")
         text = (
             self.tokenizer.decode(p.output_ids, skip_special_tokens=True) if self.tokenizer else ""
         )

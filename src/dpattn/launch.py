@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue as queue_mod
+import signal
 import socket
 import threading
 import traceback
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dpattn.distributed.group import CollectiveError
 from dpattn.distributed.parallel_state import (
     Layout,
     ParallelState,
@@ -34,6 +36,9 @@ def _process_main(
 ) -> None:
     if layout.tp_size > 1:
         torch.set_num_threads(1)  # T ranks on few cores: default threads oversubscribe them
+    # Ctrl-C reaches the whole process group: the parent owns shutdown, ranks must not die
+    # mid-collective with a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ps = torch_parallel_state(layout, rank, init_method, timeout_s=timeout_s)
         queue.put((rank, True, fn(ps)))
@@ -54,6 +59,7 @@ class RankGroup:
         self.backend = backend
         self.results: dict[int, Any] = {}
         self.errors: list[str] = []
+        self.failed_ranks: set[int] = set()
         self.procs: list[Any] = []
         if backend == "thread":
             self.world = ThreadWorld(layout.tp_size, timeout=timeout_s)
@@ -93,18 +99,23 @@ class RankGroup:
                 else str(self._thread_error)
             )
         self._drain(0)
-        if self.errors:
-            return self.errors[0]
+        # A rank that vanished without a word is the cause; the others' errors are its echo.
         for r, p in enumerate(self.procs):
-            if not p.is_alive() and p.exitcode not in (0, None) and r not in self.results:
-                return f"rank {r} died (exit code {p.exitcode})"
-        return None
+            code = p.exitcode
+            if code not in (0, None) and r not in self.results and r not in self.failed_ranks:
+                how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                return f"rank {r} died ({how})"
+        return self.errors[0] if self.errors else None
 
     def _drain(self, timeout: float) -> None:
         try:
             while True:
                 rank, ok, value = self.queue.get(timeout=timeout)
-                (self.results.__setitem__(rank, value) if ok else self.errors.append(value))
+                if ok:
+                    self.results[rank] = value
+                else:
+                    self.errors.append(value)
+                    self.failed_ranks.add(rank)
                 timeout = 0
         except queue_mod.Empty:
             pass
@@ -126,7 +137,9 @@ class RankGroup:
         return [self.results[r] for r in range(self.layout.tp_size)]
 
     def terminate(self, grace: float = 5.0) -> None:
-        if self.backend == "thread":
+        if self.backend == "thread":  # threads cannot be killed: fail their next collective
+            if self._thread.is_alive() and grace == 0:
+                self.world.fail(CollectiveError("the engine stopped this world"))
             return
         for p in self.procs:
             p.join(timeout=grace)

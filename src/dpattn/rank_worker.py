@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,10 @@ def load_tokenizer(model_path: str) -> Any:
 def scheduler_main(
     ps: ParallelState, runner_cfg: RunnerConfig, sched_cfg: SchedulerConfig, addrs: WorkerAddrs
 ) -> dict[str, Any]:
+    if sched_cfg.debug_lockstep:
+        ps.set_lockstep(True)
+    diverge_at = _test_divergence_step(ps.rank)
+    parent = os.getppid()
     runner = ModelRunner(runner_cfg, ps)
     sched = Scheduler(
         runner,
@@ -83,6 +88,10 @@ def scheduler_main(
                     sched.abort_request(args[0])
                 elif kind == "shutdown":  # ("wake",) only ends the idle back-off
                     shutdown = True
+            if steps == diverge_at:  # test-only: a deliberately wrong branch on one rank
+                ps.world.all_reduce(torch.zeros(1))
+            if os.getppid() != parent:  # the engine died without shutting us down
+                raise RuntimeError(f"rank {ps.rank}: engine process {parent} is gone")
             decision = sched.step(shutdown)
             steps += 1
             outputs = sched.take_outputs()
@@ -106,6 +115,15 @@ def scheduler_main(
         "kv_total": runner.kv_pool.size,
         "bare_all_gather_s": bare_all_gather_seconds(ps),
     }
+
+
+def _test_divergence_step(rank: int) -> int | None:
+    """DPATTN_TEST_DIVERGE=RANK:STEP makes that rank issue one extra collective (tests only)."""
+    spec = os.environ.get("DPATTN_TEST_DIVERGE")
+    if not spec:
+        return None
+    r, step = (int(x) for x in spec.split(":"))
+    return step if r == rank else None
 
 
 def bare_all_gather_seconds(ps: ParallelState, iters: int = 100) -> float:

@@ -22,6 +22,7 @@ class SchedulerConfig:
     chunked_prefill_size: int = 256
     max_running_requests: int = 32
     skip_all_gather: bool | None = None  # None: skip iff dp_size == 1
+    debug_lockstep: bool = False  # ranks check every collective's (op, shape) before running it
 
 
 @dataclass

@@ -35,6 +35,17 @@ class Trace:
         return calls
 
 
+_OPS = (
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "broadcast",
+    "all_gather_object",
+    "broadcast_object",
+)
+_PROBE_DIMS = 4
+
+
 class Group(ABC):
     """One rank's handle on a group of ranks. Tensors are split / concatenated on dim 0."""
 
@@ -44,32 +55,60 @@ class Group(ABC):
         self.size = len(ranks)
         self.rank_in_group = ranks.index(rank)
         self.trace = trace
+        self.issued = 0  # collectives issued on this group so far
+        self.lockstep = False  # --debug-lockstep: check every collective before running it
+        self.probe_device = torch.device("cpu")
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        self.trace.record(self.name, "all_reduce", tuple(t.shape))
+        self._enter("all_reduce", t.shape)
         return t if self.size == 1 else self._all_reduce(t)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        self.trace.record(self.name, "all_gather", tuple(t.shape))
+        self._enter("all_gather", t.shape)
         return t if self.size == 1 else self._all_gather(t)
 
     def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
-        self.trace.record(self.name, "reduce_scatter", tuple(t.shape))
+        self._enter("reduce_scatter", t.shape)
         if t.shape[0] % self.size:
             raise ValueError(f"{self.name}: reduce_scatter of {t.shape[0]} rows over {self.size}")
         return t if self.size == 1 else self._reduce_scatter(t)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        self.trace.record(self.name, "broadcast", tuple(t.shape))
+        self._enter("broadcast", t.shape)
         return t if self.size == 1 else self._broadcast(t, src)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        self.trace.record(self.name, "all_gather_object", ())
+        self._enter("all_gather_object", ())
         return [obj] if self.size == 1 else self._all_gather_object(obj)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        self.trace.record(self.name, "broadcast_object", ())
+        self._enter("broadcast_object", ())
         return obj if self.size == 1 else self._broadcast_object(obj, src)
+
+    def _enter(self, op: str, shape: Any) -> None:
+        shape = tuple(int(x) for x in shape)
+        self.trace.record(self.name, op, shape)
+        self.issued += 1
+        if self.lockstep and self.size > 1:
+            self._check_lockstep(op, shape)
+
+    def _check_lockstep(self, op: str, shape: tuple[int, ...]) -> None:
+        """--debug-lockstep: agree on (sequence number, op, shape) before running the op.
+
+        The probe has the same shape on every rank, so a divergent branch is reported here,
+        naming the collective, instead of mis-matching inside gloo/NCCL and hanging.
+        """
+        dims = list(shape[:_PROBE_DIMS]) + [-1] * (_PROBE_DIMS - min(len(shape), _PROBE_DIMS))
+        probe = torch.tensor([[self.issued, _OPS.index(op), len(shape), *dims]], dtype=torch.int64)
+        rows = self._all_gather(probe.to(self.probe_device)).cpu().tolist()
+        if all(r == rows[0] for r in rows):
+            return
+
+        def describe(r: list[int]) -> str:
+            return f"#{r[0]} {_OPS[r[1]]}{[d for d in r[3 : 3 + min(r[2], _PROBE_DIMS)]]}"
+
+        issued = ", ".join(f"rank {rank}: {describe(r)}" for rank, r in zip(self.ranks, rows))
+        raise CollectiveError(f"lock-step divergence in group {self.name}: {issued}")
 
     @abstractmethod
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
@@ -99,6 +138,8 @@ class TorchGroup(Group):
         super().__init__(name, ranks, rank, trace)
         self.pg = pg
         self.is_gloo = dist.get_backend(pg) == "gloo"
+        if not self.is_gloo:
+            self.probe_device = torch.device("cuda", torch.cuda.current_device())
 
     def _wrap(self, op: str, fn: Any) -> Any:
         try:

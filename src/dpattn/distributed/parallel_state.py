@@ -79,6 +79,12 @@ class ParallelState:
     def trace(self) -> Trace:
         return self.world.trace
 
+    def set_lockstep(self, on: bool) -> None:
+        for g in {
+            id(g): g for g in (self.world, self.attn_tp, self.world_cpu, self.attn_tp_cpu)
+        }.values():
+            g.lockstep = on
+
 
 def thread_parallel_state(world: ThreadWorld, layout: Layout, rank: int) -> ParallelState:
     """The groups of one rank thread; CPU and device flavours are the same group."""
