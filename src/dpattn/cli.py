@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Any
 
@@ -84,6 +85,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         kv_pool_tokens=args.kv_pool_tokens,
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
+        debug_lockstep=args.debug_lockstep,
     )
 
 
@@ -205,8 +207,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `with Engine(...)`: ranks stopped, no orphans
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.command == "make-tiny-model":
         path = make_tiny_model(
             args.arch,
