@@ -70,6 +70,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=60.0,
         help="seconds before a stuck collective fails",
     )
+    p.add_argument(
+        "--debug-lockstep",
+        action="store_true",
+        help="ranks check every collective before running it",
+    )
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
