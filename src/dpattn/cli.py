@@ -70,6 +70,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=60.0,
         help="seconds before a stuck collective fails",
     )
+    p.add_argument("--nnodes", type=int, default=1, help="hosts the T ranks are spread over")
+    p.add_argument("--node-rank", type=int, default=0, help="this host's index (0 runs the engine)")
+    p.add_argument("--dist-init-addr", help="HOST:PORT of node 0 for the rendezvous (multi-node)")
     p.add_argument(
         "--debug-lockstep",
         action="store_true",
@@ -91,7 +94,22 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
         debug_lockstep=args.debug_lockstep,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        dist_init_addr=args.dist_init_addr,
     )
+
+
+def _follower(args: argparse.Namespace) -> bool:
+    """On node 1..N-1 run this host's ranks until node 0 stops them; True if we did."""
+    if args.node_rank == 0:
+        return False
+    from dpattn.engine import run_follower_node
+
+    run_follower_node(
+        args.model_path or default_model_path(), args.tp, args.dp, **engine_options(args)
+    )
+    return True
 
 
 def default_model_path() -> str:
@@ -251,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         report = verify(cfg)
         print_report(report)
         return 0 if report["ok"] else 1
+    if args.command in ("generate", "bench") and _follower(args):
+        return 0
     if args.command == "generate":
         return _generate(args)
     if args.command == "bench":

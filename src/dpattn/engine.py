@@ -20,7 +20,7 @@ from typing import Any
 import zmq
 
 from dpattn.distributed.parallel_state import Layout
-from dpattn.launch import RankGroup
+from dpattn.launch import NodeSpec, RankGroup
 from dpattn.model_runner import RunnerConfig
 from dpattn.rank_worker import WorkerAddrs, load_tokenizer, scheduler_main
 from dpattn.sampling import SamplingParams
@@ -38,6 +38,11 @@ class EngineConfig:
     backend: str = "gloo"
     router_policy: str = "round_robin"
     collective_timeout_s: float = 60.0
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = (
+        None  # host:port of node 0 (torch rendezvous; ZMQ on the next ports)
+    )
     runner: dict[str, Any] = field(default_factory=dict)  # RunnerConfig fields
     scheduler: dict[str, Any] = field(default_factory=dict)  # SchedulerConfig fields
 
@@ -61,6 +66,41 @@ class EngineConfig:
         if cfg.router_policy not in ROUTER_POLICIES:
             raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}")
         return cfg
+
+    def node(self) -> NodeSpec:
+        return NodeSpec(self.nnodes, self.node_rank, self.dist_init_addr)
+
+    def worker_addrs(self, ipc_dir: str) -> WorkerAddrs:
+        """Where leaders pull requests and push outputs: IPC on one host, TCP across hosts."""
+        d = self.dp_size
+        if self.nnodes == 1:
+            return WorkerAddrs(
+                [f"ipc://{ipc_dir}/req{i}" for i in range(d)], f"ipc://{ipc_dir}/out"
+            )
+        host, port = self.node().init_method().removeprefix("tcp://").rsplit(":", 1)
+        ports = [int(port) + 1 + i for i in range(d + 1)]
+        return WorkerAddrs([f"tcp://{host}:{p}" for p in ports[:d]], f"tcp://{host}:{ports[d]}")
+
+    def rank_fn(self, addrs: WorkerAddrs) -> functools.partial[dict[str, Any]]:
+        return functools.partial(
+            scheduler_main,
+            runner_cfg=RunnerConfig(self.model_path, **self.runner),
+            sched_cfg=SchedulerConfig(**self.scheduler),
+            addrs=addrs,
+        )
+
+
+def _bind_addr(addr: str) -> str:
+    return f"tcp://*:{addr.rsplit(':', 1)[1]}" if addr.startswith("tcp://") else addr
+
+
+def run_follower_node(model_path: str, tp_size: int, dp_size: int, **options: Any) -> None:
+    """Node 1..N-1 of a multi-node engine: run this host's ranks until node 0 shuts them down."""
+    cfg = EngineConfig.from_options(model_path, tp_size, dp_size, **options)
+    if cfg.node_rank == 0:
+        raise ValueError("node 0 runs the Engine itself")
+    fn = cfg.rank_fn(cfg.worker_addrs(""))
+    RankGroup(fn, Layout(tp_size, dp_size), "gloo", cfg.collective_timeout_s, cfg.node()).wait()
 
 
 @dataclass
@@ -98,18 +138,18 @@ class Engine:
         self.layout = Layout(tp_size, dp_size)
         self.tokenizer = load_tokenizer(model_path)
         self._zmq = zmq.Context()
+        if self.cfg.node_rank != 0:
+            raise ValueError("the Engine runs on node 0; other nodes use run_follower_node")
         self._dir = tempfile.mkdtemp(prefix="dpattn-")
-        addrs = WorkerAddrs(
-            [f"ipc://{self._dir}/req{d}" for d in range(dp_size)], f"ipc://{self._dir}/out"
-        )
+        addrs = self.cfg.worker_addrs(self._dir)
         self._req_socks = []
         for a in addrs.requests:
             s = self._zmq.socket(zmq.PUSH)
             s.setsockopt(zmq.SNDTIMEO, 10_000)  # a leader that went away must not block us forever
-            s.bind(a)
+            s.bind(_bind_addr(a))
             self._req_socks.append(s)
         self._out_sock = self._zmq.socket(zmq.PULL)
-        self._out_sock.bind(addrs.outputs)
+        self._out_sock.bind(_bind_addr(addrs.outputs))
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._inflight = [0] * dp_size  # requests per DP group (shortest_queue)
@@ -120,14 +160,13 @@ class Engine:
         self.step_listeners: list[Callable[[int, StepStats, int], None]] = []
         self.kv_free: list[int] = [0] * dp_size
         self.kv_total: list[int] = [0] * dp_size
-        runner_cfg = RunnerConfig(model_path, **self.cfg.runner)
-        fn = functools.partial(
-            scheduler_main,
-            runner_cfg=runner_cfg,
-            sched_cfg=SchedulerConfig(**self.cfg.scheduler),
-            addrs=addrs,
+        self.ranks = RankGroup(
+            self.cfg.rank_fn(addrs),
+            self.layout,
+            self.cfg.backend,
+            self.cfg.collective_timeout_s,
+            self.cfg.node(),
         )
-        self.ranks = RankGroup(fn, self.layout, self.cfg.backend, self.cfg.collective_timeout_s)
         self._closed = False
         self.failure: str | None = None  # set once a rank died: the engine refuses new work
         self.rank_results: list[dict[str, Any]] = []  # what each rank returned at shutdown

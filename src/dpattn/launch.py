@@ -9,6 +9,7 @@ import socket
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,19 +50,50 @@ def _process_main(
             torch.distributed.destroy_process_group()
 
 
+@dataclass(frozen=True)
+class NodeSpec:
+    """Which slice of the T ranks this host runs (multi-node: torch.distributed rendezvous)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # host:port of node 0; None: a free local port
+
+    def local_ranks(self, layout: Layout) -> list[int]:
+        if layout.tp_size % self.nnodes or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"{layout.tp_size} ranks cannot be spread over {self.nnodes} nodes")
+        per = layout.tp_size // self.nnodes
+        return list(range(self.node_rank * per, (self.node_rank + 1) * per))
+
+    def init_method(self) -> str:
+        if self.dist_init_addr:
+            return f"tcp://{self.dist_init_addr}"
+        if self.nnodes > 1:
+            raise ValueError("--dist-init-addr HOST:PORT is required with --nnodes > 1")
+        return f"tcp://127.0.0.1:{free_port()}"
+
+
 class RankGroup:
-    """Running ranks. `wait` collects results in rank order; a failing rank fails the group."""
+    """This host's ranks. `wait` collects results in rank order; a failing rank fails the group."""
 
     def __init__(
-        self, fn: RankFn, layout: Layout, backend: str = "gloo", timeout_s: float = 60.0
+        self,
+        fn: RankFn,
+        layout: Layout,
+        backend: str = "gloo",
+        timeout_s: float = 60.0,
+        node: NodeSpec | None = None,
     ) -> None:
+        node = node or NodeSpec()
         self.layout = layout
+        self.local_ranks = node.local_ranks(layout)
         self.backend = backend
         self.results: dict[int, Any] = {}
         self.errors: list[str] = []
         self.failed_ranks: set[int] = set()
         self.procs: list[Any] = []
         if backend == "thread":
+            if node.nnodes > 1:
+                raise ValueError("the thread backend runs on one host")
             self.world = ThreadWorld(layout.tp_size, timeout=timeout_s)
             self._thread_error: BaseException | None = None
             self._thread = threading.Thread(target=self._run_threads, args=(fn,), daemon=True)
@@ -71,12 +103,12 @@ class RankGroup:
             raise ValueError(f"unknown backend {backend!r} (thread | gloo)")
         ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()
-        init = f"tcp://127.0.0.1:{free_port()}"
+        init = node.init_method()
         self.procs = [
             ctx.Process(
                 target=_process_main, args=(fn, layout, r, init, timeout_s, self.queue), daemon=True
             )
-            for r in range(layout.tp_size)
+            for r in self.local_ranks
         ]
         for p in self.procs:
             p.start()
@@ -100,7 +132,7 @@ class RankGroup:
             )
         self._drain(0)
         # A rank that vanished without a word is the cause; the others' errors are its echo.
-        for r, p in enumerate(self.procs):
+        for r, p in zip(self.local_ranks, self.procs):
             code = p.exitcode
             if code not in (0, None) and r not in self.results and r not in self.failed_ranks:
                 how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
@@ -127,14 +159,14 @@ class RankGroup:
                 raise self._thread_error
             return [self.results[r] for r in range(self.layout.tp_size)]
         try:
-            while len(self.results) < self.layout.tp_size:
+            while len(self.results) < len(self.local_ranks):
                 self._drain(1.0)
                 dead = self.dead_rank()
                 if dead:
                     raise RuntimeError(dead)
         finally:
             self.terminate(grace=5.0 if not self.errors else 0.5)
-        return [self.results[r] for r in range(self.layout.tp_size)]
+        return [self.results[r] for r in self.local_ranks]
 
     def terminate(self, grace: float = 5.0) -> None:
         if self.backend == "thread":  # threads cannot be killed: fail their next collective

@@ -1,0 +1,45 @@
+"""Multi-node launch: two 'hosts' on loopback (node 1 a separate `dpattn` process)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpattn.engine import Engine
+from dpattn.launch import free_port
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [3]]
+GREEDY = {"max_new_tokens": 6, "temperature": 0}
+
+
+@pytest.mark.gloo
+def test_two_nodes_match_one_node(tiny_models: dict[str, Path]) -> None:
+    model = str(tiny_models["qwen3_moe"])
+    with Engine(model, 1, 1, backend="thread") as engine:
+        expected = [
+            o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+        ]
+    addr = f"127.0.0.1:{free_port()}"
+    node_flags = ["--tp", "2", "--dp", "2", "--nnodes", "2", "--dist-init-addr", addr]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "dpattn.cli", "generate", "--model-path", model, *node_flags]
+        + ["--node-rank", "1", "--prompt", "unused on node 1"]
+    )
+    try:
+        with Engine(model, 2, 2, nnodes=2, node_rank=0, dist_init_addr=addr) as engine:
+            got = [
+                o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+            ]
+            assert [o["meta_info"]["dp_rank"] for o in engine.generate(input_ids=PROMPTS)] == [
+                0,
+                1,
+                0,
+            ]
+        assert got == expected
+        assert follower.wait(timeout=30) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
