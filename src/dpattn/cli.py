@@ -104,7 +104,7 @@ def _follower(args: argparse.Namespace) -> bool:
     """On node 1..N-1 run this host's ranks until node 0 stops them; True if we did."""
     if args.node_rank == 0:
         return False
-    from dpattn.engine import run_follower_node
+    from dpattn.engine_config import run_follower_node
 
     run_follower_node(
         args.model_path or default_model_path(), args.tp, args.dp, **engine_options(args)

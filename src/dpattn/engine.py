@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import itertools
 import os
 import queue
 import random
@@ -20,87 +17,13 @@ from typing import Any
 import zmq
 
 from dpattn.distributed.parallel_state import Layout
-from dpattn.launch import NodeSpec, RankGroup
-from dpattn.model_runner import RunnerConfig
-from dpattn.rank_worker import WorkerAddrs, load_tokenizer, scheduler_main
+from dpattn.engine_config import EngineConfig, bind_addr
+from dpattn.launch import RankGroup
+from dpattn.rank_worker import load_tokenizer
+from dpattn.router import DpRouter
 from dpattn.sampling import SamplingParams
 from dpattn.schedule_batch import Req
-from dpattn.scheduler import SchedulerConfig, StepStats
-
-ROUTER_POLICIES = ("round_robin", "shortest_queue", "minimum_tokens")
-
-
-@dataclass
-class EngineConfig:
-    model_path: str
-    tp_size: int = 1
-    dp_size: int = 1
-    backend: str = "gloo"
-    router_policy: str = "round_robin"
-    collective_timeout_s: float = 60.0
-    nnodes: int = 1
-    node_rank: int = 0
-    dist_init_addr: str | None = (
-        None  # host:port of node 0 (torch rendezvous; ZMQ on the next ports)
-    )
-    runner: dict[str, Any] = field(default_factory=dict)  # RunnerConfig fields
-    scheduler: dict[str, Any] = field(default_factory=dict)  # SchedulerConfig fields
-
-    @classmethod
-    def from_options(
-        cls, model_path: str, tp_size: int, dp_size: int, **options: Any
-    ) -> EngineConfig:
-        own = {f.name for f in dataclasses.fields(cls)}
-        runner_keys = {f.name for f in dataclasses.fields(RunnerConfig)}
-        sched_keys = {f.name for f in dataclasses.fields(SchedulerConfig)}
-        cfg = cls(model_path, tp_size, dp_size)
-        for key, value in options.items():
-            if key in own:
-                setattr(cfg, key, value)
-            elif key in runner_keys:
-                cfg.runner[key] = value
-            elif key in sched_keys:
-                cfg.scheduler[key] = value
-            else:
-                raise TypeError(f"unknown engine option {key!r}")
-        if cfg.router_policy not in ROUTER_POLICIES:
-            raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}")
-        return cfg
-
-    def node(self) -> NodeSpec:
-        return NodeSpec(self.nnodes, self.node_rank, self.dist_init_addr)
-
-    def worker_addrs(self, ipc_dir: str) -> WorkerAddrs:
-        """Where leaders pull requests and push outputs: IPC on one host, TCP across hosts."""
-        d = self.dp_size
-        if self.nnodes == 1:
-            return WorkerAddrs(
-                [f"ipc://{ipc_dir}/req{i}" for i in range(d)], f"ipc://{ipc_dir}/out"
-            )
-        host, port = self.node().init_method().removeprefix("tcp://").rsplit(":", 1)
-        ports = [int(port) + 1 + i for i in range(d + 1)]
-        return WorkerAddrs([f"tcp://{host}:{p}" for p in ports[:d]], f"tcp://{host}:{ports[d]}")
-
-    def rank_fn(self, addrs: WorkerAddrs) -> functools.partial[dict[str, Any]]:
-        return functools.partial(
-            scheduler_main,
-            runner_cfg=RunnerConfig(self.model_path, **self.runner),
-            sched_cfg=SchedulerConfig(**self.scheduler),
-            addrs=addrs,
-        )
-
-
-def _bind_addr(addr: str) -> str:
-    return f"tcp://*:{addr.rsplit(':', 1)[1]}" if addr.startswith("tcp://") else addr
-
-
-def run_follower_node(model_path: str, tp_size: int, dp_size: int, **options: Any) -> None:
-    """Node 1..N-1 of a multi-node engine: run this host's ranks until node 0 shuts them down."""
-    cfg = EngineConfig.from_options(model_path, tp_size, dp_size, **options)
-    if cfg.node_rank == 0:
-        raise ValueError("node 0 runs the Engine itself")
-    fn = cfg.rank_fn(cfg.worker_addrs(""))
-    RankGroup(fn, Layout(tp_size, dp_size), "gloo", cfg.collective_timeout_s, cfg.node()).wait()
+from dpattn.scheduler import StepStats
 
 
 @dataclass
@@ -146,15 +69,13 @@ class Engine:
         for a in addrs.requests:
             s = self._zmq.socket(zmq.PUSH)
             s.setsockopt(zmq.SNDTIMEO, 10_000)  # a leader that went away must not block us forever
-            s.bind(_bind_addr(a))
+            s.bind(bind_addr(a))
             self._req_socks.append(s)
         self._out_sock = self._zmq.socket(zmq.PULL)
-        self._out_sock.bind(_bind_addr(addrs.outputs))
+        self._out_sock.bind(bind_addr(addrs.outputs))
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
-        self._inflight = [0] * dp_size  # requests per DP group (shortest_queue)
-        self._inflight_tokens = [0] * dp_size  # tokens per DP group (minimum_tokens)
-        self._rr = itertools.count()
+        self.router = DpRouter(self.cfg.router_policy, dp_size)
         # (dp_rank, StepStats) of recent steps, and callbacks for every step (metrics).
         self.step_stats: deque[tuple[int, StepStats]] = deque(maxlen=100_000)
         self.step_listeners: list[Callable[[int, StepStats, int], None]] = []
@@ -265,25 +186,10 @@ class Engine:
                         listener(delta)
                     if o.finish_reason is not None:
                         p.finish_reason, p.matched_stop = o.finish_reason, o.matched_stop
-                        self._inflight[p.dp_rank] -= 1
-                        self._inflight_tokens[p.dp_rank] -= p.prompt_tokens
+                        self.router.finished(p.dp_rank, p.prompt_tokens)
                         p.done.set()
 
     # ---- requests ----
-    def _route(self, n_tokens: int, dp_rank: int | None) -> int:
-        if dp_rank is not None:
-            if not 0 <= dp_rank < self.layout.dp_size:
-                raise ValueError(
-                    f"dp_rank {dp_rank} out of range for dp_size {self.layout.dp_size}"
-                )
-            return dp_rank
-        policy = self.cfg.router_policy
-        if policy == "shortest_queue":
-            return min(range(self.layout.dp_size), key=lambda d: self._inflight[d])
-        if policy == "minimum_tokens":
-            return min(range(self.layout.dp_size), key=lambda d: self._inflight_tokens[d])
-        return next(self._rr) % self.layout.dp_size
-
     def submit(
         self,
         input_ids: list[int],
@@ -305,10 +211,8 @@ class Engine:
         rid = uuid.uuid4().hex
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         with self._lock:
-            d = self._route(len(input_ids), dp_rank)
+            d = self.router.route(len(input_ids), dp_rank)
             self._pending[rid] = _Pending(len(input_ids), d)
-            self._inflight[d] += 1
-            self._inflight_tokens[d] += len(input_ids)
             self._send(d, ("add", Req(rid, list(input_ids), params, seed, return_logprob)))
             for other in range(self.layout.dp_size):  # cut idle groups' back-off short
                 if other != d:
