@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--output", help="also write the JSON report here")
+    bench.add_argument(
+        "--base-url", help="online mode: benchmark a running server (http://HOST:PORT)"
+    )
+    bench.add_argument("--request-rate", type=float, help="online: Poisson arrivals per second")
+    bench.add_argument("--concurrency", type=int, help="online: cap on requests in flight")
+    bench.add_argument("--plot", help="online: write a PNG of latency percentiles and throughput")
     return parser
 
 
@@ -212,16 +218,30 @@ def _bench(args: argparse.Namespace) -> int:
     from dpattn.bench import BenchConfig, run_offline
     from dpattn.engine import Engine
 
-    cfg = BenchConfig(
-        args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed
-    )
-    engine = Engine(
-        args.model_path or default_model_path(), args.tp, args.dp, **engine_options(args)
-    )
-    try:
-        report = run_offline(engine, cfg)
-    finally:
-        engine.shutdown()
+    if args.base_url:
+        from dpattn.bench_online import OnlineBenchConfig, run_online
+
+        online = OnlineBenchConfig(
+            args.base_url,
+            args.num_prompts,
+            args.input_len,
+            args.output_len,
+            args.request_rate,
+            args.concurrency,
+            args.seed,
+        )
+        report = run_online(online, args.plot)
+    else:
+        cfg = BenchConfig(
+            args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed
+        )
+        engine = Engine(
+            args.model_path or default_model_path(), args.tp, args.dp, **engine_options(args)
+        )
+        try:
+            report = run_offline(engine, cfg)
+        finally:
+            engine.shutdown()
     text = json.dumps(report)
     print(text)
     if args.output:

@@ -1,0 +1,158 @@
+"""Online benchmark: a request stream (by rate or concurrency) against a running server's
+OpenAI-compatible /v1/completions, streamed; JSON summary and a PNG plot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from dpattn.bench import percentiles
+
+_WORDS = "the of and to in is was for on with as by at from that this it are be or an".split()
+
+
+@dataclass
+class OnlineBenchConfig:
+    base_url: str
+    num_prompts: int = 64
+    input_len: int = 32  # words per prompt
+    output_len: int = 16
+    request_rate: float | None = None  # Poisson arrivals per second; None: all at once
+    concurrency: int | None = None  # cap on requests in flight
+    seed: int = 0
+    model: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class RequestRecord:
+    start: float
+    ttft: float | None = None
+    end: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+async def _one(
+    client: httpx.AsyncClient, cfg: OnlineBenchConfig, model: str, prompt: str, t0: float
+) -> RequestRecord:
+    rec = RequestRecord(start=time.perf_counter() - t0)
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": cfg.output_len,
+        "stream": True,
+        "temperature": 0,
+    }
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                rec.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return rec
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    now = time.perf_counter() - t0
+                    rec.token_times.append(now)
+                    if rec.ttft is None:
+                        rec.ttft = now - rec.start
+    except httpx.HTTPError as e:
+        rec.error = f"{type(e).__name__}: {e}"
+    rec.end = time.perf_counter() - t0
+    return rec
+
+
+async def _run(cfg: OnlineBenchConfig) -> tuple[list[RequestRecord], float]:
+    rng = random.Random(cfg.seed)
+    prompts = [
+        " ".join(rng.choice(_WORDS) for _ in range(cfg.input_len)) for _ in range(cfg.num_prompts)
+    ]
+    limits = httpx.Limits(max_connections=cfg.concurrency or cfg.num_prompts)
+    async with httpx.AsyncClient(
+        base_url=cfg.base_url.rstrip("/"), timeout=600, limits=limits
+    ) as client:
+        model = cfg.model or (await client.get("/v1/models")).json()["data"][0]["id"]
+        gate = asyncio.Semaphore(cfg.concurrency or cfg.num_prompts)
+        bar = tqdm(total=cfg.num_prompts, desc="requests", disable=not cfg.progress, leave=False)
+        t0 = time.perf_counter()
+
+        async def launch(prompt: str) -> RequestRecord:
+            async with gate:
+                rec = await _one(client, cfg, model, prompt, t0)
+            bar.update(1)
+            return rec
+
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(launch(prompt)))
+            if cfg.request_rate:
+                await asyncio.sleep(rng.expovariate(cfg.request_rate))
+        records = await asyncio.gather(*tasks)
+        bar.close()
+        return list(records), time.perf_counter() - t0
+
+
+def run_online(cfg: OnlineBenchConfig, plot_path: str | None = None) -> dict[str, Any]:
+    records, elapsed = asyncio.run(_run(cfg))
+    ok = [r for r in records if r.error is None and r.end is not None]
+    itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
+    tokens = sum(len(r.token_times) for r in ok)
+    report = {
+        "config": asdict(cfg),
+        "elapsed_s": elapsed,
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
+        "errors": sorted({r.error for r in records if r.error})[:5],
+        "requests_per_s": len(ok) / elapsed,
+        "output_tokens_per_s": tokens / elapsed,
+        "latency_s": percentiles([r.end - r.start for r in ok]),  # type: ignore[operator]
+        "ttft_s": percentiles([r.ttft for r in ok if r.ttft is not None]),
+        "itl_s": percentiles(itl),
+    }
+    if plot_path:
+        plot(ok, elapsed, plot_path)
+        report["plot"] = plot_path
+    return report
+
+
+def plot(records: list[RequestRecord], elapsed: float, path: str) -> None:
+    """Latency percentiles of requests finishing in each second, and tokens per second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seconds = max(1, int(elapsed) + 1)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    done: list[list[float]] = [[] for _ in range(seconds)]
+    for r in records:
+        done[min(int(r.end or 0), seconds - 1)].append((r.end or 0) - r.start)
+    for q, style in (("p50", "-"), ("p90", "--"), ("p99", ":")):
+        xs = [i for i in range(seconds) if done[i]]
+        ax1.plot(
+            xs,
+            [percentiles(done[i])[q] if len(done[i]) > 1 else done[i][0] for i in xs],
+            style,
+            label=q,
+        )
+    ax1.set_ylabel("latency (s)")
+    ax1.legend()
+    per_second = [0] * seconds
+    for r in records:
+        for t in r.token_times:
+            per_second[min(int(t), seconds - 1)] += 1
+    ax2.bar(range(seconds), per_second)
+    ax2.set_ylabel("output tokens / s")
+    ax2.set_xlabel("time since start (s)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
