@@ -88,9 +88,22 @@ def test_lockstep_on_is_invisible_when_ranks_agree(tiny_models: dict[str, Path])
 
 @pytest.mark.gloo
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_to_cli_stops_all_ranks(tiny_models: dict[str, Path], sig: signal.Signals) -> None:
+def test_signal_to_cli_stops_all_ranks(
+    tiny_models: dict[str, Path], sig: signal.Signals, tmp_path: Path
+) -> None:
     cmd = [sys.executable, "-m", "dpattn.cli", "bench", "--model-path", str(tiny_models["llama"])]
-    cmd += ["--tp", "2", "--dp", "2", "--num-prompts", "100000", "--output-len", "64"]
+    cmd += [
+        "--tp",
+        "2",
+        "--dp",
+        "2",
+        "--num-prompts",
+        "300",
+        "--input-len",
+        "8",
+        "--output-len",
+        "400",
+    ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )

@@ -91,7 +91,12 @@ class Engine:
         self._closed = False
         self.failure: str | None = None  # set once a rank died: the engine refuses new work
         self.rank_results: list[dict[str, Any]] = []  # what each rank returned at shutdown
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # Ctrl-C or a failed start: no rank may outlive us
+            self._closed = True
+            self.ranks.terminate(grace=0.0)
+            raise
         self._reader = threading.Thread(target=self._read_outputs, daemon=True)
         self._reader.start()
         self._watchdog = threading.Thread(target=self._watch, daemon=True)
@@ -108,18 +113,18 @@ class Engine:
                 self.kv_free[d] = self.kv_total[d] = kv
             dead = self.ranks.dead_rank()
             if dead or time.monotonic() > deadline:
-                self.shutdown()
                 raise RuntimeError(f"engine failed to start: {dead or 'timed out'}")
 
     def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for d in range(self.layout.dp_size):
-            try:
-                self._send(d, ("shutdown",))
-            except RuntimeError:
-                pass  # already dead: terminate() below cleans up
+        if self.failure is None:  # after a failure the leaders are gone: nothing to tell
+            for d in range(self.layout.dp_size):
+                try:
+                    self._send(d, ("shutdown",))
+                except RuntimeError:
+                    break  # a rank died meanwhile: terminate() below cleans up
         try:
             self.rank_results = self.ranks.wait(timeout=30)
         except Exception:  # noqa: BLE001 - a dead rank already failed the engine; still clean up
