@@ -47,10 +47,14 @@ class SyncDecision:
     need_idle_batch: bool
     shutdown: bool = False
     extending_groups: int = 0  # DP cooperation: how many groups extend this step
+    # All-gather skipped at D > 1: no rank knows the others' loads, so every rank has a batch
+    # (rule 3) and every rank must run it, or a busy rank would wait alone in the MLP collectives.
+    forced: bool = False
 
     @property
     def run_forward(self) -> bool:
-        return max(self.global_num_tokens) > 0
+        # Rule 6: from gathered values (or the forcing, identical on all ranks), never local ones.
+        return self.forced or max(self.global_num_tokens) > 0
 
 
 def local_row(batch: ScheduleBatch | None, shutdown: bool = False) -> SyncRow:
@@ -74,6 +78,7 @@ def decide(rows: list[SyncRow], dp_size: int, skip_all_gather: bool) -> SyncDeci
         need_idle_batch=dp_size > 1 if skip_all_gather else max(r.num_tokens for r in rows) > 0,
         shutdown=max(r.shutdown for r in rows),
         extending_groups=sum(r.is_extend for r in rows),
+        forced=skip_all_gather and dp_size > 1,
     )
 
 

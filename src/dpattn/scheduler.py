@@ -43,6 +43,7 @@ class StepStats:
     num_tokens: int = 0
     global_num_tokens: list[int] = field(default_factory=list)
     padded_tokens: int = 0  # rows the MLP ran on (B); real ones are sum(global_num_tokens)
+    padding_mode: str = ""
     idle_batch: bool = False
     extending_groups: int = 0
     sync_s: float = 0.0  # MLP sync wall time
@@ -54,6 +55,12 @@ class Scheduler:
     def __init__(
         self, runner: ModelRunner, cfg: SchedulerConfig, eos_ids: set[int], tokenizer: Any = None
     ) -> None:
+        if cfg.skip_all_gather and runner.ps.dp_size > 1:
+            # The MLP layers need every DP group's token count at D > 1: with the all-gather
+            # skipped no rank knows them, and the first forward would fail in the runner.
+            raise ValueError(
+                f"skip_all_gather=True needs dp_size == 1 (got dp_size={runner.ps.dp_size})"
+            )
         self.runner = runner
         self.ps = runner.ps
         self.cfg = cfg
@@ -64,6 +71,7 @@ class Scheduler:
         self.chunked: Req | None = None  # a prompt being prefilled over several steps
         self.outputs: list[Output] = []
         self.last_stats = StepStats()
+        self.num_retractions = 0  # running requests sent back to wait for lack of KV slots
 
     # ---- requests in ----
     def add_request(self, req: Req) -> None:
@@ -99,6 +107,7 @@ class Scheduler:
                 logits = self.runner.forward(fb, plan)
                 stats.forward_mode = run.forward_mode.name.lower()
                 stats.num_tokens, stats.padded_tokens = run.num_tokens, plan.total
+                stats.padding_mode = plan.mode.value
                 stats.idle_batch = run.forward_mode is ForwardMode.IDLE
                 if not stats.idle_batch:
                     self._process(run, logits)
@@ -146,6 +155,11 @@ class Scheduler:
             req.extend_len = n
             budget -= n
         if not batch.reqs:
+            if self.chunked is not None and not self.running:
+                # The partly prefilled prompt holds every free KV slot and nothing else can free
+                # one: it is longer than the pool and would block the queue forever.
+                self._finish(self.chunked, FinishReason.ABORT)
+                self.chunked = None
             return None
         batch.out_cache_loc = torch.cat(locs)
         taken = {id(r) for r in batch.reqs}
@@ -175,11 +189,14 @@ class Scheduler:
         """KV pool exhausted: send the newest running requests back to wait (output unchanged)."""
         while self.running and self.runner.kv_pool.available_size() < len(self.running):
             req = self.running.pop()
-            if not self.running and not self.waiting:  # alone and still too big: cannot ever fit
+            # Alone and still too big: it cannot ever fit. A partly prefilled prompt holds slots
+            # too, so with one the request is not alone: retracting it lets that prompt finish.
+            if not self.running and not self.waiting and self.chunked is None:
                 self._finish(req, FinishReason.ABORT)
                 return
             self._free_kv(req)
             self.waiting.appendleft(req)
+            self.num_retractions += 1
 
     # ---- results ----
     def _process(self, batch: ScheduleBatch, logits: torch.Tensor) -> None:
