@@ -183,7 +183,39 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--request-rate", type=float, help="online: Poisson arrivals per second")
     bench.add_argument("--concurrency", type=int, help="online: cap on requests in flight")
     bench.add_argument("--plot", help="online: write a PNG of latency percentiles and throughput")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (SSE, /metrics)")
+    _add_engine_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=30000)
+    serve.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=256,
+        help="requests that may wait beyond what the DP groups run at once; more get HTTP 429"
+        " (-1: unbounded)",
+    )
+    serve.add_argument("--served-model-name", help="model id in the API (default: dir name)")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dpattn.server import serve
+
+    serve(
+        args.model_path or default_model_path(),
+        args.tp,
+        args.dp,
+        host=args.host,
+        port=args.port,
+        max_queued_requests=None if args.max_queued_requests < 0 else args.max_queued_requests,
+        served_model_name=args.served_model_name,
+        log_level=args.log_level,
+        **engine_options(args),
+    )
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -289,8 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         report = verify(cfg)
         print_report(report)
         return 0 if report["ok"] else 1
-    if args.command in ("generate", "bench") and _follower(args):
+    if args.command in ("generate", "bench", "serve") and _follower(args):
         return 0
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "generate":
         return _generate(args)
     if args.command == "bench":

@@ -60,6 +60,9 @@ class Engine:
         self.cfg = EngineConfig.from_options(model_path, tp_size, dp_size, **options)
         self.layout = Layout(tp_size, dp_size)
         self.tokenizer = load_tokenizer(model_path)
+        self.context_length: int = self.cfg.runner.get("context_length") or _model_context_length(
+            model_path
+        )
         self._zmq = zmq.Context()
         if self.cfg.node_rank != 0:
             raise ValueError("the Engine runs on node 0; other nodes use run_follower_node")
@@ -208,7 +211,7 @@ class Engine:
             raise RuntimeError("engine is shut down")
         if not input_ids:
             raise ValueError("empty prompt")
-        ctx_len = self.cfg.runner.get("context_length") or 10**9
+        ctx_len = self.context_length
         if len(input_ids) >= ctx_len:
             raise ValueError(
                 f"prompt of {len(input_ids)} tokens does not fit the context length {ctx_len}"
@@ -273,6 +276,18 @@ class Engine:
             if p is not None and not p.done.is_set():
                 self._send(p.dp_rank, ("abort", rid))
 
+    def release(self, rid: str) -> None:
+        """Forget a finished request consumed through listen() (result() does this itself)."""
+        with self._lock:
+            p = self._pending.get(rid)
+            if p is not None and p.done.is_set():
+                del self._pending[rid]
+
+    def dp_rank_of(self, rid: str) -> int:
+        """The DP group a submitted request was routed to."""
+        with self._lock:
+            return self._pending[rid].dp_rank
+
     def result(self, rid: str, timeout: float | None = None) -> dict[str, Any]:
         p = self._pending[rid]
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -332,3 +347,13 @@ class Engine:
     def kv_pools_full(self) -> bool:
         with self._lock:
             return self.kv_free == self.kv_total and os.path.isdir(self._dir)
+
+
+def _model_context_length(model_path: str) -> int:
+    """The context length the rank workers use (max_position_embeddings, default 4096)."""
+    try:
+        from transformers import AutoConfig
+
+        return int(getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 4096))
+    except (OSError, ValueError):
+        return 4096

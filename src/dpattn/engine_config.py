@@ -39,13 +39,19 @@ class EngineConfig:
         sched_keys = {f.name for f in dataclasses.fields(SchedulerConfig)}
         cfg = cls(model_path, tp_size, dp_size)
         for key, value in options.items():
+            # A key may belong to several configs (max_running_requests sizes the req_to_token
+            # table and caps the scheduler's running batch): give it to each that has it.
+            known = False
             if key in own:
                 setattr(cfg, key, value)
-            elif key in runner_keys:
+                known = True
+            if key in runner_keys:
                 cfg.runner[key] = value
-            elif key in sched_keys:
+                known = True
+            if key in sched_keys:
                 cfg.scheduler[key] = value
-            else:
+                known = True
+            if not known:
                 raise TypeError(f"unknown engine option {key!r}")
         if cfg.router_policy not in ROUTER_POLICIES:  # fail before any process starts
             raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}")

@@ -1,0 +1,117 @@
+"""Prometheus metrics of the server and of the engine's scheduler steps (own registry).
+
+Series are labelled `dp_rank` / `tp_rank`: the DP group and the attention-TP rank of the rank that
+reports it (the group's attn_tp leader, so `tp_rank="0"`). Step metrics are fed from
+`Engine.step_listeners` on the engine's reader thread; prometheus-client is thread-safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from dpattn.scheduler import StepStats
+
+LEADER_TP_RANK = "0"
+FORWARD_MODES = ("extend", "decode", "mixed", "idle")
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_SYNC_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    def __init__(self, dp_size: int) -> None:
+        self.dp_size = dp_size
+        self.registry = r = CollectorRegistry()
+        rank = ["dp_rank", "tp_rank"]
+
+        def gauge(name: str, doc: str, labels: list[str] = rank) -> Gauge:
+            return Gauge(f"dpattn_{name}", doc, labels, registry=r)
+
+        def counter(name: str, doc: str, labels: list[str] = rank) -> Counter:
+            return Counter(f"dpattn_{name}", doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: Any, labels: list[str] = rank) -> Histogram:
+            return Histogram(f"dpattn_{name}", doc, labels, registry=r, buckets=buckets)
+
+        self.running = gauge("num_requests_running", "Requests decoding on the DP group")
+        self.queued = gauge("num_requests_queued", "Requests waiting in the DP group's scheduler")
+        self.kv_used = gauge("kv_cache_used_tokens", "KV cache slots in use")
+        self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of the KV cache pool in use")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens")
+        self.finished = counter(
+            "requests_finished", "Finished requests by reason", [*rank, "finish_reason"]
+        )
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS
+        )
+        self.itl = histogram("inter_token_latency_seconds", "Time between tokens", _LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Request latency", _LATENCY_BUCKETS)
+        self.forward_steps = counter("forward_steps", "Forward steps by mode", [*rank, "mode"])
+        self.idle_batches = counter(
+            "idle_batches", "Steps this DP group ran an idle batch for the others' MLP"
+        )
+        self.extending_groups = histogram(
+            "dp_extending_groups",
+            "DP cooperation: how many DP groups were extending in a forward step",
+            [*range(dp_size + 1), float("inf")],
+        )
+        self.sync_s = histogram("mlp_sync_seconds", "MLP sync wall time per step", _SYNC_BUCKETS)
+        self.mlp_padded = counter("mlp_padded_tokens", "Rows the MLP ran on, padding included")
+        self.mlp_real = counter("mlp_real_tokens", "Real tokens among the MLP rows")
+        self.padding_mode = counter(
+            "dp_padding_mode_steps", "Forward steps by DP padding mode", [*rank, "padding_mode"]
+        )
+        self.inflight = Gauge(
+            "dpattn_server_requests_in_flight", "Engine requests the server holds", registry=r
+        )
+        self.rejected = Counter(
+            "dpattn_requests_rejected", "Requests refused before routing", ["reason"], registry=r
+        )
+        for d in range(dp_size):  # every rank's series exists from the start
+            lbl = self.labels(d)
+            for metric in (self.running, self.queued, self.kv_used, self.kv_usage):
+                metric.labels(*lbl)
+            for metric in (self.prompt_tokens, self.generation_tokens, self.idle_batches):
+                metric.labels(*lbl)
+            for metric in (self.ttft, self.itl, self.e2e, self.extending_groups, self.sync_s):
+                metric.labels(*lbl)
+            self.mlp_padded.labels(*lbl)
+            self.mlp_real.labels(*lbl)
+            for mode in FORWARD_MODES:
+                self.forward_steps.labels(*lbl, mode)
+
+    @staticmethod
+    def labels(dp_rank: int) -> tuple[str, str]:
+        return str(dp_rank), LEADER_TP_RANK
+
+    def on_step(self, dp_rank: int, stats: StepStats, kv_free: int) -> None:
+        """Engine step listener (reader thread, engine lock held: stay quick)."""
+        lbl = self.labels(dp_rank)
+        self.running.labels(*lbl).set(stats.running)
+        self.queued.labels(*lbl).set(stats.queued)
+        if stats.forward_mode not in FORWARD_MODES:
+            return  # no forward ran this step (e.g. only an abort was reported)
+        self.forward_steps.labels(*lbl, stats.forward_mode).inc()
+        if stats.idle_batch:
+            self.idle_batches.labels(*lbl).inc()
+        self.extending_groups.labels(*lbl).observe(stats.extending_groups)
+        self.sync_s.labels(*lbl).observe(stats.sync_s)
+        self.mlp_padded.labels(*lbl).inc(stats.padded_tokens)
+        self.mlp_real.labels(*lbl).inc(sum(stats.global_num_tokens))
+        padding_mode = getattr(stats, "padding_mode", None)
+        if padding_mode:
+            self.padding_mode.labels(*lbl, str(padding_mode)).inc()
+
+    def set_kv(self, kv_free: list[int], kv_total: list[int]) -> None:
+        for d, (free, total) in enumerate(zip(kv_free, kv_total)):
+            lbl = self.labels(d)
+            self.kv_used.labels(*lbl).set(total - free)
+            self.kv_usage.labels(*lbl).set((total - free) / total if total else 0.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

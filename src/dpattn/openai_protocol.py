@@ -1,0 +1,301 @@
+"""OpenAI-compatible request models, their validation, and OpenAI-style errors.
+
+Requests are validated strictly: an unknown field, a wrong JSON type or a parameter this engine
+cannot honour (penalties, logit_bias, echo, tools, top-k alternatives in logprobs, ...) is a 400
+that names the parameter, never a silent approximation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from dpattn.detokenizer import token_bytes, token_text
+
+MAX_N = 16  # choices per request (OpenAI allows more; each is a full engine request here)
+MAX_STOP = 16
+MAX_SEED = 2**63
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+def unsupported(param: str, why: str = "is not supported by this server") -> ApiError:
+    return ApiError(400, f"'{param}' {why}", param, "unsupported_parameter")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def from_validation_error(err: ValidationError) -> ApiError:
+    """The first pydantic error as a 400 naming the offending parameter."""
+    e = err.errors()[0]
+    parts = [
+        str(p)
+        for p in e["loc"]
+        if isinstance(p, int) or not ("[" in p or "(" in p or p.lower() in _TYPE_TAGS)
+    ]
+    param = ".".join(parts) or None
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        return unsupported(param or "?", "is not a supported parameter")
+    if kind == "missing":
+        return bad(f"'{param}' is required", param, "missing_required_parameter")
+    code = "invalid_type" if kind.endswith("_type") else "invalid_value"
+    tag = next((i for i, p in enumerate(e["loc"]) if str(p) not in parts), None)
+    alternatives = [  # a union field: pydantic reports one error per member type
+        str(x["loc"][tag])
+        for x in err.errors()
+        if tag is not None and len(x["loc"]) > tag and x["loc"][:tag] == e["loc"][:tag]
+    ]
+    if len(alternatives) > 1:
+        expected = ", ".join(dict.fromkeys(alternatives))
+        return bad(f"invalid type for '{param}': expected one of {expected}", param, code)
+    return bad(f"invalid value for '{param}': {e['msg']}", param, code)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # extension
+    min_p: float | None = None  # extension
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # extension
+    ignore_eos: bool = False  # extension
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    dp_rank: int | None = None  # extension: pin the request's DP group
+    # accepted only at their neutral values
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def check_common(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("'max_tokens' must be at least 1", "max_tokens")
+        if not 1 <= self.n <= MAX_N:
+            raise bad(f"'n' must be between 1 and {MAX_N}", "n")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise bad("'temperature' must be between 0 and 2", "temperature")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise bad("'top_p' must be in (0, 1]", "top_p")
+        if self.top_k is not None and self.top_k < -1:
+            raise bad("'top_k' must be -1 (off), 0 (off) or >= 1", "top_k")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise bad("'min_p' must be in [0, 1]", "min_p")
+        if self.seed is not None and not 0 <= self.seed < MAX_SEED:
+            raise bad("'seed' must be in [0, 2**63)", "seed")
+        if self.stop_token_ids is not None and any(t < 0 for t in self.stop_token_ids):
+            raise bad("'stop_token_ids' must be token ids >= 0", "stop_token_ids")
+        stops = self.stop_list()
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise bad(f"'stop' must be at most {MAX_STOP} non-empty strings", "stop")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise unsupported(name, "is not supported (only 0)")
+        if self.repetition_penalty not in (None, 1):
+            raise unsupported("repetition_penalty", "is not supported (only 1)")
+        if self.logit_bias:
+            raise unsupported("logit_bias")
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling_dict(self, max_new_tokens: int, choice: int) -> dict[str, Any]:
+        """SamplingParams fields for choice `choice` (choice i of a seeded request: seed + i)."""
+        d: dict[str, Any] = dict(max_new_tokens=max_new_tokens, ignore_eos=self.ignore_eos)
+        if self.temperature is not None:
+            d["temperature"] = self.temperature
+        if self.top_p is not None:
+            d["top_p"] = self.top_p
+        if self.top_k is not None:
+            d["top_k"] = -1 if self.top_k == 0 else self.top_k
+        if self.min_p is not None:
+            d["min_p"] = self.min_p
+        if self.seed is not None:
+            d["seed"] = (self.seed + choice) % MAX_SEED
+        d["stop"] = self.stop_list()
+        d["stop_token_ids"] = list(self.stop_token_ids or [])
+        return d
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if isinstance(self.prompt, list) and (not self.prompt or [] in self.prompt):
+            raise bad("'prompt' must not be empty", "prompt")
+        if self.prompt == "":
+            raise bad("'prompt' must not be empty", "prompt")
+        if self.echo:
+            raise unsupported("echo")
+        if self.suffix is not None:
+            raise unsupported("suffix")
+        if self.best_of not in (None, 1, self.n):
+            raise unsupported("best_of", "is not supported (only equal to n)")
+        if self.logprobs is not None:
+            if not 0 <= self.logprobs <= 5:
+                raise bad("'logprobs' must be between 0 and 5", "logprobs")
+            if self.logprobs > 0:
+                raise unsupported(
+                    "logprobs",
+                    "> 0 is not supported: the engine computes only the sampled token's "
+                    "logprob (use logprobs=0)",
+                )
+
+
+class ContentPart(_Strict):
+    model_config = ConfigDict(extra="allow", strict=True)  # other part kinds: 400 in text()
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self, i: int) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        for j, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise unsupported(
+                    f"messages.{i}.content.{j}", "is not supported: only text parts are"
+                )
+        return "".join(p.text or "" for p in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise bad("give 'max_tokens' or 'max_completion_tokens', not both", "max_tokens")
+            self.max_tokens = self.max_completion_tokens
+        self.check_common()
+        if not self.messages:
+            raise bad("'messages' must be a non-empty list", "messages")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= 20:
+                raise bad("'top_logprobs' must be between 0 and 20", "top_logprobs")
+            if self.top_logprobs > 0:
+                raise unsupported(
+                    "top_logprobs",
+                    "> 0 is not supported: the engine computes only the sampled token's logprob",
+                )
+        if self.tools:
+            raise unsupported("tools")
+        if self.tool_choice not in (None, "none"):
+            raise unsupported("tool_choice")
+        if self.response_format not in (None, {"type": "text"}):
+            raise unsupported("response_format", "is not supported (only {'type': 'text'})")
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+
+
+class GenerateRequest(_Strict):
+    """The native /generate body, mirroring Engine.generate."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    return_logprob: bool = False
+    dp_rank: int | list[int] | None = None
+    stream: bool = False
+
+
+# ---- response pieces ----
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return dict(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def completion_logprobs(
+    tokenizer: Any, ids: list[int], logprobs: list[float], start: int
+) -> tuple[dict[str, Any], int]:
+    """Legacy completions `logprobs` (sampled tokens only) and the next text offset."""
+    tokens = [token_text(tokenizer, t) for t in ids]
+    offsets = []
+    for tok in tokens:
+        offsets.append(start)
+        start += len(tok)
+    body = dict(tokens=tokens, token_logprobs=logprobs, top_logprobs=None, text_offset=offsets)
+    return body, start
+
+
+def chat_logprobs(tokenizer: Any, ids: list[int], logprobs: list[float]) -> dict[str, Any]:
+    content = [
+        dict(
+            token=token_text(tokenizer, t),
+            logprob=lp,
+            bytes=token_bytes(tokenizer, t),
+            top_logprobs=[],
+        )
+        for t, lp in zip(ids, logprobs)
+    ]
+    return {"content": content}

@@ -1,0 +1,288 @@
+"""OpenAI-compatible HTTP server over the Engine (FastAPI + uvicorn, SSE streaming).
+
+POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /generate (native, mirrors
+Engine.generate; streamed deltas carry the new text only), GET /health, GET /metrics. A request
+pins its DP group with the `X-Data-Parallel-Rank` header or a `dp_rank` body field. Errors are
+OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from dpattn.engine import Engine
+from dpattn.generate_api import add_generate_route
+from dpattn.metrics import CONTENT_TYPE
+from dpattn.openai_protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    bad,
+    chat_logprobs,
+    completion_logprobs,
+    usage,
+)
+from dpattn.server_requests import (
+    DONE,
+    DP_RANK_HEADER,
+    Choice,
+    ServerState,
+    Submission,
+    encode,
+    parse_body,
+    sampling_params,
+    sse,
+    streaming_response,
+)
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions; chat: up to the context
+
+
+def _usage(sub: Submission, n: int) -> dict[str, int]:
+    prompt = sum(c.prompt_tokens for c in sub.choices if c.index % n == 0)  # once per prompt
+    return usage(prompt, sum(len(c.ids) for c in sub.choices))
+
+
+def model_card(st: ServerState) -> dict[str, Any]:
+    return dict(
+        id=st.model_name,
+        object="model",
+        created=0,
+        owned_by="dpattn",
+        root=st.engine.cfg.model_path,
+        max_model_len=st.context_length,
+    )
+
+
+def add_openai_routes(app: FastAPI, st: ServerState) -> None:
+    async def submit(
+        request: Request, req: Any, prompts: list[list[int]], max_new: int | None, logprob: bool
+    ) -> tuple[Submission, dict[str, Any]]:
+        """Checks that need the engine, then all choices of all prompts (prompt-major)."""
+        st.check_model(req.model)
+        rank = st.dp_rank(request.headers.get(DP_RANK_HEADER), req.dp_rank)
+        param = "prompt" if isinstance(req, CompletionRequest) else "messages"
+        items = []
+        for ids in prompts:
+            st.check_ids(ids, param)
+            new = max_new or st.context_length - len(ids)  # chat default: up to the context
+            st.check_length(len(ids), new, param)
+            items += [
+                (ids, sampling_params(req.sampling_dict(new, j), param), rank) for j in range(req.n)
+            ]
+        sub = Submission(st)
+        await sub.start(items, logprob)
+        return sub, dict(created=int(time.time()), model=st.model_name)
+
+    async def finish(sub: Submission, request: Request) -> Response | None:
+        if not await sub.collect(request.receive):
+            return Response(status_code=499)  # client closed the request: nobody reads this
+        if (err := sub.failure()) is not None:
+            raise err
+        return None
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req: CompletionRequest = await parse_body(request, CompletionRequest)
+        req.check()
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [encode(st, p)]
+        elif isinstance(p[0], int):
+            prompts = [list(p)]  # type: ignore[arg-type]
+        else:
+            prompts = [encode(st, x) if isinstance(x, str) else list(x) for x in p]
+        want_lp = req.logprobs is not None
+        max_new = req.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+        sub, meta = await submit(request, req, prompts, max_new, want_lp)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", **meta}
+
+        def choice(c: Choice, text: str, ids: list[int], lps: list[float], fr: str | None) -> Any:
+            lp = None
+            if want_lp:
+                lp, c.text_offset = completion_logprobs(st.tokenizer, ids, lps, c.text_offset)
+            return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": fr}
+
+        if req.stream:
+
+            async def chunks() -> AsyncIterator[str]:
+                async for c, text, d in sub.events():
+                    if d.finish_reason in ("abort", "error"):
+                        yield sse(sub.failure().body())  # type: ignore[union-attr]
+                        break
+                    if text or d.finish_reason or (want_lp and d.new_ids):
+                        ch = choice(c, text, d.new_ids, d.new_logprobs, d.finish_reason)
+                        yield sse({**meta, "choices": [ch]})
+                else:
+                    if req.include_usage:
+                        yield sse({**meta, "choices": [], "usage": _usage(sub, req.n)})
+                yield DONE
+
+            return streaming_response(sub, chunks())
+        if (resp := await finish(sub, request)) is not None:
+            return resp
+        choices = [choice(c, c.text, c.ids, c.logprobs, c.finish_reason) for c in sub.choices]
+        return JSONResponse({**meta, "choices": choices, "usage": _usage(sub, req.n)})
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
+        req.check()
+        tok = st.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise bad(
+                "this model has no chat template: use /v1/completions with a prompt",
+                "messages",
+                "no_chat_template",
+            )
+        try:
+            text = tok.apply_chat_template(
+                req.conversation(), tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
+            raise bad(f"the chat template failed on these messages: {e}", "messages") from None
+        ids = tok.encode(text, add_special_tokens=False)
+        sub, meta = await submit(request, req, [ids], req.max_tokens, req.logprobs)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", **meta}
+        lp = (
+            (lambda d: chat_logprobs(st.tokenizer, d.new_ids, d.new_logprobs))
+            if req.logprobs
+            else None
+        )
+
+        if req.stream:
+            base = {**meta, "object": "chat.completion.chunk"}
+
+            async def chunks() -> AsyncIterator[str]:
+                for c in sub.choices:
+                    first = {"role": "assistant", "content": ""}
+                    ch = {"index": c.index, "delta": first, "logprobs": None, "finish_reason": None}
+                    yield sse({**base, "choices": [ch]})
+                async for c, text, d in sub.events():
+                    if d.finish_reason in ("abort", "error"):
+                        yield sse(sub.failure().body())  # type: ignore[union-attr]
+                        break
+                    if text or d.finish_reason or (lp and d.new_ids):
+                        delta = {"content": text} if text else {}
+                        logprobs = lp(d) if lp else None
+                        ch = {"index": c.index, "delta": delta, "logprobs": logprobs}
+                        yield sse({**base, "choices": [{**ch, "finish_reason": d.finish_reason}]})
+                else:
+                    if req.include_usage:
+                        yield sse({**base, "choices": [], "usage": _usage(sub, req.n)})
+                yield DONE
+
+            return streaming_response(sub, chunks())
+        if (resp := await finish(sub, request)) is not None:
+            return resp
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(st.tokenizer, c.ids, c.logprobs)
+                if req.logprobs
+                else None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in sub.choices
+        ]
+        body = {
+            **meta,
+            "object": "chat.completion",
+            "choices": choices,
+            "usage": _usage(sub, req.n),
+        }
+        return JSONResponse(body)
+
+
+def create_app(
+    engine: Engine, model_name: str | None = None, max_queued_requests: int | None = 256
+) -> FastAPI:
+    """The FastAPI app serving `engine` (the caller owns the engine and shuts it down)."""
+    app = FastAPI(title="dpattn", docs_url=None, redoc_url=None, openapi_url=None)
+    st = ServerState(engine, model_name, max_queued_requests)
+    app.state.dpattn = st
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
+        err = ApiError(e.status_code, f"{e.detail}", code=str(e.status_code))
+        return JSONResponse(err.body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        err = ApiError(500, f"internal error: {type(e).__name__}: {e}")
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.failure or engine._closed:
+            raise ApiError(503, engine.failure or "engine is shut down", code="engine_unavailable")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        st.metrics.set_kv(list(engine.kv_free), list(engine.kv_total))
+        return Response(st.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [model_card(st)]})
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> Response:
+        st.check_model(model)
+        return JSONResponse(model_card(st))
+
+    add_openai_routes(app, st)
+    add_generate_route(app, st)
+    return app
+
+
+def serve(
+    model_path: str | None = None,
+    tp_size: int = 1,
+    dp_size: int = 1,
+    host: str = "127.0.0.1",
+    port: int = 30000,
+    max_queued_requests: int | None = 256,
+    served_model_name: str | None = None,
+    log_level: str = "info",
+    **engine_options: Any,
+) -> None:
+    """Run the server until SIGINT / SIGTERM; the engine and its ranks are always shut down."""
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # fail on a taken port before loading the model
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"dpattn serve: cannot listen on {host}:{port}: {e}") from None
+    try:
+        engine = Engine(model_path, tp_size, dp_size, **engine_options)
+        try:
+            app = create_app(engine, served_model_name, max_queued_requests)
+            config = uvicorn.Config(
+                app, log_level=log_level, timeout_graceful_shutdown=5, access_log=False
+            )
+            name = app.state.dpattn.model_name
+            print(f"dpattn serve: http://{host}:{port}/v1 serving {name}", flush=True)
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            engine.shutdown()
+    finally:
+        sock.close()

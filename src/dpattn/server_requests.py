@@ -1,0 +1,329 @@
+"""The bridge between the Engine's reader thread and the server's event loop.
+
+`Submission` is the set of engine requests behind one HTTP request: the engine calls back on its
+reader thread and deltas cross to the event loop with `loop.call_soon_threadsafe`, onto one
+asyncio queue. `ServerState` holds admission control (429 beyond the schedulers' running capacity
+plus `max_queued_requests`) and the request checks that need the engine (context, vocab, DP rank).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
+
+from dpattn.detokenizer import IncrementalDetokenizer
+from dpattn.engine import Delta, Engine
+from dpattn.metrics import ServerMetrics
+from dpattn.openai_protocol import ApiError, bad, from_validation_error
+from dpattn.sampling import SamplingParams
+from dpattn.scheduler import SchedulerConfig
+
+DRAIN_TIMEOUT_S = 120.0  # an aborted request's last delta must arrive by then
+
+
+class ServerState:
+    def __init__(
+        self, engine: Engine, model_name: str | None = None, max_queued_requests: int | None = 256
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name or os.path.basename(os.path.normpath(engine.cfg.model_path))
+        self.dp_size = engine.layout.dp_size
+        self.context_length = engine.context_length
+        self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
+        self.metrics = ServerMetrics(self.dp_size)
+        engine.step_listeners.append(self.metrics.on_step)
+        per_group = engine.cfg.scheduler.get(
+            "max_running_requests", SchedulerConfig.max_running_requests
+        )
+        capacity = self.dp_size * per_group
+        self.max_in_flight = None if max_queued_requests is None else capacity + max_queued_requests
+        self.in_flight = 0  # engine requests accepted and not finished (event loop only)
+        self.drains: set[asyncio.Task[None]] = set()
+
+    def reserve(self, k: int) -> None:
+        if self.max_in_flight is not None and self.in_flight + k > self.max_in_flight:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ApiError(
+                429,
+                f"the server is at capacity ({self.in_flight} requests in flight, limit "
+                f"{self.max_in_flight}); retry later",
+                code="queue_full",
+                type_="rate_limit_error",
+            )
+        self.in_flight += k
+        self.metrics.inflight.set(self.in_flight)
+
+    def unreserve(self, k: int) -> None:
+        self.in_flight -= k
+        self.metrics.inflight.set(self.in_flight)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.model_name, self.engine.cfg.model_path):
+            raise ApiError(404, f"The model '{model}' does not exist", "model", "model_not_found")
+
+    def dp_rank(self, header: str | None, body: int | None) -> int | None:
+        rank = body
+        if header is not None:
+            try:
+                rank = int(header)
+            except ValueError:
+                raise bad(
+                    "X-Data-Parallel-Rank must be an integer", "X-Data-Parallel-Rank"
+                ) from None
+            if body is not None and body != rank:
+                raise bad("X-Data-Parallel-Rank and dp_rank disagree", "dp_rank")
+        if rank is not None and not 0 <= rank < self.dp_size:
+            raise bad(f"dp_rank must be in [0, {self.dp_size})", "dp_rank")
+        return rank
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise bad(f"'{param}' must not be empty", param)
+        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in ids):
+            raise bad(f"'{param}' has token ids outside [0, {self.vocab_size})", param)
+
+    def check_length(self, n_prompt: int, max_new: int, param: str) -> None:
+        ctx = self.context_length
+        if n_prompt >= ctx or n_prompt + max_new > ctx:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {ctx} tokens; the request has "
+                f"{n_prompt} prompt tokens and asks for {max_new} more",
+                param if n_prompt >= ctx else "max_tokens",
+                "context_length_exceeded",
+            )
+
+
+class Choice:
+    """One engine request of an HTTP request (one `choices[i]`)."""
+
+    def __init__(
+        self, index: int, rid: str, dp_rank: int, prompt_tokens: int, detok: Any, t0: float
+    ) -> None:
+        self.index, self.rid, self.dp_rank, self.prompt_tokens = index, rid, dp_rank, prompt_tokens
+        self.detok = detok
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.text = ""
+        self.text_offset = 0  # of the next token (completions logprobs)
+        self.finish_reason: str | None = None
+        self.matched_stop: str | int | None = None
+        self.t_start = t0  # when the HTTP request was accepted
+        self.t_last: float | None = None
+
+
+class Submission:
+    """The engine requests behind one HTTP request; their deltas arrive on one asyncio queue."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[Choice, Delta, float]] = asyncio.Queue()
+        self.choices: list[Choice] = []
+        self.closed = False
+        self.t0 = time.perf_counter()
+
+    async def start(self, items: list[tuple[list[int], Any, int | None]], logprob: bool) -> None:
+        """Submit (input_ids, SamplingParams, dp_rank) items, all or none (429 if full)."""
+        st = self.state
+        st.reserve(len(items))
+        try:
+            for i, (ids, params, dp_rank) in enumerate(items):
+                rid = await self.loop.run_in_executor(
+                    None, st.engine.submit, ids, params, logprob, dp_rank
+                )
+                choice = Choice(
+                    i,
+                    rid,
+                    st.engine.dp_rank_of(rid),
+                    len(ids),
+                    IncrementalDetokenizer(st.tokenizer, params.stop),
+                    self.t0,
+                )
+                self.choices.append(choice)
+                st.metrics.prompt_tokens.labels(*st.metrics.labels(choice.dp_rank)).inc(len(ids))
+                st.engine.listen(rid, functools.partial(self._on_delta, choice))
+        except BaseException as e:
+            st.unreserve(len(items) - len(self.choices))
+            self.close()
+            if isinstance(e, ValueError):
+                raise bad(str(e)) from None
+            if isinstance(e, RuntimeError):
+                raise ApiError(503, str(e), code="engine_unavailable") from None
+            raise
+
+    def _on_delta(self, choice: Choice, delta: Delta) -> None:  # engine reader thread
+        try:
+            self.loop.call_soon_threadsafe(
+                self.queue.put_nowait, (choice, delta, time.perf_counter())
+            )
+        except RuntimeError:  # the event loop is gone: the server is shutting down
+            pass
+
+    @property
+    def live(self) -> list[Choice]:
+        return [c for c in self.choices if c.finish_reason is None]
+
+    async def events(self) -> AsyncIterator[tuple[Choice, str, Delta]]:
+        """(choice, newly released text, delta) until every choice has finished."""
+        while self.live:
+            choice, delta, t = await self.queue.get()
+            yield choice, self._absorb(choice, delta, t), delta
+
+    def _absorb(self, c: Choice, delta: Delta, t: float) -> str:
+        st, lbl = self.state, self.state.metrics.labels(c.dp_rank)
+        m = st.metrics
+        if delta.new_ids:
+            if c.t_last is None:
+                m.ttft.labels(*lbl).observe(t - c.t_start)
+            else:
+                m.itl.labels(*lbl).observe((t - c.t_last) / len(delta.new_ids))
+            c.t_last = t
+            m.generation_tokens.labels(*lbl).inc(len(delta.new_ids))
+            c.ids += delta.new_ids
+            c.logprobs += delta.new_logprobs
+        text = c.detok.add(list(delta.new_ids))
+        if delta.finish_reason is not None:
+            c.finish_reason, c.matched_stop = delta.finish_reason, delta.matched_stop
+            text += c.detok.finish(delta.matched_stop)
+            st.unreserve(1)
+            st.engine.release(c.rid)
+            m.finished.labels(*lbl, delta.finish_reason).inc()
+            m.e2e.labels(*lbl).observe(t - c.t_start)
+        c.text += text
+        return text
+
+    def close(self) -> None:
+        """Abort what still runs (client gone, error); a task consumes their last deltas."""
+        if self.closed:
+            return
+        self.closed = True
+        live = self.live
+        if not live:
+            return
+        for c in live:
+            try:
+                self.state.engine.abort(c.rid)
+            except RuntimeError:
+                pass  # the engine failed: its watchdog finishes every request with "error"
+        task = self.loop.create_task(self._drain())
+        self.state.drains.add(task)
+        task.add_done_callback(self.state.drains.discard)
+
+    async def _drain(self) -> None:
+        async def consume() -> None:
+            async for _ in self.events():
+                pass
+
+        try:
+            await asyncio.wait_for(consume(), DRAIN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.state.unreserve(len(self.live))
+
+    async def collect(self, receive: Any) -> bool:
+        """Wait for every choice (non-streaming); False if the client went away first."""
+
+        async def consume() -> None:
+            async for _ in self.events():
+                pass
+
+        async def disconnected() -> None:
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # noqa: BLE001 - a broken connection is a gone client too
+                return
+
+        work, gone = asyncio.ensure_future(consume()), asyncio.ensure_future(disconnected())
+        finished = False
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finished = work.done()
+        finally:
+            gone.cancel()
+            if not finished:
+                work.cancel()
+                self.close()
+        if not finished:
+            return False
+        work.result()  # re-raise what consuming raised
+        return True
+
+    def failure(self) -> ApiError | None:
+        """The error to answer if a choice ended by the engine's abort or failure."""
+        for c in self.choices:
+            if c.finish_reason == "error":
+                msg = self.state.engine.failure or "engine failed"
+                return ApiError(503, msg, code="engine_failed")
+            if c.finish_reason == "abort":
+                return ApiError(
+                    503,
+                    "the engine aborted the request (it cannot fit the KV cache)",
+                    code="request_aborted",
+                )
+        return None
+
+
+# ---- HTTP helpers shared by the routes ----
+DP_RANK_HEADER = "x-data-parallel-rank"
+DONE = "data: [DONE]\n\n"
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def parse_body(request: Request, cls: type[BaseModel]) -> Any:
+    """The JSON body as `cls`; malformed JSON, wrong types, unknown fields: 400."""
+    try:
+        data = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"malformed JSON body: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad("the JSON body must be an object", code="invalid_json")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+def sampling_params(d: dict[str, Any] | None, param: str = "sampling_params") -> SamplingParams:
+    try:
+        return SamplingParams.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise bad(str(e), param) from None
+
+
+def encode(st: ServerState, text: str, param: str = "prompt") -> list[int]:
+    if st.tokenizer is None:
+        raise bad("this model has no tokenizer: send token ids", param)
+    return st.tokenizer.encode(text)
+
+
+def streaming_response(sub: Submission, chunks: AsyncIterator[str]) -> StreamingResponse:
+    """SSE response; whatever ends the stream (client gone included) aborts what still runs."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            sub.close()
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+        background=BackgroundTask(sub.close),  # the body may never start if the client left
+    )
