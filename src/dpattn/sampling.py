@@ -8,6 +8,7 @@ all ranks of a group draw the same tokens without exchanging them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,32 +45,35 @@ class SamplingParams:
             if not ok:
                 raise ValueError(msg)
 
+        # bool is an int subclass, and NaN / inf pass every comparison that matters here: both
+        # would slip through as "numbers" and sample nonsense instead of failing the request.
+        def integer(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def number(x: Any) -> bool:
+            return (integer(x) or isinstance(x, float)) and math.isfinite(x)
+
         need(
-            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+            integer(self.max_new_tokens) and self.max_new_tokens >= 1,
             "max_new_tokens must be an integer >= 1",
         )
+        need(number(self.temperature) and self.temperature >= 0, "temperature must be >= 0")
+        need(number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")
         need(
-            isinstance(self.temperature, (int, float)) and self.temperature >= 0,
-            "temperature must be >= 0",
-        )
-        need(
-            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"
-        )
-        need(
-            isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+            integer(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
             "top_k must be -1 or >= 1",
         )
-        need(
-            isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"
-        )
+        need(number(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]")
         need(
             isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
-            "stop must be strings",
+            "stop must be non-empty strings",
         )
         need(
-            all(isinstance(t, int) for t in self.stop_token_ids), "stop_token_ids must be integers"
+            isinstance(self.stop_token_ids, list) and all(integer(t) for t in self.stop_token_ids),
+            "stop_token_ids must be a list of integers",
         )
-        need(self.seed is None or isinstance(self.seed, int), "seed must be an integer")
+        need(isinstance(self.ignore_eos, bool), "ignore_eos must be true or false")
+        need(self.seed is None or integer(self.seed), "seed must be an integer")
 
     @property
     def greedy(self) -> bool:
