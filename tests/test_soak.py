@@ -1,0 +1,107 @@
+"""Soak (issue 5): thousands of short requests with random client aborts through a dp=2 server.
+Every accepted request ends complete or explicitly aborted, and the KV pools end full. Also
+drives the online benchmark against the same kind of server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from test_server import ServerThread
+
+from dpattn.bench_online import OnlineBenchConfig, run_online
+from dpattn.engine import Engine
+
+NUM_REQUESTS = 2000
+CONCURRENCY = 64
+
+
+@pytest.fixture(scope="module")
+def soak_server() -> Iterator[ServerThread]:
+    engine = Engine(None, 2, 2, backend="thread", max_running_requests=32)
+    srv = ServerThread(engine, max_queued_requests=4 * NUM_REQUESTS)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        engine.shutdown()
+
+
+async def _one(client: httpx.AsyncClient, i: int, rng: random.Random) -> tuple[str, int, int]:
+    """-> (outcome, tokens received, max_tokens); outcome: finish reason or 'client-abort'."""
+    max_tokens = rng.randint(1, 6)
+    abort_after = rng.randint(0, max_tokens) if rng.random() < 0.1 else None
+    body = {"model": "tiny-qwen3-moe", "prompt": f"request {i} says", "max_tokens": max_tokens}
+    body |= {"stream": True, "temperature": 0, "ignore_eos": True}
+    chunks, finish = 0, None
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            chunks += 1
+            finish = choice.get("finish_reason") or finish
+            if abort_after is not None and chunks > abort_after:
+                return "client-abort", chunks, max_tokens  # leaving the block disconnects
+    return str(finish), chunks, max_tokens
+
+
+@pytest.mark.timeout(600)
+def test_soak_thousands_of_requests_with_aborts(soak_server: ServerThread) -> None:
+    rng = random.Random(0)
+
+    async def run() -> list[tuple[str, int, int]]:
+        # No keep-alive reuse: uvicorn may close an idle connection as the client reuses it.
+        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=0)
+        async with httpx.AsyncClient(
+            base_url=soak_server.url, timeout=120, limits=limits
+        ) as client:
+            gate = asyncio.Semaphore(CONCURRENCY)
+
+            async def gated(i: int) -> tuple[str, int, int]:
+                async with gate:
+                    return await _one(client, i, rng)
+
+            return await asyncio.gather(*(gated(i) for i in range(NUM_REQUESTS)))
+
+    results = asyncio.run(run())
+    outcomes = [o for o, _, _ in results]
+    assert len(results) == NUM_REQUESTS
+    assert set(outcomes) <= {"length", "client-abort"}, set(outcomes)
+    assert outcomes.count("client-abort") > NUM_REQUESTS // 20
+    for outcome, _, max_tokens in results:  # ignore_eos: complete answers are max_tokens long
+        assert outcome != "length" or max_tokens >= 1
+    engine = soak_server.state.engine
+    deadline = asyncio.run(_settle(soak_server))
+    assert deadline, f"KV pools not full: {engine.kv_free} of {engine.kv_total}"
+    assert soak_server.state.in_flight == 0
+
+
+async def _settle(srv: ServerThread, timeout: float = 30.0) -> bool:
+    engine = srv.state.engine
+    for _ in range(int(timeout / 0.1)):
+        if engine.kv_free == engine.kv_total and srv.state.in_flight == 0:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def test_online_bench_against_server(soak_server: ServerThread, tmp_path: Path) -> None:
+    plot = tmp_path / "bench.png"
+    cfg = OnlineBenchConfig(
+        soak_server.url, num_prompts=40, input_len=8, output_len=8, concurrency=8, progress=False
+    )
+    report = run_online(cfg, str(plot))
+    assert report["completed"] == 40 and report["failed"] == 0, report["errors"]
+    assert report["output_tokens_per_s"] > 0 and report["ttft_s"]["p50"] > 0
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+    rated = run_online(
+        OnlineBenchConfig(soak_server.url, 10, 4, 4, request_rate=50.0, progress=False)
+    )
+    assert rated["completed"] == 10
