@@ -128,7 +128,10 @@ def _rank(ps: ParallelState, case: Case) -> dict[str, Any]:
             out = outputs.setdefault(o.rid, {"ids": [], "finish": None})
             out["ids"] += o.new_ids
             out["finish"] = o.finish_reason or out["finish"]
-        if step > last_event and not decision.run_forward and not sched.has_work:
+        # Leave together once no rank has work (a group may skip a step while it has some).
+        idle = ps.world_cpu.all_gather_object(step > last_event and not sched.has_work)
+        ps.trace.take()  # the harness's own collective is not part of the protocol
+        if all(idle):
             break
     free = (runner.kv_pool.available_size(), runner.req_to_token.available_size())
     return {"steps": steps, "outputs": outputs, "free": (free0, free), "done": not sched.has_work}

@@ -123,8 +123,10 @@ class Scheduler:
 
     # ---- batch building ----
     def _next_batch(self) -> ScheduleBatch | None:
-        batch = self._prefill_batch()
-        return batch if batch is not None else self._decode_batch()
+        batch = self._prefill_batch() or self._decode_batch()
+        if batch is None and self.waiting:  # decode retracted everything: its slots are free now
+            batch = self._prefill_batch()
+        return batch
 
     def _prefill_batch(self) -> ScheduleBatch | None:
         pool, rows = self.runner.kv_pool, self.runner.req_to_token

@@ -7,6 +7,7 @@ rank is blocked in collectives that cannot complete, it reports each rank's pend
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -153,11 +154,12 @@ class ThreadGroup(Group):
     def _broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
         return self._exchange("broadcast", t, t.clone(), src)[src].clone()
 
+    # Objects are deep-copied like a real transport would: ranks must never share state.
     def _all_gather_object(self, obj: Any) -> list[Any]:
-        return self._exchange("all_gather_object", None, obj)
+        return copy.deepcopy(self._exchange("all_gather_object", None, obj))
 
     def _broadcast_object(self, obj: Any, src: int) -> Any:
-        return self._exchange("broadcast_object", None, obj, src)[src]
+        return copy.deepcopy(self._exchange("broadcast_object", None, obj, src)[src])
 
 
 def run_threads(world: ThreadWorld, fn: Callable[[int], Any]) -> list[Any]:
