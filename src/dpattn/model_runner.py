@@ -12,7 +12,7 @@ from dpattn.distributed.parallel_state import ParallelState
 from dpattn.forward_batch import ForwardBatch, ForwardContext, forward_context
 from dpattn.kv_cache import KVPool, ReqToTokenPool
 from dpattn.layers.dp_attention import GatherPlan
-from dpattn.models.decoder import DecoderModel, ModelOptions
+from dpattn.models.decoder import ModelOptions, build_model, text_config
 from dpattn.models.loader import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,10 +34,11 @@ class ModelRunner:
     def __init__(self, cfg: RunnerConfig, ps: ParallelState) -> None:
         self.cfg = cfg
         self.ps = ps
-        self.hf_config = AutoConfig.from_pretrained(cfg.model_path)
+        # The text config (a multimodal Gemma 3 config contributes its text_config).
+        self.hf_config = text_config(AutoConfig.from_pretrained(cfg.model_path))
         opts = ModelOptions(DTYPES[cfg.dtype], cfg.ep, cfg.moe_dense_tp_size)
         with torch.device(ps.device):
-            self.model = DecoderModel(self.hf_config, ps, opts).eval()
+            self.model = build_model(self.hf_config, ps, opts).eval()
         load_weights(self.model, Path(cfg.model_path))
         hc = self.hf_config
         self.context_length = cfg.context_length or int(

@@ -148,3 +148,19 @@ class DecoderModel(nn.Module):
         if name == "lm_head.weight":
             return "lm_head.weight"
         return name.removeprefix("model.")
+
+
+def text_config(cfg: Any) -> Any:
+    """The config the decoder is built from (Gemma3ForConditionalGeneration: its text_config)."""
+    from dpattn.models.gemma3 import gemma3_text_config, is_gemma3
+
+    return gemma3_text_config(cfg) if is_gemma3(cfg) else cfg
+
+
+def build_model(cfg: Any, ps: ParallelState, opts: ModelOptions) -> nn.Module:
+    """Architecture factory: Gemma 3 (CausalLM or ConditionalGeneration text) or DecoderModel."""
+    from dpattn.models.gemma3 import Gemma3Model, is_gemma3
+
+    if is_gemma3(cfg):
+        return Gemma3Model(cfg, ps, opts)
+    return DecoderModel(cfg, ps, opts)
