@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dpattn.detokenizer import IncrementalDetokenizer
 from dpattn.engine import Engine
 from dpattn.server import create_app
-from dpattn.tiny import make_tokenizer
+from dpattn.tiny import ensure_default_model, make_tokenizer
 
 MODEL = "tiny-qwen3-moe"  # the default model's directory name
 
@@ -527,6 +527,7 @@ def _alive(pid: int) -> bool:
 def test_cli_serve_gloo_dp2_and_clean_shutdown() -> None:
     port = _free_port()
     cmd = [sys.executable, "-m", "dpattn.cli", "serve", "--tp", "2", "--dp", "2"]
+    cmd += ["--model-path", str(ensure_default_model())]  # the real default may be installed
     cmd += ["--port", str(port), "--log-level", "warning", "--max-queued-requests", "8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

