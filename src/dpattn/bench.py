@@ -117,3 +117,55 @@ def _params(max_new_tokens: int) -> Any:
     from dpattn.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+
+
+def compare_with_transformers(
+    engine: Engine,
+    batch_sizes: tuple[int, ...] = (1, 16),
+    new_tokens: int = 32,
+    prompt_len: int = 8,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Greedy generation throughput at fixed batch sizes: this engine vs transformers' generate
+    on the same prompts, measured side by side in one run (prompts of equal length: no padding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpattn.model_runner import DTYPES
+
+    model_path = engine.cfg.model_path
+    dtype = DTYPES[engine.cfg.runner.get("dtype", "float32")]
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    rng = random.Random(seed)
+    vocab = int(hf.config.get_text_config().vocab_size)
+    rows = []
+    for b in batch_sizes:
+        prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(b)]
+        params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+        engine.generate(
+            input_ids=prompts[:1], sampling_params={**params, "max_new_tokens": 2}
+        )  # warm
+        t0 = time.perf_counter()
+        engine.generate(input_ids=prompts, sampling_params=params)
+        ours = time.perf_counter() - t0
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            hf.generate(
+                torch.tensor(prompts),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            theirs = time.perf_counter() - t0
+        tokens = b * new_tokens
+        rows.append(
+            {
+                "batch": b,
+                "new_tokens": new_tokens,
+                "dpattn_tokens_per_s": tokens / ours,
+                "transformers_tokens_per_s": tokens / theirs,
+                "dpattn_over_transformers": theirs / ours,
+            }
+        )
+    return rows

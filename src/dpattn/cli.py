@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--output", help="also write the JSON report here")
     bench.add_argument(
+        "--compare-transformers",
+        action="store_true",
+        help="also time greedy generation at batch 1 and 16 against transformers' generate",
+    )
+    bench.add_argument(
         "--base-url", help="online mode: benchmark a running server (http://HOST:PORT)"
     )
     bench.add_argument("--request-rate", type=float, help="online: Poisson arrivals per second")
@@ -255,7 +260,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from dpattn.bench import BenchConfig, run_offline
+    from dpattn.bench import BenchConfig, compare_with_transformers, run_offline
     from dpattn.engine import Engine
 
     if args.base_url:
@@ -279,7 +284,10 @@ def _bench(args: argparse.Namespace) -> int:
             args.model_path or default_model_path(), args.tp, args.dp, **engine_options(args)
         )
         try:
+            comparison = compare_with_transformers(engine) if args.compare_transformers else None
             report = run_offline(engine, cfg)
+            if comparison is not None:
+                report["vs_transformers"] = comparison
         finally:
             engine.shutdown()
     text = json.dumps(report)
