@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -136,6 +136,7 @@ class Engine:
         for s in [*self._req_socks, self._out_sock]:
             s.close(linger=0)
         self._zmq.term()
+        shutil.rmtree(self._dir, ignore_errors=True)  # the IPC socket files
 
     def __enter__(self) -> Engine:
         return self
@@ -345,8 +346,9 @@ class Engine:
         return outs[0] if single else outs
 
     def kv_pools_full(self) -> bool:
+        """Every DP group's KV pool is back to its initial free size (as last reported)."""
         with self._lock:
-            return self.kv_free == self.kv_total and os.path.isdir(self._dir)
+            return self.kv_free == self.kv_total
 
 
 def _model_context_length(model_path: str) -> int:
