@@ -93,6 +93,7 @@ def scheduler_main(
             if os.getppid() != parent:  # the engine died without shutting us down
                 raise RuntimeError(f"rank {ps.rank}: engine process {parent} is gone")
             decision = sched.step(shutdown)
+            ps.trace.take()  # the trace serves tests; a serving loop must not let it grow
             steps += 1
             outputs = sched.take_outputs()
             if push is not None and (outputs or decision.run_forward):

@@ -18,6 +18,7 @@ import torch
 from dpattn.distributed.parallel_state import Layout, ParallelState
 from dpattn.forward_batch import ForwardBatch, ForwardMode
 from dpattn.launch import run_ranks
+from dpattn.mlp_sync import SyncRow, decide, gather_rows
 from dpattn.model_runner import DTYPES, ModelRunner, RunnerConfig
 
 
@@ -109,17 +110,16 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
     steps = []
     for step in range(cfg.decode_steps + 2):
         batch = _build_batch(reqs, step)
-        # Stand-in for the scheduler's MLP sync: every DP group's token count, from the leaders.
-        rows = ps.world_cpu.all_gather_object(
-            (batch.num_tokens, batch.forward_mode.is_extend_like())
-        )
-        leaders = rows[:: ps.attn_tp_size]
-        batch.global_num_tokens = [n for n, _ in leaders]
-        batch.is_extend_in_batch = any(e for _, e in leaders)
-        if max(batch.global_num_tokens) == 0:
+        # The MLP sync's own transport and decision (the verifier has no scheduler).
+        row = SyncRow(batch.num_tokens, is_extend=batch.forward_mode.is_extend_like())
+        skip = ps.dp_size == 1
+        decision = decide([row] if skip else gather_rows(ps, row), ps.dp_size, skip)
+        if not decision.run_forward:
             continue
+        batch.global_num_tokens = decision.global_num_tokens
+        batch.is_extend_in_batch = decision.is_extend_in_batch
         plan = runner.gather_plan(batch)
-        logits = runner.forward(batch)
+        logits = runner.forward(batch, plan)
         active = [r for r in reqs if r.arrival <= step and r.logits <= cfg.decode_steps]
         for r, row in zip(active, logits):
             r.kv_len = len(r.tokens)
