@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dpattn.tiny import ARCHS, MOE_ARCHS, make_tiny_model
+from dpattn.models.tiny import ARCHS, MOE_ARCHS, make_tiny_model
 
 
 @pytest.fixture(scope="session")

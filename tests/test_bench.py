@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpattn.bench import BenchConfig, compare_with_transformers, run_offline
-from dpattn.engine import Engine
+from dpattn.entrypoints.engine import Engine
+from dpattn.tools.bench import BenchConfig, compare_with_transformers, run_offline
 
 
 def test_offline_bench_report(tiny_models: dict[str, Path]) -> None:

@@ -1,4 +1,4 @@
-"""gather -> MLP -> scatter round trips on the thread backend (DESIGN §4, §5)."""
+"""gather -> MLP -> scatter round trips on the thread backend (docs/design.md §4, §5, §7)."""
 
 from __future__ import annotations
 

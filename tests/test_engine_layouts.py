@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dpattn.engine import Engine
+from dpattn.entrypoints.engine import Engine
 
 PROMPTS = [[5, 6, 7], [9, 10], [3, 4, 5, 6, 7, 8, 9]]
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dpattn.engine import Engine
-from dpattn.sampling import SamplingParams
+from dpattn.entrypoints.engine import Engine
+from dpattn.executor.sampling_params import SamplingParams
+from dpattn.runtime.faults import DivergeAt
 
 
 def _children(pid: int) -> list[int]:
@@ -49,9 +50,8 @@ def test_killed_rank_stops_engine_and_names_it(tiny_models: dict[str, Path]) -> 
 
 @pytest.mark.parametrize("backend", ["thread", pytest.param("gloo", marks=pytest.mark.gloo)])
 def test_debug_lockstep_names_divergent_collective(
-    tiny_models: dict[str, Path], backend: str, monkeypatch: pytest.MonkeyPatch
+    tiny_models: dict[str, Path], backend: str
 ) -> None:
-    monkeypatch.setenv("DPATTN_TEST_DIVERGE", "1:3")  # rank 1 takes a wrong branch at step 3
     timeout = 20.0
     engine = Engine(
         str(tiny_models["llama"]),
@@ -60,6 +60,7 @@ def test_debug_lockstep_names_divergent_collective(
         backend=backend,
         debug_lockstep=True,
         collective_timeout_s=timeout,
+        fault=DivergeAt(rank=1, step=3),  # rank 1 takes a wrong branch at step 3
     )
     start = time.monotonic()
     try:

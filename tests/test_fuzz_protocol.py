@@ -1,5 +1,5 @@
 """Protocol fuzzing (issue 5): random layouts and workloads through the real scheduler on the
-thread backend, checking the invariants of DESIGN §5 at every step."""
+thread backend, checking the invariants of docs/design.md §7 at every step."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dpattn.config import RunnerConfig, SchedulerConfig
 from dpattn.distributed.parallel_state import Layout, ParallelState
-from dpattn.launch import run_ranks
-from dpattn.model_runner import ModelRunner, RunnerConfig
-from dpattn.sampling import SamplingParams
-from dpattn.schedule_batch import Req
-from dpattn.scheduler import Scheduler, SchedulerConfig
-from dpattn.tiny import make_tiny_model
+from dpattn.executor.model_runner import ModelRunner
+from dpattn.executor.sampling_params import SamplingParams
+from dpattn.models.tiny import make_tiny_model
+from dpattn.runtime.launch import run_ranks
+from dpattn.scheduler.schedule_batch import Req
+from dpattn.scheduler.scheduler import Scheduler
 
 LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]
 MAX_STEPS = 400

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from dpattn.verify import VerifyConfig, verify
+from dpattn.tools.verify import VerifyConfig, verify
 
 FP32_TOL = 1e-4
 TINY_LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 2)]
@@ -26,7 +26,7 @@ def make_tiny_gemma3(out: Path, seed: int = 0, **overrides: Any) -> Path:
     """A tiny random Gemma3ForCausalLM: sliding window 4, sliding and global layers mixed."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
 
-    from dpattn.tiny import make_tokenizer
+    from dpattn.models.tiny import make_tokenizer
 
     tok = make_tokenizer()
     cfg: dict[str, Any] = dict(
@@ -100,7 +100,7 @@ def tiny_gemma3_multimodal(tmp_path_factory: pytest.TempPathFactory, tiny_gemma3
         SiglipVisionConfig,
     )
 
-    from dpattn.tiny import make_tokenizer
+    from dpattn.models.tiny import make_tokenizer
 
     text = AutoConfig.from_pretrained(tiny_gemma3)
     n = text.vocab_size
@@ -229,8 +229,9 @@ def greedy_rank(
     Prefill all of the group's prompts in one EXTEND step, then DECODE max_new - 1 steps; the
     per-step token counts are gathered from the DP leaders like the scheduler's MLP sync does.
     """
-    from dpattn.forward_batch import ForwardBatch, ForwardMode
-    from dpattn.model_runner import ModelRunner, RunnerConfig
+    from dpattn.config import RunnerConfig
+    from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
+    from dpattn.executor.model_runner import ModelRunner
 
     longest = max(len(p) for p in prompts) + max_new
     runner = ModelRunner(
@@ -283,7 +284,7 @@ def dpattn_greedy(
     import functools
 
     from dpattn.distributed.parallel_state import Layout
-    from dpattn.launch import run_ranks
+    from dpattn.runtime.launch import run_ranks
 
     fn = functools.partial(
         greedy_rank, model_path=str(model_path), dtype=dtype, prompts=prompts, max_new=max_new
@@ -403,7 +404,7 @@ def test_real_engine_generate_fp32(
     real_model: Path, real_prompts: list[list[int]], hf_greedy_fp32: list[list[int]]
 ) -> None:
     """End to end through the Engine (scheduler, router, tokenizer) at DP attention (2, 2)."""
-    from dpattn.engine import Engine
+    from dpattn.entrypoints.engine import Engine
 
     params = {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
     with Engine(str(real_model), 2, 2, backend="thread") as engine:

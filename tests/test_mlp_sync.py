@@ -1,6 +1,6 @@
-"""The MLP sync (DESIGN §3): the pure decision, and `prepare_mlp_sync_batch` on the thread backend.
+"""The MLP sync (docs/design.md §3): the pure decision, and `prepare_mlp_sync_batch` on the thread backend.
 
-Expected values are recomputed here from the DESIGN rules, independently of `dpattn.mlp_sync`.
+Expected values are recomputed here from the DESIGN rules, independently of `dpattn.scheduler.mlp_sync`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,21 @@ from typing import Any
 import pytest
 import torch
 
+from dpattn.config import RunnerConfig
 from dpattn.distributed.parallel_state import Layout, ParallelState
-from dpattn.forward_batch import ForwardMode
-from dpattn.launch import run_ranks
-from dpattn.mlp_sync import SyncDecision, SyncRow, decide, local_row, prepare_mlp_sync_batch
-from dpattn.model_runner import ModelRunner, RunnerConfig
-from dpattn.sampling import SamplingParams
-from dpattn.schedule_batch import Req, ScheduleBatch
-from dpattn.verify import reference_logits
+from dpattn.executor.forward_batch import ForwardMode
+from dpattn.executor.model_runner import ModelRunner
+from dpattn.executor.sampling_params import SamplingParams
+from dpattn.runtime.launch import run_ranks
+from dpattn.scheduler.mlp_sync import (
+    SyncDecision,
+    SyncRow,
+    decide,
+    local_row,
+    prepare_mlp_sync_batch,
+)
+from dpattn.scheduler.schedule_batch import Req, ScheduleBatch
+from dpattn.tools.verify import reference_logits
 
 ROW_SHAPE = (1, len(SyncRow().as_list()))
 SYNC_ALL_GATHER = ("world", "all_gather", ROW_SHAPE)

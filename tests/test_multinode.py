@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dpattn.engine import Engine
-from dpattn.launch import free_port
+from dpattn.entrypoints.engine import Engine
+from dpattn.runtime.launch import free_port
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [3]]
 GREEDY = {"max_new_tokens": 6, "temperature": 0}

@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 import torch
 
+from dpattn.config import RunnerConfig
 from dpattn.distributed.parallel_state import Layout, ParallelState
-from dpattn.forward_batch import ForwardBatch, ForwardMode
-from dpattn.launch import run_ranks
-from dpattn.model_runner import ModelRunner, RunnerConfig
-from dpattn.verify import reference_logits
+from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
+from dpattn.executor.model_runner import ModelRunner
+from dpattn.runtime.launch import run_ranks
+from dpattn.tools.verify import reference_logits
 
 PROMPT_LEN = 5  # odd: needs attn_tp padding for A = 2 and 4
 KV_TOKENS = 256

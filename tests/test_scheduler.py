@@ -20,13 +20,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpattn.config import RunnerConfig, SchedulerConfig
 from dpattn.distributed.parallel_state import Layout, ParallelState
-from dpattn.engine import Engine
-from dpattn.launch import run_ranks
-from dpattn.model_runner import ModelRunner, RunnerConfig
-from dpattn.sampling import SamplingParams, sample
-from dpattn.schedule_batch import Req
-from dpattn.scheduler import Scheduler, SchedulerConfig
+from dpattn.entrypoints.engine import Engine
+from dpattn.executor.model_runner import ModelRunner
+from dpattn.executor.sampling_params import SamplingParams, sample
+from dpattn.runtime.launch import run_ranks
+from dpattn.scheduler.schedule_batch import Req
+from dpattn.scheduler.scheduler import Scheduler
 
 LAYOUTS = [(2, 1), (2, 2), (4, 2), (4, 4)]
 BIG_POOL = 512  # never retracts on these workloads

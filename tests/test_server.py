@@ -26,10 +26,10 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from dpattn.detokenizer import IncrementalDetokenizer
-from dpattn.engine import Engine
-from dpattn.server import create_app
-from dpattn.tiny import ensure_default_model, make_tokenizer
+from dpattn.entrypoints.detokenizer import IncrementalDetokenizer
+from dpattn.entrypoints.engine import Engine
+from dpattn.entrypoints.http_server import create_app
+from dpattn.models.tiny import ensure_default_model, make_tokenizer
 
 MODEL = "tiny-qwen3-moe"  # the default model's directory name
 

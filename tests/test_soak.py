@@ -14,8 +14,8 @@ import httpx
 import pytest
 from test_server import ServerThread
 
-from dpattn.bench_online import OnlineBenchConfig, run_online
-from dpattn.engine import Engine
+from dpattn.entrypoints.engine import Engine
+from dpattn.tools.bench_online import OnlineBenchConfig, run_online
 
 NUM_REQUESTS = 2000
 CONCURRENCY = 64

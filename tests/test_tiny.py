@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpattn import tiny
-from dpattn.tiny import (
+from dpattn.models import tiny
+from dpattn.models.tiny import (
     ARCHS,
     add_size_overrides,
     default_model_dir,

@@ -1,7 +1,7 @@
 """Layout verifier (issue 2): every layout's logits match HF transformers, KV never leaks.
 
 Thread-backend runs cover the layout matrix; a few real gloo process worlds and the CLI run end
-to end. See DESIGN §4 (padding) and §5 (invariants).
+to end. See docs/design.md §4 (padding) and §7 (invariants).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from dpattn.tiny import ARCHS, MOE_ARCHS, make_tiny_model
-from dpattn.verify import VerifyConfig, verify
+from dpattn.models.tiny import ARCHS, MOE_ARCHS, make_tiny_model
+from dpattn.tools.verify import VerifyConfig, verify
 
 LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)]
 EP_LAYOUTS = [(2, 2), (4, 2), (4, 4)]  # EP needs num_experts (8) % T == 0
@@ -29,14 +29,14 @@ def run_verify(model: Path, tp: int, dp: int, **kw: Any) -> tuple[VerifyConfig, 
 
 
 def check_report(cfg: VerifyConfig, report: dict[str, Any], tol: float = FP32_TOL) -> None:
-    """Passes within tol, no KV leak, and every step's gather plan obeys DESIGN §4."""
+    """Passes within tol, no KV leak, and every step's gather plan obeys docs/design.md §4."""
     assert report["ok"], report
     assert report["max_abs_logit_diff"] <= tol, report["max_abs_logit_diff"]
     check_schedule(cfg, report)
 
 
 def check_schedule(cfg: VerifyConfig, report: dict[str, Any]) -> None:
-    """No KV leak; every step's token counts and gather plan obey DESIGN §4 and the config."""
+    """No KV leak; every step's token counts and gather plan obey docs/design.md §4 and the config."""
     assert len(report["kv_leaked"]) == cfg.tp
     assert all(tuple(leak) == (0, 0) for leak in report["kv_leaked"]), report["kv_leaked"]
     steps = report["steps"]

@@ -10,7 +10,7 @@ __all__ = ["Engine"]
 def __getattr__(name: str) -> Any:
     # Lazy: `import dpattn` stays cheap for rank processes and the CLI.
     if name == "Engine":
-        from dpattn.engine import Engine
+        from dpattn.entrypoints.engine import Engine
 
         return Engine
     raise AttributeError(name)

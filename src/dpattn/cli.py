@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
 from typing import Any
 
-from dpattn.tiny import (
+from dpattn.config import ENGINE, LAYOUT, flag_fields
+from dpattn.models.tiny import (
     ARCHS,
     add_size_overrides,
     ensure_default_model,
@@ -17,98 +19,41 @@ from dpattn.tiny import (
 )
 
 
-def _add_layout_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model-path", help="HF-format model directory (default: the embedded tiny MoE model)"
-    )
-    p.add_argument(
-        "--tp", "--tp-size", dest="tp", type=int, default=1, help="ranks of one model replica (T)"
-    )
-    p.add_argument(
-        "--dp",
-        "--dp-size",
-        dest="dp",
-        type=int,
-        default=1,
-        help="DP attention groups (D); A = T / D",
-    )
-    p.add_argument(
-        "--ep",
-        action="store_true",
-        help="expert parallelism: whole experts per rank (ep_size = tp_size)",
-    )
-    p.add_argument(
-        "--moe-dense-tp-size",
-        type=int,
-        choices=[1],
-        default=None,
-        help="1: scattered layout for dense MLP layers",
-    )
-    p.add_argument("--dp-padding-mode", choices=["auto", "max_len", "sum_len"], default="auto")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument(
-        "--backend",
-        choices=["gloo", "thread"],
-        default="gloo",
-        help="rank processes or in-process threads",
-    )
+def _add_config_flags(p: argparse.ArgumentParser, *groups: str) -> None:
+    """The config fields' flags (dpattn.config): each flag is defined there, once."""
+    p.add_argument("--model-path", help="HF-format model directory (default: see README)")
+    for group in groups:
+        for f in flag_fields(group):
+            meta = f.metadata
+            names = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
+            names = (*names, f"--{f.name.replace('_', '-')}") if meta["flags"] else names
+            kw: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"]}
+            if f.type in ("bool", bool):
+                kw["action"] = "store_true"
+            else:
+                kw["type"] = type(meta["choices"][0]) if meta["choices"] else _flag_type(f)
+                kw["choices"] = meta["choices"]
+            p.add_argument(*dict.fromkeys(names), **kw)
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    _add_layout_flags(p)
-    p.add_argument(
-        "--router-policy",
-        choices=["round_robin", "shortest_queue", "minimum_tokens"],
-        default="round_robin",
-    )
-    p.add_argument("--chunked-prefill-size", type=int, default=256)
-    p.add_argument("--max-running-requests", type=int, default=32)
-    p.add_argument("--kv-pool-tokens", type=int, default=4096, help="KV cache slots per rank")
-    p.add_argument(
-        "--collective-timeout",
-        type=float,
-        default=60.0,
-        help="seconds before a stuck collective fails",
-    )
-    p.add_argument("--nnodes", type=int, default=1, help="hosts the T ranks are spread over")
-    p.add_argument("--node-rank", type=int, default=0, help="this host's index (0 runs the engine)")
-    p.add_argument("--dist-init-addr", help="HOST:PORT of node 0 for the rendezvous (multi-node)")
-    p.add_argument(
-        "--debug-lockstep",
-        action="store_true",
-        help="ranks check every collective before running it",
-    )
+def _flag_type(f: dataclasses.Field[Any]) -> type:
+    kind = str(f.type).split("|")[0].strip()
+    return {"int": int, "float": float}.get(kind, str)
 
 
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Engine kwargs from the flags of _add_engine_flags."""
-    return dict(
-        backend=args.backend,
-        router_policy=args.router_policy,
-        collective_timeout_s=args.collective_timeout,
-        dtype=args.dtype,
-        ep=args.ep,
-        moe_dense_tp_size=args.moe_dense_tp_size,
-        dp_padding_mode=args.dp_padding_mode,
-        kv_pool_tokens=args.kv_pool_tokens,
-        max_running_requests=args.max_running_requests,
-        chunked_prefill_size=args.chunked_prefill_size,
-        debug_lockstep=args.debug_lockstep,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        dist_init_addr=args.dist_init_addr,
-    )
+def engine_options(args: argparse.Namespace, *groups: str) -> dict[str, Any]:
+    """Engine kwargs (config field names) from the flags of _add_config_flags."""
+    groups = groups or (LAYOUT, ENGINE)
+    return {f.name: getattr(args, f.name) for g in groups for f in flag_fields(g)}
 
 
 def _follower(args: argparse.Namespace) -> bool:
     """On node 1..N-1 run this host's ranks until node 0 stops them; True if we did."""
     if args.node_rank == 0:
         return False
-    from dpattn.engine_config import run_follower_node
+    from dpattn.runtime.topology import run_follower_node
 
-    run_follower_node(
-        args.model_path or default_model_path(real=True), args.tp, args.dp, **engine_options(args)
-    )
+    run_follower_node(args.model_path or default_model_path(real=True), **engine_options(args))
     return True
 
 
@@ -144,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser(
         "verify", help="check a parallel layout's logits against HF transformers"
     )
-    _add_layout_flags(verify)
+    _add_config_flags(verify, LAYOUT)
     verify.add_argument(
         "--reference-model-path", help="compare against another checkpoint (must then fail)"
     )
@@ -162,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
-    _add_engine_flags(gen)
+    _add_config_flags(gen, LAYOUT, ENGINE)
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     gen.add_argument("--input-ids", help="comma-separated token ids instead of a prompt")
     gen.add_argument("--max-new-tokens", type=int, default=32)
@@ -176,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the full result as JSON")
 
     bench = sub.add_parser("bench", help="offline benchmark through the Engine")
-    _add_engine_flags(bench)
+    _add_config_flags(bench, LAYOUT, ENGINE)
     bench.add_argument("--num-prompts", type=int, default=64)
     bench.add_argument("--input-len", type=int, default=32)
     bench.add_argument("--output-len", type=int, default=16)
@@ -197,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, help="online: cap on requests in flight")
     bench.add_argument("--plot", help="online: write a PNG of latency percentiles and throughput")
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (SSE, /metrics)")
-    _add_engine_flags(serve)
+    _add_config_flags(serve, LAYOUT, ENGINE)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=30000)
     serve.add_argument(
@@ -215,12 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from dpattn.server import serve
+    from dpattn.entrypoints.http_server import serve
 
     serve(
         args.model_path or default_model_path(real=True),
-        args.tp,
-        args.dp,
         host=args.host,
         port=args.port,
         max_queued_requests=None if args.max_queued_requests < 0 else args.max_queued_requests,
@@ -232,7 +175,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from dpattn.engine import Engine
+    from dpattn.entrypoints.engine import Engine
 
     if not args.prompt and not args.input_ids:
         raise SystemExit("give --prompt or --input-ids")
@@ -246,9 +189,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
-    with Engine(
-        args.model_path or default_model_path(real=True), args.tp, args.dp, **engine_options(args)
-    ) as engine:
+    with Engine(args.model_path or default_model_path(real=True), **engine_options(args)) as engine:
         if args.input_ids:
             ids = [int(x) for x in args.input_ids.split(",")]
             outs = [engine.generate(input_ids=ids, sampling_params=params)]
@@ -260,11 +201,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from dpattn.bench import BenchConfig, compare_with_transformers, run_offline
-    from dpattn.engine import Engine
+    from dpattn.entrypoints.engine import Engine
+    from dpattn.tools.bench import BenchConfig, compare_with_transformers, run_offline
 
     if args.base_url:
-        from dpattn.bench_online import OnlineBenchConfig, run_online
+        from dpattn.tools.bench_online import OnlineBenchConfig, run_online
 
         online = OnlineBenchConfig(
             args.base_url,
@@ -280,9 +221,7 @@ def _bench(args: argparse.Namespace) -> int:
         cfg = BenchConfig(
             args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed
         )
-        engine = Engine(
-            args.model_path or default_model_path(), args.tp, args.dp, **engine_options(args)
-        )
+        engine = Engine(args.model_path or default_model_path(), **engine_options(args))
         try:
             comparison = compare_with_transformers(engine) if args.compare_transformers else None
             report = run_offline(engine, cfg)
@@ -316,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         print(path)
         return 0
     if args.command == "verify":
-        from dpattn.verify import VerifyConfig, print_report, verify
+        from dpattn.tools.verify import VerifyConfig, print_report, verify
 
         cfg = VerifyConfig(
             model_path=args.model_path or default_model_path(),
-            tp=args.tp,
-            dp=args.dp,
+            tp=args.tp_size,
+            dp=args.dp_size,
             ep=args.ep,
             moe_dense_tp_size=args.moe_dense_tp_size,
             dp_padding_mode=args.dp_padding_mode,

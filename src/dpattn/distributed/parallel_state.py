@@ -1,4 +1,4 @@
-"""Topology of one model replica (DESIGN §1) and the groups each rank uses.
+"""Topology of one model replica (docs/design.md §1) and the groups each rank uses.
 
 T = tp_size ranks, D = dp_size DP groups, attention-TP width A = T / D. Rank r is in DP group
 r // A with attn_tp rank r % A (dp-major numbering). `world` carries MLP/MoE collectives and the

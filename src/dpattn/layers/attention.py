@@ -7,8 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.forward_batch import get_forward_context
-from dpattn.layers.basic import RMSNorm, Rotary, param, shard
+from dpattn.layers.forward_context import get_forward_context
+from dpattn.layers.norm import RMSNorm
+from dpattn.layers.rotary import Rotary
+from dpattn.layers.weights import param, shard
 
 
 class Attention(nn.Module):
@@ -76,36 +78,9 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = self._paged_attention(q, k, v)
+        out = get_forward_context().attn_backend.forward(
+            q, k, v, self.layer_id, self.scaling, self.sliding_window
+        )
         return F.linear(
             out.reshape(n, self.num_heads * self.head_dim), self.o_proj
         )  # partial sum over attn_tp
-
-    def _paged_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ctx = get_forward_context()
-        batch, pool = ctx.batch, ctx.kv_pool
-        pool.write(self.layer_id, batch.out_cache_loc, k, v)
-        k_buf, v_buf = pool.k[self.layer_id], pool.v[self.layer_id]
-        out = torch.empty_like(q)
-        start = 0
-        for row, seq_len, ext in zip(batch.req_pool_indices, batch.seq_lens, batch.extend_lens):
-            slots = ctx.req_to_token.table[row, :seq_len]
-            q_pos = torch.arange(seq_len - ext, seq_len, device=q.device)[:, None]
-            k_pos = torch.arange(seq_len, device=q.device)[None, :]
-            mask = k_pos <= q_pos
-            if self.sliding_window:
-                mask &= k_pos > q_pos - self.sliding_window
-            qi = q[start : start + ext].transpose(0, 1)  # [heads, ext, d]
-            ki = k_buf[slots].transpose(0, 1)
-            vi = v_buf[slots].transpose(0, 1)
-            o = F.scaled_dot_product_attention(
-                qi,
-                ki,
-                vi,
-                attn_mask=mask,
-                scale=self.scaling,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )
-            out[start : start + ext] = o.transpose(0, 1)
-            start += ext
-        return out

@@ -1,6 +1,6 @@
 """DP gather / scatter between attention (local rows per DP group) and MLP (global rows).
 
-The math is DESIGN §4. Every DP group d has n_d real tokens, padded to p_d = ceil(n_d / A) * A.
+The math is docs/design.md §4-5. Every DP group d has n_d real tokens, padded to p_d = ceil(n_d / A) * A.
 MAX_LEN gives every group the same slot length P = max p (buffer B = D * P); SUM_LEN gives
 group d exactly p_d rows (B = sum p). Slots tile [0, B). The residual stream between layers is
 "local full": n_d rows, identical on the A ranks of the group.
@@ -32,7 +32,7 @@ def choose_padding_mode(
     override: str = "auto",
     graph: bool = False,
 ) -> PaddingMode:
-    """DESIGN §4: graph replay => MAX_LEN; extend at D > 1 => SUM_LEN; else the cheaper one."""
+    """docs/design.md §4: graph replay => MAX_LEN; extend at D > 1 => SUM_LEN; else the cheaper one."""
     if override != "auto":
         return PaddingMode(override)
     if graph:

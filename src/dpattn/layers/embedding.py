@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.layers.basic import param
+from dpattn.layers.weights import param
 
 
 class VocabParallelEmbedding(nn.Module):

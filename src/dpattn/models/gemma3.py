@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.forward_batch import get_forward_context
 from dpattn.layers.attention import Attention
-from dpattn.layers.basic import RMSNorm, Rotary
 from dpattn.layers.dp_attention import attn_tp_gather, attn_tp_scatter, dp_gather, dp_scatter
 from dpattn.layers.embedding import VocabParallelEmbedding
+from dpattn.layers.forward_context import get_forward_context
 from dpattn.layers.mlp import DenseMLP
-from dpattn.models.decoder import ModelOptions
+from dpattn.layers.norm import RMSNorm
+from dpattn.layers.rotary import Rotary
+from dpattn.models.llama import ModelOptions
 
 GEMMA3_ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 GEMMA3_MODEL_TYPES = ("gemma3_text", "gemma3")

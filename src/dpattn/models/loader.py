@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from dpattn.layers.basic import load_param
-from dpattn.models.decoder import DecoderModel
+from dpattn.layers.weights import load_param
+from dpattn.models.llama import DecoderModel
 
 _PER_EXPERT = re.compile(
     r"(layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"

@@ -1,20 +1,11 @@
-"""The batch description the model runner consumes, and the forward context layers read."""
+"""The batch description the model runner consumes (one rank, one forward step)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from dpattn.distributed.parallel_state import ParallelState
-    from dpattn.kv_cache import KVPool, ReqToTokenPool
-    from dpattn.layers.dp_attention import GatherPlan
 
 
 class ForwardMode(IntEnum):
@@ -40,7 +31,7 @@ class ForwardBatch:
     seq_lens: list[int] = field(default_factory=list)  # KV length after this step, per request
     extend_lens: list[int] = field(default_factory=list)  # new tokens per request
     return_all_logits: bool = False  # logits of every token, not only each request's last
-    # Gather metadata, written by the MLP sync (DESIGN §3 rule 5).
+    # Gather metadata, written by the MLP sync (docs/design.md §3.4).
     global_num_tokens: list[int] | None = None
     global_num_tokens_for_logprob: list[int] | None = None
     is_extend_in_batch: bool = False
@@ -54,31 +45,3 @@ class ForwardBatch:
     def idle(cls) -> ForwardBatch:
         empty = torch.zeros(0, dtype=torch.int64)
         return cls(ForwardMode.IDLE, empty, empty, empty)
-
-
-@dataclass
-class ForwardContext:
-    batch: ForwardBatch
-    plan: GatherPlan
-    ps: ParallelState
-    kv_pool: KVPool
-    req_to_token: ReqToTokenPool
-
-
-_ctx: ContextVar[ForwardContext | None] = ContextVar("dpattn_forward_context", default=None)
-
-
-def get_forward_context() -> ForwardContext:
-    ctx = _ctx.get()
-    if ctx is None:
-        raise RuntimeError("no forward context: layers must run inside ModelRunner.forward")
-    return ctx
-
-
-@contextmanager
-def forward_context(ctx: ForwardContext) -> Iterator[None]:
-    token = _ctx.set(ctx)
-    try:
-        yield
-    finally:
-        _ctx.reset(token)

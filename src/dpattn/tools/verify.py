@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from dpattn.config import RunnerConfig
 from dpattn.distributed.parallel_state import Layout, ParallelState
-from dpattn.forward_batch import ForwardBatch, ForwardMode
-from dpattn.launch import run_ranks
-from dpattn.mlp_sync import SyncRow, decide, gather_rows
-from dpattn.model_runner import DTYPES, ModelRunner, RunnerConfig
+from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
+from dpattn.executor.model_runner import DTYPES, ModelRunner
+from dpattn.runtime.launch import run_ranks
+from dpattn.scheduler.mlp_sync import SyncRow, decide, gather_rows
 
 
 @dataclass

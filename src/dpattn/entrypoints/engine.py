@@ -16,14 +16,23 @@ from typing import Any
 
 import zmq
 
+from dpattn.config import EngineConfig
 from dpattn.distributed.parallel_state import Layout
-from dpattn.engine_config import EngineConfig, bind_addr
-from dpattn.launch import RankGroup
-from dpattn.rank_worker import load_tokenizer
-from dpattn.router import DpRouter
-from dpattn.sampling import SamplingParams
-from dpattn.schedule_batch import Req
-from dpattn.scheduler import StepStats
+from dpattn.executor.sampling_params import SamplingParams
+from dpattn.messages import (
+    AbortReq,
+    BatchOutput,
+    RankInput,
+    RankReady,
+    Shutdown,
+    StepStats,
+    TokenizedGenerateReq,
+    Wake,
+)
+from dpattn.models.tiny import ensure_default_model
+from dpattn.runtime.rank_worker import load_tokenizer
+from dpattn.runtime.router import DpRouter
+from dpattn.runtime.topology import bind_addr, start_ranks, worker_addrs
 
 
 @dataclass
@@ -54,20 +63,18 @@ class Engine:
         self, model_path: str | None = None, tp_size: int = 1, dp_size: int = 1, **options: Any
     ) -> None:
         if model_path is None:
-            from dpattn.tiny import ensure_default_model
-
             model_path = str(ensure_default_model())
         self.cfg = EngineConfig.from_options(model_path, tp_size, dp_size, **options)
         self.layout = Layout(tp_size, dp_size)
         self.tokenizer = load_tokenizer(model_path)
-        self.context_length: int = self.cfg.runner.get("context_length") or _model_context_length(
+        self.context_length: int = self.cfg.runner.context_length or _model_context_length(
             model_path
         )
         self._zmq = zmq.Context()
         if self.cfg.node_rank != 0:
             raise ValueError("the Engine runs on node 0; other nodes use run_follower_node")
         self._dir = tempfile.mkdtemp(prefix="dpattn-")
-        addrs = self.cfg.worker_addrs(self._dir)
+        addrs = worker_addrs(self.cfg, self._dir)
         self._req_socks = []
         for a in addrs.requests:
             s = self._zmq.socket(zmq.PUSH)
@@ -84,13 +91,7 @@ class Engine:
         self.step_listeners: list[Callable[[int, StepStats, int], None]] = []
         self.kv_free: list[int] = [0] * dp_size
         self.kv_total: list[int] = [0] * dp_size
-        self.ranks = RankGroup(
-            self.cfg.rank_fn(addrs),
-            self.layout,
-            self.cfg.backend,
-            self.cfg.collective_timeout_s,
-            self.cfg.node(),
-        )
+        self.ranks = start_ranks(self.cfg, addrs)
         self._closed = False
         self.failure: str | None = None  # set once a rank died: the engine refuses new work
         self.rank_results: list[dict[str, Any]] = []  # what each rank returned at shutdown
@@ -111,9 +112,9 @@ class Engine:
         deadline = time.monotonic() + timeout_s
         while len(ready) < self.layout.dp_size:
             if self._out_sock.poll(200):
-                _, d, kv = self._out_sock.recv_pyobj()
-                ready.add(d)
-                self.kv_free[d] = self.kv_total[d] = kv
+                msg: RankReady = self._out_sock.recv_pyobj()
+                ready.add(msg.dp_rank)
+                self.kv_free[msg.dp_rank] = self.kv_total[msg.dp_rank] = msg.kv_free
             dead = self.ranks.dead_rank()
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"engine failed to start: {dead or 'timed out'}")
@@ -125,7 +126,7 @@ class Engine:
         if self.failure is None:  # after a failure the leaders are gone: nothing to tell
             for d in range(self.layout.dp_size):
                 try:
-                    self._send(d, ("shutdown",))
+                    self._send(d, Shutdown())
                 except RuntimeError:
                     break  # a rank died meanwhile: terminate() below cleans up
         try:
@@ -175,10 +176,10 @@ class Engine:
             try:
                 if not self._out_sock.poll(100):
                     continue
-                msg = self._out_sock.recv_pyobj()
+                msg: BatchOutput = self._out_sock.recv_pyobj()
             except zmq.ZMQError:
                 return
-            _, d, outputs, stats, kv_free = msg
+            d, outputs, stats, kv_free = msg.dp_rank, msg.outputs, msg.stats, msg.kv_free
             with self._lock:
                 self.kv_free[d] = kv_free
                 self.step_stats.append((d, stats))
@@ -222,13 +223,13 @@ class Engine:
         with self._lock:
             d = self.router.route(len(input_ids), dp_rank)
             self._pending[rid] = _Pending(len(input_ids), d)
-            self._send(d, ("add", Req(rid, list(input_ids), params, seed, return_logprob)))
+            self._send(d, TokenizedGenerateReq(rid, list(input_ids), params, seed, return_logprob))
             for other in range(self.layout.dp_size):  # cut idle groups' back-off short
                 if other != d:
-                    self._send(other, ("wake",))
+                    self._send(other, Wake())
         return rid
 
-    def _send(self, d: int, msg: tuple[Any, ...]) -> None:
+    def _send(self, d: int, msg: RankInput) -> None:
         try:
             self._req_socks[d].send_pyobj(msg)
         except zmq.Again:
@@ -275,7 +276,7 @@ class Engine:
         with self._lock:
             p = self._pending.get(rid)
             if p is not None and not p.done.is_set():
-                self._send(p.dp_rank, ("abort", rid))
+                self._send(p.dp_rank, AbortReq(rid))
 
     def release(self, rid: str) -> None:
         """Forget a finished request consumed through listen() (result() does this itself)."""

@@ -18,10 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from dpattn.engine import Engine
-from dpattn.generate_api import add_generate_route
-from dpattn.metrics import CONTENT_TYPE
-from dpattn.openai_protocol import (
+from dpattn.entrypoints.engine import Engine
+from dpattn.entrypoints.generate_route import add_generate_route
+from dpattn.entrypoints.metrics import CONTENT_TYPE
+from dpattn.entrypoints.openai_protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -30,7 +30,7 @@ from dpattn.openai_protocol import (
     completion_logprobs,
     usage,
 )
-from dpattn.server_requests import (
+from dpattn.entrypoints.serving import (
     DONE,
     DP_RANK_HEADER,
     Choice,

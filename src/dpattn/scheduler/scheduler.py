@@ -5,50 +5,17 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from dpattn.forward_batch import ForwardMode
-from dpattn.mlp_sync import SyncDecision, prepare_mlp_sync_batch
-from dpattn.model_runner import ModelRunner
-from dpattn.sampling import sample
-from dpattn.schedule_batch import FinishReason, Req, ScheduleBatch
-
-
-@dataclass
-class SchedulerConfig:
-    chunked_prefill_size: int = 256
-    max_running_requests: int = 32
-    skip_all_gather: bool | None = None  # None: skip iff dp_size == 1
-    debug_lockstep: bool = False  # ranks check every collective's (op, shape) before running it
-
-
-@dataclass
-class Output:
-    """One step's news about one request, sent by the DP group leader."""
-
-    rid: str
-    new_ids: list[int]
-    new_logprobs: list[float]
-    finish_reason: str | None = None
-    matched_stop: str | int | None = None
-    prompt_tokens: int = 0
-
-
-@dataclass
-class StepStats:
-    forward_mode: str = "none"
-    num_tokens: int = 0
-    global_num_tokens: list[int] = field(default_factory=list)
-    padded_tokens: int = 0  # rows the MLP ran on (B); real ones are sum(global_num_tokens)
-    padding_mode: str = ""
-    idle_batch: bool = False
-    extending_groups: int = 0
-    sync_s: float = 0.0  # MLP sync wall time
-    running: int = 0
-    queued: int = 0
+from dpattn.config import SchedulerConfig
+from dpattn.executor.forward_batch import ForwardMode
+from dpattn.executor.model_runner import ModelRunner
+from dpattn.executor.sampling_params import sample
+from dpattn.messages import RequestOutput, StepStats
+from dpattn.scheduler.mlp_sync import SyncDecision, prepare_mlp_sync_batch
+from dpattn.scheduler.schedule_batch import FinishReason, Req, ScheduleBatch
 
 
 class Scheduler:
@@ -69,7 +36,7 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked: Req | None = None  # a prompt being prefilled over several steps
-        self.outputs: list[Output] = []
+        self.outputs: list[RequestOutput] = []
         self.last_stats = StepStats()
         self.num_retractions = 0  # running requests sent back to wait for lack of KV slots
 
@@ -95,29 +62,37 @@ class Scheduler:
         batch = self._next_batch()
         t0 = time.perf_counter()
         batch, decision = prepare_mlp_sync_batch(self.ps, batch, self.cfg.skip_all_gather, shutdown)
-        stats = StepStats(
-            global_num_tokens=decision.global_num_tokens, sync_s=time.perf_counter() - t0
-        )
-        stats.extending_groups = decision.extending_groups
+        sync_s = time.perf_counter() - t0
+        ran: dict[str, Any] = {}
         if batch is not None and decision.run_forward:
             run = batch.inner_idle_batch if batch.forward_mode is ForwardMode.PREBUILT else batch
             if run is not None:
                 fb = run.to_forward_batch()
                 plan = self.runner.gather_plan(fb)
                 logits = self.runner.forward(fb, plan)
-                stats.forward_mode = run.forward_mode.name.lower()
-                stats.num_tokens, stats.padded_tokens = run.num_tokens, plan.total
-                stats.padding_mode = plan.mode.value
-                stats.idle_batch = run.forward_mode is ForwardMode.IDLE
-                if not stats.idle_batch:
+                idle = run.forward_mode is ForwardMode.IDLE
+                ran = dict(
+                    forward_mode=run.forward_mode.name.lower(),
+                    num_tokens=run.num_tokens,
+                    padded_tokens=plan.total,
+                    padding_mode=plan.mode.value,
+                    idle_batch=idle,
+                )
+                if not idle:
                     self._process(run, logits)
         if batch is not None and batch.forward_mode is ForwardMode.PREBUILT:
             self._process_prebuilt(batch)
-        stats.running, stats.queued = len(self.running), len(self.waiting)
-        self.last_stats = stats
+        self.last_stats = StepStats(
+            global_num_tokens=tuple(decision.global_num_tokens),
+            extending_groups=decision.extending_groups,
+            sync_s=sync_s,
+            running=len(self.running),
+            queued=len(self.waiting),
+            **ran,
+        )
         return decision
 
-    def take_outputs(self) -> list[Output]:
+    def take_outputs(self) -> list[RequestOutput]:
         out, self.outputs = self.outputs, []
         return out
 
@@ -212,18 +187,20 @@ class Scheduler:
             logprob = float(torch.log_softmax(row, -1)[token]) if req.return_logprob else 0.0
             req.output_logprobs.append(logprob)
             reason = self._stop_reason(req, token)
-            out = Output(
-                req.rid,
-                [token],
-                [logprob] if req.return_logprob else [],
-                prompt_tokens=len(req.input_ids),
-            )
-            self.outputs.append(out)
             if reason is not None:
                 self._finish(req, reason, emit=False)
-                out.finish_reason, out.matched_stop = req.finish_reason.value, req.matched_stop  # type: ignore[union-attr]
             elif batch.forward_mode.is_extend_like() and req not in self.running:
                 self.running.append(req)
+            self.outputs.append(
+                RequestOutput(
+                    req.rid,
+                    [token],
+                    [logprob] if req.return_logprob else [],
+                    reason.value if reason is not None else None,
+                    req.matched_stop if reason is not None else None,
+                    prompt_tokens=len(req.input_ids),
+                )
+            )
         self.running = [r for r in self.running if not r.finished]
 
     def _process_prebuilt(self, batch: ScheduleBatch) -> None:
@@ -263,5 +240,5 @@ class Scheduler:
         self._free_kv(req)
         if emit:
             self.outputs.append(
-                Output(req.rid, [], [], reason.value, prompt_tokens=len(req.input_ids))
+                RequestOutput(req.rid, [], [], reason.value, prompt_tokens=len(req.input_ids))
             )

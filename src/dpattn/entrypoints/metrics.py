@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from dpattn.scheduler import StepStats
+from dpattn.messages import StepStats
 
 LEADER_TP_RANK = "0"
 FORWARD_MODES = ("extend", "decode", "mixed", "idle")

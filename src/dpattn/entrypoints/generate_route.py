@@ -15,8 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from dpattn.openai_protocol import GenerateRequest, bad
-from dpattn.server_requests import (
+from dpattn.entrypoints.openai_protocol import GenerateRequest, bad
+from dpattn.entrypoints.serving import (
     DONE,
     DP_RANK_HEADER,
     Choice,

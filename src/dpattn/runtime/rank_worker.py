@@ -10,10 +10,20 @@ from typing import Any
 import torch
 import zmq
 
+from dpattn.config import EngineConfig
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.mlp_sync import SyncRow
-from dpattn.model_runner import ModelRunner, RunnerConfig
-from dpattn.scheduler import Scheduler, SchedulerConfig
+from dpattn.executor.model_runner import ModelRunner
+from dpattn.messages import (
+    AbortReq,
+    BatchOutput,
+    RankInput,
+    RankReady,
+    Shutdown,
+    TokenizedGenerateReq,
+)
+from dpattn.scheduler.mlp_sync import SyncRow
+from dpattn.scheduler.schedule_batch import Req
+from dpattn.scheduler.scheduler import Scheduler
 
 IDLE_BACKOFF_MAX_MS = 50
 
@@ -49,19 +59,16 @@ def load_tokenizer(model_path: str) -> Any:
         return None
 
 
-def scheduler_main(
-    ps: ParallelState, runner_cfg: RunnerConfig, sched_cfg: SchedulerConfig, addrs: WorkerAddrs
-) -> dict[str, Any]:
-    if sched_cfg.debug_lockstep:
+def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> dict[str, Any]:
+    if cfg.scheduler.debug_lockstep:
         ps.set_lockstep(True)
-    diverge_at = _test_divergence_step(ps.rank)
     parent = os.getppid()
-    runner = ModelRunner(runner_cfg, ps)
+    runner = ModelRunner(cfg.runner, ps)
     sched = Scheduler(
         runner,
-        sched_cfg,
-        eos_token_ids(runner_cfg.model_path, runner.hf_config),
-        load_tokenizer(runner_cfg.model_path),
+        cfg.scheduler,
+        eos_token_ids(cfg.model_path, runner.hf_config),
+        load_tokenizer(cfg.model_path),
     )
     leader = ps.attn_tp_rank == 0
     ctx = zmq.Context()
@@ -71,25 +78,27 @@ def scheduler_main(
         pull.connect(addrs.requests[ps.dp_rank])
         push = ctx.socket(zmq.PUSH)
         push.connect(addrs.outputs)
-        push.send_pyobj(("ready", ps.dp_rank, runner.kv_pool.available_size()))
+        push.send_pyobj(RankReady(ps.dp_rank, runner.kv_pool.available_size()))
     backoff_ms, shutdown, steps = 0, False, 0
     try:
         while True:
-            msgs: list[Any] = []
+            msgs: list[RankInput] = []
             if pull is not None and pull.poll(0 if sched.has_work else backoff_ms):
                 while pull.poll(0):
                     msgs.append(pull.recv_pyobj())
             if ps.attn_tp_size > 1:
                 msgs = ps.attn_tp_cpu.broadcast_object(msgs)
-            for kind, *args in msgs:
-                if kind == "add":
-                    sched.add_request(args[0])
-                elif kind == "abort":
-                    sched.abort_request(args[0])
-                elif kind == "shutdown":  # ("wake",) only ends the idle back-off
+            for msg in msgs:  # Wake only ends the idle back-off
+                if isinstance(msg, TokenizedGenerateReq):
+                    sched.add_request(
+                        Req(msg.rid, list(msg.input_ids), msg.params, msg.seed, msg.return_logprob)
+                    )
+                elif isinstance(msg, AbortReq):
+                    sched.abort_request(msg.rid)
+                elif isinstance(msg, Shutdown):
                     shutdown = True
-            if steps == diverge_at:  # test-only: a deliberately wrong branch on one rank
-                ps.world.all_reduce(torch.zeros(1))
+            if cfg.fault is not None:
+                cfg.fault.before_step(ps, steps)
             if os.getppid() != parent:  # the engine died without shutting us down
                 raise RuntimeError(f"rank {ps.rank}: engine process {parent} is gone")
             decision = sched.step(shutdown)
@@ -98,9 +107,8 @@ def scheduler_main(
             outputs = sched.take_outputs()
             if push is not None and (outputs or decision.run_forward):
                 stats = sched.last_stats
-                push.send_pyobj(
-                    ("out", ps.dp_rank, outputs, stats, runner.kv_pool.available_size())
-                )
+                kv_free = runner.kv_pool.available_size()
+                push.send_pyobj(BatchOutput(ps.dp_rank, outputs, stats, kv_free))
             if decision.shutdown:
                 break
             idle = not decision.run_forward and not sched.has_work
@@ -116,15 +124,6 @@ def scheduler_main(
         "kv_total": runner.kv_pool.size,
         "bare_all_gather_s": bare_all_gather_seconds(ps),
     }
-
-
-def _test_divergence_step(rank: int) -> int | None:
-    """DPATTN_TEST_DIVERGE=RANK:STEP makes that rank issue one extra collective (tests only)."""
-    spec = os.environ.get("DPATTN_TEST_DIVERGE")
-    if not spec:
-        return None
-    r, step = (int(x) for x in spec.split(":"))
-    return step if r == rank else None
 
 
 def bare_all_gather_seconds(ps: ParallelState, iters: int = 100) -> float:

@@ -7,8 +7,8 @@ from enum import Enum
 
 import torch
 
-from dpattn.forward_batch import ForwardBatch, ForwardMode
-from dpattn.sampling import SamplingParams
+from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
+from dpattn.executor.sampling_params import SamplingParams
 
 
 class FinishReason(str, Enum):

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from dpattn.detokenizer import token_bytes, token_text
+from dpattn.entrypoints.detokenizer import token_bytes, token_text
 
 MAX_N = 16  # choices per request (OpenAI allows more; each is a full engine request here)
 MAX_STOP = 16

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from dpattn.bench import percentiles
+from dpattn.tools.bench import percentiles
 
 _WORDS = "the of and to in is was for on with as by at from that this it are be or an".split()
 

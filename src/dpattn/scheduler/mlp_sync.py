@@ -1,4 +1,4 @@
-"""The MLP sync (DESIGN §3): once per scheduler iteration, on every rank, in lock-step.
+"""The MLP sync (docs/design.md §3): once per scheduler iteration, on every rank, in lock-step.
 
 `decide` is a pure function of the DP group leaders' rows; `prepare_mlp_sync_batch` is the thin
 transport around it: one all-gather over the world CPU group at D > 1, none at D == 1.
@@ -7,15 +7,12 @@ transport around it: one all-gather over the world CPU group at D > 1, none at D
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from dpattn.forward_batch import ForwardMode
-
-if TYPE_CHECKING:
-    from dpattn.distributed.parallel_state import ParallelState
-    from dpattn.schedule_batch import ScheduleBatch
+from dpattn.distributed.parallel_state import ParallelState
+from dpattn.executor.forward_batch import ForwardMode
+from dpattn.scheduler.schedule_batch import ScheduleBatch
 
 
 @dataclass(frozen=True)
@@ -99,8 +96,6 @@ def prepare_mlp_sync_batch(
     shutdown: bool = False,
 ) -> tuple[ScheduleBatch | None, SyncDecision]:
     """Returns the batch to run (None: no forward on any rank this iteration) and the decision."""
-    from dpattn.schedule_batch import ScheduleBatch
-
     skip = ps.dp_size == 1 if skip_all_gather is None else skip_all_gather
     row = local_row(batch, shutdown)
     rows = [row] if skip else gather_rows(ps, row)

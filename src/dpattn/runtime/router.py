@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-ROUTER_POLICIES = ("round_robin", "shortest_queue", "minimum_tokens")
+from dpattn.config import ROUTER_POLICIES
 
 
 class DpRouter:

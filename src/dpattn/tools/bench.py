@@ -11,7 +11,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dpattn.engine import Delta, Engine
+from dpattn.entrypoints.engine import Delta, Engine
+from dpattn.executor.model_runner import DTYPES
+from dpattn.executor.sampling_params import SamplingParams
 
 
 @dataclass
@@ -114,7 +116,6 @@ def run_offline(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _params(max_new_tokens: int) -> Any:
-    from dpattn.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
 
@@ -131,10 +132,8 @@ def compare_with_transformers(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dpattn.model_runner import DTYPES
-
     model_path = engine.cfg.model_path
-    dtype = DTYPES[engine.cfg.runner.get("dtype", "float32")]
+    dtype = DTYPES[engine.cfg.runner.dtype]
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
     rng = random.Random(seed)
     vocab = int(hf.config.get_text_config().vocab_size)

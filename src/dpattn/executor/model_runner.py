@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
+from dpattn.config import RunnerConfig
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.forward_batch import ForwardBatch, ForwardContext, forward_context
-from dpattn.kv_cache import KVPool, ReqToTokenPool
+from dpattn.executor.forward_batch import ForwardBatch
+from dpattn.kvcache.memory_pool import KVPool, ReqToTokenPool
+from dpattn.layers.attention_backend import AttentionMetadata, TorchNativeBackend
 from dpattn.layers.dp_attention import GatherPlan
-from dpattn.models.decoder import ModelOptions, build_model, text_config
+from dpattn.layers.forward_context import ForwardContext, forward_context
+from dpattn.models.llama import ModelOptions
 from dpattn.models.loader import load_weights
+from dpattn.models.registry import build_model, text_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class RunnerConfig:
-    model_path: str
-    dtype: str = "float32"
-    ep: bool = False
-    moe_dense_tp_size: int | None = None
-    dp_padding_mode: str = "auto"  # auto | max_len | sum_len
-    kv_pool_tokens: int = 4096
-    max_running_requests: int = 64
-    context_length: int | None = None
 
 
 class ModelRunner:
@@ -54,6 +45,7 @@ class ModelRunner:
             ps.device,
         )
         self.req_to_token = ReqToTokenPool(cfg.max_running_requests, self.context_length, ps.device)
+        self.attn_backend = TorchNativeBackend(self.kv_pool, self.req_to_token)
         # Without gather metadata a rank cannot know other groups' sizes, nor pad for attn_tp.
         self.needs_gather_metadata = ps.dp_size > 1 or (
             ps.attn_tp_size > 1 and self.model.has_scattered_layers
@@ -86,7 +78,12 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch, plan: GatherPlan | None = None) -> torch.Tensor:
         """Logits [rows, vocab] (fp32) of each request's last token, or of every token."""
         plan = plan or self.gather_plan(batch)
-        ctx = ForwardContext(batch, plan, self.ps, self.kv_pool, self.req_to_token)
+        self.attn_backend.init_forward_metadata(
+            AttentionMetadata(
+                batch.out_cache_loc, batch.req_pool_indices, batch.seq_lens, batch.extend_lens
+            )
+        )
+        ctx = ForwardContext(plan, self.ps, self.attn_backend)
         with forward_context(ctx):
             hidden = self.model(batch.input_ids, batch.positions)
             if not batch.return_all_logits and batch.extend_lens:

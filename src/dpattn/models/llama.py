@@ -1,4 +1,4 @@
-"""Pre-norm decoder for Llama, Qwen3, Qwen3-MoE and Mixtral, sharded for DP attention.
+"""The Llama family (Llama, Qwen3, Qwen3-MoE, Mixtral): a pre-norm decoder sharded for DP attention.
 
 Per layer: attention on the group's local rows -> DP gather -> MLP/MoE on all groups' rows,
 tensor- or expert-parallel over world -> DP scatter back to local rows. Dense layers in the
@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.forward_batch import get_forward_context
 from dpattn.layers.attention import Attention
-from dpattn.layers.basic import RMSNorm, Rotary, rope_inv_freq
 from dpattn.layers.dp_attention import attn_tp_gather, attn_tp_scatter, dp_gather, dp_scatter
 from dpattn.layers.embedding import VocabParallelEmbedding
-from dpattn.layers.mlp import DenseMLP, MoE
+from dpattn.layers.forward_context import get_forward_context
+from dpattn.layers.mlp import DenseMLP
+from dpattn.layers.moe import MoE
+from dpattn.layers.norm import RMSNorm
+from dpattn.layers.rotary import Rotary, rope_inv_freq
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -148,19 +150,3 @@ class DecoderModel(nn.Module):
         if name == "lm_head.weight":
             return "lm_head.weight"
         return name.removeprefix("model.")
-
-
-def text_config(cfg: Any) -> Any:
-    """The config the decoder is built from (Gemma3ForConditionalGeneration: its text_config)."""
-    from dpattn.models.gemma3 import gemma3_text_config, is_gemma3
-
-    return gemma3_text_config(cfg) if is_gemma3(cfg) else cfg
-
-
-def build_model(cfg: Any, ps: ParallelState, opts: ModelOptions) -> nn.Module:
-    """Architecture factory: Gemma 3 (CausalLM or ConditionalGeneration text) or DecoderModel."""
-    from dpattn.models.gemma3 import Gemma3Model, is_gemma3
-
-    if is_gemma3(cfg):
-        return Gemma3Model(cfg, ps, opts)
-    return DecoderModel(cfg, ps, opts)

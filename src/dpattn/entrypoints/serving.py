@@ -21,12 +21,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
-from dpattn.detokenizer import IncrementalDetokenizer
-from dpattn.engine import Delta, Engine
-from dpattn.metrics import ServerMetrics
-from dpattn.openai_protocol import ApiError, bad, from_validation_error
-from dpattn.sampling import SamplingParams
-from dpattn.scheduler import SchedulerConfig
+from dpattn.entrypoints.detokenizer import IncrementalDetokenizer
+from dpattn.entrypoints.engine import Delta, Engine
+from dpattn.entrypoints.metrics import ServerMetrics
+from dpattn.entrypoints.openai_protocol import ApiError, bad, from_validation_error
+from dpattn.executor.sampling_params import SamplingParams
 
 DRAIN_TIMEOUT_S = 120.0  # an aborted request's last delta must arrive by then
 
@@ -43,9 +42,7 @@ class ServerState:
         self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
         self.metrics = ServerMetrics(self.dp_size)
         engine.step_listeners.append(self.metrics.on_step)
-        per_group = engine.cfg.scheduler.get(
-            "max_running_requests", SchedulerConfig.max_running_requests
-        )
+        per_group = engine.cfg.scheduler.max_running_requests
         capacity = self.dp_size * per_group
         self.max_in_flight = None if max_queued_requests is None else capacity + max_queued_requests
         self.in_flight = 0  # engine requests accepted and not finished (event loop only)

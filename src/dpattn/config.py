@@ -1,0 +1,126 @@
+"""Every option of the engine and of its ranks' model runner and scheduler, in one module.
+
+A field exposed on the command line carries its flag in the field metadata (`option`); cli.py
+builds its parsers from these, so every flag is spelled once, here. This module imports nothing
+from dpattn: every part of the system may read its own config without import cycles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ROUTER_POLICIES = ("round_robin", "shortest_queue", "minimum_tokens")
+BACKENDS = ("gloo", "thread")
+
+# Flag groups: "layout" flags are taken by every command that runs a model (verify included);
+# "engine" flags by the commands that start an Engine (generate, bench, serve).
+LAYOUT, ENGINE = "layout", "engine"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    group: str = ENGINE,
+    flags: tuple[str, ...] = (),
+    choices: tuple[Any, ...] | None = None,
+) -> Any:
+    """A config field with a command-line flag (default: --field-name)."""
+    meta = {"help": help, "group": group, "flags": flags, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunnerConfig:
+    """The model runner of one rank: weights, dtype, parallel layout of the MLP, KV memory."""
+
+    model_path: str
+    dtype: str = option(
+        "float32", "model dtype", group=LAYOUT, choices=("float32", "bfloat16", "float16")
+    )
+    ep: bool = option(
+        False, "expert parallelism: whole experts per rank (ep_size = tp_size)", group=LAYOUT
+    )
+    moe_dense_tp_size: int | None = option(
+        None, "1: scattered layout for dense MLP layers", group=LAYOUT, choices=(1,)
+    )
+    dp_padding_mode: str = option(
+        "auto",
+        "DP gather padding (auto: SUM_LEN when a group extends, else the cheaper)",
+        group=LAYOUT,
+        choices=("auto", "max_len", "sum_len"),
+    )
+    kv_pool_tokens: int = option(4096, "KV cache slots per rank")
+    # Rows of the request-to-token table; the engine sets it to the scheduler's cap.
+    max_running_requests: int = 32
+    context_length: int | None = None  # None: the model's max_position_embeddings
+
+
+@dataclass
+class SchedulerConfig:
+    """The scheduler of one rank: continuous batching limits and the MLP sync."""
+
+    chunked_prefill_size: int = option(256, "prefill tokens per step and DP group")
+    max_running_requests: int = option(32, "requests a DP group runs at once")
+    skip_all_gather: bool | None = None  # None: skip iff dp_size == 1
+    debug_lockstep: bool = option(
+        False, "ranks check every collective's (op, shape) before running it"
+    )
+
+
+@dataclass
+class EngineConfig:
+    """The whole engine: layout, process backend, routing, multi-node, and the rank configs."""
+
+    model_path: str
+    tp_size: int = option(1, "ranks of one model replica (T)", group=LAYOUT, flags=("--tp",))
+    dp_size: int = option(1, "DP attention groups (D); A = T / D", group=LAYOUT, flags=("--dp",))
+    backend: str = option(
+        "gloo", "rank processes or in-process threads", group=LAYOUT, choices=BACKENDS
+    )
+    router_policy: str = option("round_robin", "DP router policy", choices=ROUTER_POLICIES)
+    collective_timeout_s: float = option(
+        60.0, "seconds before a stuck collective fails", flags=("--collective-timeout",)
+    )
+    nnodes: int = option(1, "hosts the T ranks are spread over")
+    node_rank: int = option(0, "this host's index (0 runs the engine)")
+    # host:port of node 0: the torch rendezvous; ZMQ uses the next ports
+    dist_init_addr: str | None = option(None, "HOST:PORT of node 0 for the rendezvous")
+    # Tests only: a fault a rank injects on purpose (runtime.faults); never set in production.
+    fault: Any = None
+    runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(""))
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_options(
+        cls, model_path: str, tp_size: int = 1, dp_size: int = 1, **options: Any
+    ) -> EngineConfig:
+        """Options by field name, each given to every config that has it."""
+        cfg = cls(model_path, tp_size, dp_size)
+        cfg.runner.model_path = model_path
+        for key, value in options.items():
+            # max_running_requests caps the scheduler and sizes the runner's request table.
+            targets = [c for c in (cfg, cfg.runner, cfg.scheduler) if _has_field(c, key)]
+            if not targets or key in ("runner", "scheduler", "model_path"):
+                raise TypeError(f"unknown engine option {key!r}")
+            for target in targets:
+                setattr(target, key, value)
+        if cfg.router_policy not in ROUTER_POLICIES:  # fail before any process starts
+            raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}")
+        if cfg.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}")
+        return cfg
+
+
+def _has_field(obj: Any, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(obj))
+
+
+def flag_fields(group: str) -> list[dataclasses.Field[Any]]:
+    """The fields of every config that have a flag in `group`, in declaration order."""
+    out = []
+    for cls in (EngineConfig, RunnerConfig, SchedulerConfig):
+        out += [f for f in dataclasses.fields(cls) if f.metadata.get("group") == group]
+    return out

@@ -1,0 +1,86 @@
+"""The messages between processes: frontend (Engine) -> DP group leaders -> frontend.
+
+Every message on the wire is one of these frozen dataclasses (pickled over ZMQ; broadcast
+inside attn_tp as objects). Frontend -> leader of DP group d: `TokenizedGenerateReq`,
+`AbortReq`, `Wake` (ends an idle back-off), `Shutdown`. Leader -> frontend: `RankReady` once at
+start, then `BatchOutput` after every step that ran a forward or produced outputs, carrying one
+`RequestOutput` per request with news and the step's `StepStats`.
+
+This module sits below everything that sends or receives (it imports only the sampling
+parameters), so the scheduler, the rank loop and the frontend all speak the same types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpattn.executor.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenizedGenerateReq:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    seed: int  # fixed by the frontend so every attn_tp rank draws the same tokens
+    return_logprob: bool = False
+
+
+@dataclass(frozen=True)
+class AbortReq:
+    rid: str
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Cuts an idle group's poll back-off short (another group just got work)."""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Every rank leaves its loop in the same iteration (the flag rides on the MLP sync)."""
+
+
+RankInput = TokenizedGenerateReq | AbortReq | Wake | Shutdown
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One step's news about one request."""
+
+    rid: str
+    new_ids: list[int]
+    new_logprobs: list[float]
+    finish_reason: str | None = None
+    matched_stop: str | int | None = None
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one scheduler iteration of one DP group did (metrics and bench read it)."""
+
+    forward_mode: str = "none"
+    num_tokens: int = 0
+    global_num_tokens: tuple[int, ...] = ()
+    padded_tokens: int = 0  # rows the MLP ran on (B); real ones are sum(global_num_tokens)
+    padding_mode: str = ""
+    idle_batch: bool = False
+    extending_groups: int = 0
+    sync_s: float = 0.0  # MLP sync wall time
+    running: int = 0
+    queued: int = 0
+
+
+@dataclass(frozen=True)
+class RankReady:
+    dp_rank: int
+    kv_free: int
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    dp_rank: int
+    outputs: list[RequestOutput]
+    stats: StepStats
+    kv_free: int
