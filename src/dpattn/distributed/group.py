@@ -56,6 +56,9 @@ class Group(ABC):
         self.issued = 0  # collectives issued on this group so far
         self.lockstep = False  # --debug-lockstep: check every collective before running it
         self.probe_device = torch.device("cpu")
+        # False where reduce-scatter is emulated by an all-reduce (gloo): the DP padding rule
+        # then costs MAX_LEN with the collectives really run.
+        self.native_reduce_scatter = True
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         self._enter("all_reduce", t.shape)
@@ -136,6 +139,7 @@ class TorchGroup(Group):
         super().__init__(name, ranks, rank, trace)
         self.pg = pg
         self.is_gloo = dist.get_backend(pg) == "gloo"
+        self.native_reduce_scatter = not self.is_gloo
         if not self.is_gloo:
             self.probe_device = torch.device("cuda", torch.cuda.current_device())
 

@@ -11,32 +11,39 @@ REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     """Text of a growing list of token ids, released only where it can no longer change.
 
-    Every call decodes all ids so far (byte-level BPE merges bytes across tokens) and releases
-    only the new suffix that is stable: text ending in U+FFFD (a multi-byte character whose
-    remaining bytes have not arrived) and text that may be the start of a stop string are held
-    back. `finish` releases the rest, cut at the matched stop string as `Engine.result` does, so
-    the concatenation of all releases equals the non-streamed text.
+    Each call decodes only a window of ids: the tokens since the last stable point plus the few
+    before it (`prefix_offset`), whose text is subtracted, so word-initial spaces and byte-level
+    merges come out as in a full decode, at O(new tokens) per call. Text ending in U+FFFD (a
+    multi-byte character whose remaining bytes have not arrived) is not stable yet, and text
+    that may be the start of a stop string is held back. `finish` decodes everything once and
+    releases the rest, cut at the matched stop string as `Engine.result` does, so the
+    concatenation of all releases equals the non-streamed text.
     """
 
     def __init__(self, tokenizer: Any, stop: list[str] | None = None) -> None:
         self.tokenizer = tokenizer
         self.stop = list(stop or [])
         self.ids: list[int] = []
+        self.text = ""  # text of ids[:read_offset], stable
+        self.prefix_offset = 0  # context tokens decoded in front of the window
+        self.read_offset = 0
         self.sent = 0  # characters released
 
-    def _decode(self) -> str:
+    def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, new_ids: list[int]) -> str:
         self.ids += new_ids
-        text = self._decode()
-        end = len(text)
-        while end > self.sent and text[end - 1] == REPLACEMENT:
-            end -= 1
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        window = self._decode(self.ids[self.prefix_offset :])
+        if len(window) > len(prefix) and not window.endswith(REPLACEMENT):
+            self.text += window[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        text, end = self.text, len(self.text)
         for s in self.stop:  # a whole stop string: the text ends before it
-            found = text.find(s, 0, end)
+            found = text.find(s, max(0, self.sent - len(s)), end)
             if found != -1:
                 end = found
         hold = 0
@@ -52,7 +59,7 @@ class IncrementalDetokenizer:
         return out
 
     def finish(self, matched_stop: str | int | None = None) -> str:
-        text = self._decode()
+        text = self._decode(self.ids)
         if isinstance(matched_stop, str) and matched_stop in text:
             text = text[: text.index(matched_stop)]
         out, self.sent = text[self.sent :], max(self.sent, len(text))

@@ -11,7 +11,7 @@ from dpattn.config import RunnerConfig
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.executor.forward_batch import ForwardBatch
 from dpattn.kvcache.memory_pool import KVPool, ReqToTokenPool
-from dpattn.layers.attention_backend import AttentionMetadata, TorchNativeBackend
+from dpattn.layers.attention_backend import TorchNativeBackend
 from dpattn.layers.dp_attention import GatherPlan
 from dpattn.layers.forward_context import ForwardContext, forward_context
 from dpattn.models.llama import ModelOptions
@@ -45,7 +45,8 @@ class ModelRunner:
             ps.device,
         )
         self.req_to_token = ReqToTokenPool(cfg.max_running_requests, self.context_length, ps.device)
-        self.attn_backend = TorchNativeBackend(self.kv_pool, self.req_to_token)
+        windows = {layer.self_attn.sliding_window for layer in self.model.layers}
+        self.attn_backend = TorchNativeBackend(self.kv_pool, self.req_to_token, windows)
         # Without gather metadata a rank cannot know other groups' sizes, nor pad for attn_tp.
         self.needs_gather_metadata = ps.dp_size > 1 or (
             ps.attn_tp_size > 1 and self.model.has_scattered_layers
@@ -72,6 +73,7 @@ class ModelRunner:
             batch.is_extend_in_batch,
             self.cfg.dp_padding_mode,
             graph=batch.can_run_graph,
+            native_reduce_scatter=self.ps.world.native_reduce_scatter,
         )
 
     @torch.inference_mode()
@@ -79,11 +81,10 @@ class ModelRunner:
         """Logits [rows, vocab] (fp32) of each request's last token, or of every token."""
         plan = plan or self.gather_plan(batch)
         self.attn_backend.init_forward_metadata(
-            AttentionMetadata(
-                batch.out_cache_loc, batch.req_pool_indices, batch.seq_lens, batch.extend_lens
-            )
+            batch.req_pool_indices, batch.seq_lens, batch.extend_lens, batch.out_cache_loc
         )
-        ctx = ForwardContext(plan, self.ps, self.attn_backend)
+        real_rows = plan.real_rows(batch.input_ids.device) if self.model.has_moe else None
+        ctx = ForwardContext(plan, self.ps, self.attn_backend, real_rows)
         with forward_context(ctx):
             hidden = self.model(batch.input_ids, batch.positions)
             if not batch.return_all_logits and batch.extend_lens:

@@ -31,17 +31,29 @@ def choose_padding_mode(
     is_extend_in_batch: bool,
     override: str = "auto",
     graph: bool = False,
+    attn_tp_size: int = 1,
+    native_reduce_scatter: bool = True,
 ) -> PaddingMode:
-    """docs/design.md §4: graph replay => MAX_LEN; extend at D > 1 => SUM_LEN; else the cheaper one."""
+    """docs/design.md §4: graph replay => MAX_LEN; D == 1 or an extend => SUM_LEN; else the
+    mode whose collectives (as the backend runs them) move fewer rows."""
     if override != "auto":
         return PaddingMode(override)
     if graph:
         return PaddingMode.MAX_LEN
     d = len(padded)
-    if is_extend_in_batch and d > 1:
+    if d == 1 or is_extend_in_batch:
+        # D == 1: SUM_LEN is the plain TP all-reduce, one collective each way instead of a
+        # reduce-scatter + all-gather pair.
         return PaddingMode.SUM_LEN
-    # all-gather moves D*P rows; the sum all-reduce moves ~2*sum(p).
-    return PaddingMode.MAX_LEN if 2 * sum(padded) >= d * max(padded) else PaddingMode.SUM_LEN
+    total, biggest = sum(padded), max(padded)
+    if native_reduce_scatter:
+        # all-gather moves D*P rows; the sum all-reduce moves ~2*sum(p).
+        return PaddingMode.MAX_LEN if 2 * total >= d * biggest else PaddingMode.SUM_LEN
+    # Emulated reduce-scatter (an all-reduce): MAX_LEN pays all-gather(D*P) + all-reduce(D*P),
+    # plus two attn_tp collectives at A > 1, against SUM_LEN's two all-reduces of sum(p).
+    if attn_tp_size > 1:
+        return PaddingMode.SUM_LEN
+    return PaddingMode.MAX_LEN if 3 * d * biggest <= 4 * total else PaddingMode.SUM_LEN
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,19 @@ class GatherPlan:
     def total(self) -> int:
         return sum(self.lens)
 
+    def real_rows(self, device: torch.device | None = None) -> torch.Tensor | None:
+        """Indices of the real (not padding) rows of the global buffer; None if all are real.
+
+        Group d's rows keep their order inside its slot in both modes (dp-major numbering), so
+        its real rows are [s_d, s_d + n_d)."""
+        if self.total == sum(self.global_num_tokens):
+            return None
+        spans = [
+            torch.arange(s, s + n, device=device)
+            for s, n in zip(self.starts, self.global_num_tokens)
+        ]
+        return torch.cat(spans)
+
     @classmethod
     def build(
         cls,
@@ -67,9 +92,12 @@ class GatherPlan:
         is_extend_in_batch: bool = False,
         override: str = "auto",
         graph: bool = False,
+        native_reduce_scatter: bool = True,
     ) -> GatherPlan:
         padded = [pad_to(n, attn_tp_size) for n in global_num_tokens]
-        mode = choose_padding_mode(padded, is_extend_in_batch, override, graph)
+        mode = choose_padding_mode(
+            padded, is_extend_in_batch, override, graph, attn_tp_size, native_reduce_scatter
+        )
         lens = [max(padded)] * len(padded) if mode is PaddingMode.MAX_LEN else padded
         starts = [sum(lens[:d]) for d in range(len(lens))]
         return cls(

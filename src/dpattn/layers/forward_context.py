@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+import torch
+
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.attention_backend import AttentionBackend
 from dpattn.layers.dp_attention import GatherPlan
@@ -21,6 +23,8 @@ class ForwardContext:
     plan: GatherPlan
     ps: ParallelState
     attn_backend: AttentionBackend  # holds this forward's metadata (init_forward_metadata)
+    # Real rows of the global (MLP) buffer, None if it has no padding: padding rows skip MoE.
+    real_rows: torch.Tensor | None = None
 
 
 _ctx: ContextVar[ForwardContext | None] = ContextVar("dpattn_forward_context", default=None)

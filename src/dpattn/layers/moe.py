@@ -12,8 +12,11 @@ from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.activation import ACTIVATIONS
+from dpattn.layers.forward_context import get_forward_context
 from dpattn.layers.mlp import gate_up_loader
 from dpattn.layers.weights import param, shard
+
+_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
 class MoE(nn.Module):
@@ -56,17 +59,44 @@ class MoE(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Padding rows (attention-TP padding, MAX_LEN slots) are not routed: they would cost
+        # expert compute and all land on the first experts (under EP: on rank 0).
+        real = get_forward_context().real_rows
+        if real is None:
+            return self._route(x)
+        out = torch.zeros_like(x)
+        out[real] = self._route(x[real])
+        return out
+
+    def _route(self, x: torch.Tensor) -> torch.Tensor:
+        """Sort the (token, expert) pairs by local expert once, one GEMM per expert slice."""
         probs = F.softmax(F.linear(x, self.gate).float(), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        for e in range(self.local_experts):
-            tok, slot = torch.where(experts == self.first_expert + e)
-            if tok.numel() == 0:
-                continue
-            gate, up = F.linear(x[tok], self.w13[e]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.w2[e]) * weights[tok, slot, None]
-            out.index_add_(0, tok, y)
-        return out
+        local = experts.flatten() - self.first_expert
+        mine = (local >= 0) & (local < self.local_experts)  # EP: other ranks' experts drop out
+        key = torch.where(mine, local, self.local_experts)
+        order = torch.argsort(key, stable=True)[: int(mine.sum())]
+        counts = torch.bincount(local[order], minlength=self.local_experts)
+        tok = order // self.top_k
+        y = self._experts(x[tok], counts) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, tok, y)
+
+    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs sorted by expert, counts[e] rows each: the experts' MLPs over their slices."""
+        if xs.shape[0] == 0:
+            return xs.new_zeros(xs.shape)
+        if xs.dtype == torch.float32 and xs.device.type == "cpu" and _GROUPED_MM:
+            # fp32 on CPU: one grouped GEMM beats the per-expert loop (bf16 does not, measured)
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = F.grouped_mm(xs, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            h = (self.act(gate) * up).contiguous()
+            return F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)
+        outs, start = [], 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                gate, up = F.linear(xs[start : start + c], self.w13[e]).chunk(2, dim=-1)
+                outs.append(F.linear(self.act(gate) * up, self.w2[e]))
+                start += c
+        return torch.cat(outs)

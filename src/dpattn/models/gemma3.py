@@ -169,6 +169,8 @@ class Gemma3Model(nn.Module):
         )
         self.final_logit_softcapping = getattr(cfg, "final_logit_softcapping", None)
 
+    has_moe = False
+
     @property
     def has_scattered_layers(self) -> bool:
         return any(layer.scattered for layer in self.layers)

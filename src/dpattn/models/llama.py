@@ -130,6 +130,10 @@ class DecoderModel(nn.Module):
         )
 
     @property
+    def has_moe(self) -> bool:
+        return any(layer.moe for layer in self.layers)
+
+    @property
     def has_scattered_layers(self) -> bool:
         return any(layer.scattered for layer in self.layers)
 
