@@ -20,10 +20,17 @@ class VocabParallelEmbedding(nn.Module):
         self.lo = ps.attn_tp_rank * self.shard_size
 
         def load(full: torch.Tensor) -> torch.Tensor:
-            out = full.new_zeros((self.shard_size, full.shape[1]))
-            rows = full[self.lo : self.lo + self.shard_size]
-            out[: rows.shape[0]] = rows
-            return out
+            """Rows [lo, lo + shard_size) of the vocab, zero rows past its end.
+
+            Only narrow / new_zeros / cat, so a lazy checkpoint tensor reads just these rows.
+            """
+            vocab = full.shape[0]
+            start = min(self.lo, vocab)
+            rows = full.narrow(0, start, min(self.shard_size, vocab - start))
+            pad = self.shard_size - rows.shape[0]
+            if pad == 0:
+                return rows
+            return torch.cat([rows, full.new_zeros((pad, *full.shape[1:]))])
 
         self.weight = param((self.shard_size, hidden), dtype, load)
 

@@ -1,16 +1,24 @@
-"""Load an HF-format checkpoint (config.json + safetensors) into a rank's sharded model."""
+"""Load an HF-format checkpoint (config.json + safetensors) into a rank's sharded model.
+
+The checkpoint is opened lazily (LazyTensor views over safetensors `get_slice`); renaming and
+fusing (gate/up, per-expert stacking) build lazy cat / stack views, and each parameter's weight
+loader narrows them to its shard, so a rank reads only its own slices of the checkpoint.
+"""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
 
-from dpattn.layers.weights import load_param
+from dpattn.layers.weights import LazyTensor, ReadContext, load_param
 from dpattn.models.llama import DecoderModel
+
+T = TypeVar("T", torch.Tensor, LazyTensor)
 
 _PER_EXPERT = re.compile(
     r"(layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
@@ -26,25 +34,67 @@ _RENAMES = [
 ]
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsSource:
+    """One key of a safetensors file, read in parts with `get_slice`.
+
+    A read opens the file once per ReadContext (one parameter's load): its mapping, and the
+    pages a read touched, go away with the parameter's last slice instead of piling up.
+    """
+
+    def __init__(self, file: Path, key: str, shape: list[int], dtype: str) -> None:
+        self.file, self.key, self.shape = file, key, tuple(shape)
+        # Only used for empty reads and cat / stack promotion; reads keep the stored dtype.
+        self.dtype = _DTYPES.get(dtype, torch.float32)
+
+    def read(self, index: tuple[slice, ...], ctx: ReadContext) -> torch.Tensor:
+        handle = ctx.get(self.file)
+        if handle is None:
+            handle = ctx[self.file] = safe_open(str(self.file), framework="pt")
+        return handle.get_slice(self.key)[index if index else ...]
+
+    def __repr__(self) -> str:
+        return f"SafetensorsSource({self.file.name}:{self.key})"
+
+
+def open_checkpoint(path: str | Path) -> dict[str, LazyTensor]:
+    """Every tensor of the checkpoint's *.safetensors files, lazily: nothing is read yet."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, LazyTensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensors[key] = fh.get_tensor(key)
+                sl = fh.get_slice(key)
+                source = SafetensorsSource(f, key, sl.get_shape(), sl.get_dtype())
+                tensors[key] = LazyTensor.from_source(source)
     return tensors
 
 
-def checkpoint_to_params(
-    model: DecoderModel, tensors: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Full (unsharded) tensors under our parameter names; fuses gate/up and per-expert keys."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
-    dense: dict[tuple[str, str], torch.Tensor] = {}
+def checkpoint_to_params(model: DecoderModel, tensors: dict[str, T]) -> dict[str, T]:
+    """Full (unsharded) tensors under our parameter names; fuses gate/up and per-expert keys.
+
+    Works on real tensors and on LazyTensors (the fused ones then stay lazy cat / stack views).
+    """
+    out: dict[str, T] = {}
+    experts: dict[tuple[str, str], dict[int, T]] = defaultdict(dict)
+    dense: dict[tuple[str, str], T] = {}
     for key, t in tensors.items():
         name = model.checkpoint_name(key)
         if name is None:
@@ -73,10 +123,11 @@ def checkpoint_to_params(
 
 
 def load_weights(model: DecoderModel, path: str | Path) -> None:
-    full = checkpoint_to_params(model, read_safetensors(path))
+    """Load this rank's shards: each parameter reads only its own slices of the checkpoint."""
+    full = checkpoint_to_params(model, open_checkpoint(path))
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(full))
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(missing[:8])}")
     for name, p in params.items():
-        load_param(p, full[name].to(p.dtype))
+        load_param(p, full[name])  # converts to p.dtype after reading
