@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--compare-transformers",
         action="store_true",
-        help="also time greedy generation at batch 1 and 16 against transformers' generate",
+        help="also time greedy generation at batch 1, 16 and 64, fp32 and bf16, against "
+        "transformers' generate on the same prompts",
     )
     bench.add_argument(
         "--base-url", help="online mode: benchmark a running server (http://HOST:PORT)"
@@ -221,14 +222,19 @@ def _bench(args: argparse.Namespace) -> int:
         cfg = BenchConfig(
             args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed
         )
-        engine = Engine(args.model_path or default_model_path(), **engine_options(args))
+        model_path = args.model_path or default_model_path()
+        options = engine_options(args)
+        comparison = []
+        for dtype in ("float32", "bfloat16") if args.compare_transformers else ():
+            with Engine(model_path, **{**options, "dtype": dtype}) as engine:
+                comparison += compare_with_transformers(engine)
+        engine = Engine(model_path, **options)
         try:
-            comparison = compare_with_transformers(engine) if args.compare_transformers else None
             report = run_offline(engine, cfg)
-            if comparison is not None:
-                report["vs_transformers"] = comparison
         finally:
             engine.shutdown()
+        if comparison:
+            report["vs_transformers"] = comparison
     text = json.dumps(report)
     print(text)
     if args.output:

@@ -67,7 +67,11 @@ class StepStats:
     padding_mode: str = ""
     idle_batch: bool = False
     extending_groups: int = 0
-    sync_s: float = 0.0  # MLP sync wall time
+    sync_s: float = 0.0  # MLP sync wall time = wait for the slowest rank + the collective
+    sync_wait_s: float = 0.0
+    sync_collective_s: float = 0.0
+    forward_s: float = 0.0  # the model forward alone (ModelRunner.forward)
+    step_s: float = 0.0  # the whole iteration: batch, sync, forward, sampling, outputs
     running: int = 0
     queued: int = 0
 

@@ -119,6 +119,8 @@ class ThreadWorld:
 class ThreadGroup(Group):
     def __init__(self, world: ThreadWorld, rdv: _Rendezvous, rank: int, trace: Trace) -> None:
         super().__init__(rdv.name, rdv.ranks, rank, trace)
+        # Follow gloo's schedule (padding mode choice), so an in-process run is the same run.
+        self.native_reduce_scatter = False
         self.world = world
         self.rdv = rdv
         self.rank = rank

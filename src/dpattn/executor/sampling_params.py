@@ -1,8 +1,8 @@
-"""Sampling parameters (the familiar names) and a sampler that agrees across attn_tp ranks.
+"""Sampling parameters, with the names users know from the large engines, validated here.
 
 Every rank of a DP group holds the same full-vocab logits, and every request carries its own
-seeded generator (the leader picks a seed for unseeded requests before broadcasting them), so
-all ranks of a group draw the same tokens without exchanging them.
+seeded generator (the frontend picks a seed for unseeded requests), so all ranks of a group
+draw the same tokens without exchanging them (executor/sampler.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 
 @dataclass
@@ -78,22 +76,3 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from one request's fp32 logits [vocab]."""
-    if params.greedy:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_k > 0:
-        kth = torch.topk(probs, min(params.top_k, probs.numel())).values[-1]
-        probs = probs.masked_fill(probs < kth, 0)
-    if params.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        drop = (
-            sorted_p.cumsum(0) - sorted_p > params.top_p
-        )  # keep the smallest prefix reaching top_p
-        probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0))
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 
@@ -12,10 +14,10 @@ class ReqToTokenPool:
         self.size = size
         self.max_context_len = max_context_len
         self.table = torch.zeros((size, max_context_len), dtype=torch.int64, device=device)
-        self.free_rows = list(range(size))
+        self.free_rows = list(range(size - 1, -1, -1))  # a stack: pop() is O(1)
 
     def alloc(self) -> int | None:
-        return self.free_rows.pop(0) if self.free_rows else None
+        return self.free_rows.pop() if self.free_rows else None
 
     def free(self, row: int) -> None:
         self.free_rows.append(row)
@@ -40,20 +42,41 @@ class KVPool:
         shape = (size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.free_slots = torch.arange(size, dtype=torch.int64, device=device)
+        # Free slots as a list of chunks: freeing appends one (O(1), no copy of the whole list),
+        # allocating takes from the front and concatenates only the chunks it uses.
+        self.free_chunks = deque([torch.arange(size, dtype=torch.int64, device=device)])
+        self.num_free = size
+        self.device = device
 
     def available_size(self) -> int:
-        return int(self.free_slots.numel())
+        return self.num_free
+
+    def free_slots(self) -> torch.Tensor:
+        """Every free slot (debugging and tests; the allocator never needs them in one piece)."""
+        return torch.cat([torch.zeros(0, dtype=torch.int64, device=self.device), *self.free_chunks])
 
     def alloc(self, n: int) -> torch.Tensor | None:
-        if n > self.free_slots.numel():
+        if n > self.num_free:
             return None
-        out, self.free_slots = self.free_slots[:n], self.free_slots[n:]
-        return out
+        taken, need = [], n
+        while need:
+            chunk = self.free_chunks[0]
+            if chunk.numel() <= need:
+                taken.append(self.free_chunks.popleft())
+                need -= chunk.numel()
+            else:
+                taken.append(chunk[:need])
+                self.free_chunks[0] = chunk[need:]
+                need = 0
+        self.num_free -= n
+        if len(taken) == 1:
+            return taken[0]
+        return torch.cat(taken) if taken else torch.zeros(0, dtype=torch.int64, device=self.device)
 
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel():
-            self.free_slots = torch.cat([self.free_slots, slots.to(self.free_slots.device)])
+            self.free_chunks.append(slots.to(self.device))
+            self.num_free += int(slots.numel())
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer][slots] = k

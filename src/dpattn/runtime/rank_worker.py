@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import resource
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +81,7 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
         push = ctx.socket(zmq.PUSH)
         push.connect(addrs.outputs)
         push.send_pyobj(RankReady(ps.dp_rank, runner.kv_pool.available_size()))
+    collectives: dict[str, dict[str, int]] = {}
     backoff_ms, shutdown, steps = 0, False, 0
     try:
         while True:
@@ -102,11 +105,14 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
             if os.getppid() != parent:  # the engine died without shutting us down
                 raise RuntimeError(f"rank {ps.rank}: engine process {parent} is gone")
             decision = sched.step(shutdown)
-            ps.trace.take()  # the trace serves tests; a serving loop must not let it grow
+            calls = ps.trace.take()  # emptied every step: a serving loop must not let it grow
+            stats = sched.last_stats
+            if stats.forward_mode != "none":  # what one forward of this kind really issued
+                key = f"{stats.forward_mode}/{stats.padding_mode}"
+                collectives[key] = dict(Counter(f"{g}.{op}" for g, op, _ in calls))
             steps += 1
             outputs = sched.take_outputs()
             if push is not None and (outputs or decision.run_forward):
-                stats = sched.last_stats
                 kv_free = runner.kv_pool.available_size()
                 push.send_pyobj(BatchOutput(ps.dp_rank, outputs, stats, kv_free))
             if decision.shutdown:
@@ -120,6 +126,9 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
         ctx.term()
     return {
         "steps": steps,
+        "num_layers": len(runner.model.layers),
+        "collectives_per_forward": collectives,  # per step, MLP sync included
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "kv_free": runner.kv_pool.available_size(),
         "kv_total": runner.kv_pool.size,
         "bare_all_gather_s": bare_all_gather_seconds(ps),

@@ -6,7 +6,8 @@ transport around it: one all-gather over the world CPU group at D > 1, none at D
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -23,6 +24,9 @@ class SyncRow:
     is_extend: bool = False
     forward_mode: int = 0  # 0: no batch
     shutdown: bool = False  # rides along so every rank leaves the loop in the same iteration
+    # When this rank entered the sync (monotonic ns; one host's clock): splits the sync's time
+    # into the wait for the slowest rank and the collective itself. Never read by `decide`.
+    enter_ns: int = 0
 
     def as_list(self) -> list[int]:
         return [
@@ -32,6 +36,7 @@ class SyncRow:
             int(self.is_extend),
             self.forward_mode,
             int(self.shutdown),
+            self.enter_ns,
         ]
 
 
@@ -47,6 +52,9 @@ class SyncDecision:
     # All-gather skipped at D > 1: no rank knows the others' loads, so every rank has a batch
     # (rule 3) and every rank must run it, or a busy rank would wait alone in the MLP collectives.
     forced: bool = False
+    # This rank's share of the sync: waiting for the last rank to arrive, then the collective.
+    wait_s: float = field(default=0.0, compare=False)
+    collective_s: float = field(default=0.0, compare=False)
 
     @property
     def run_forward(self) -> bool:
@@ -79,14 +87,21 @@ def decide(rows: list[SyncRow], dp_size: int, skip_all_gather: bool) -> SyncDeci
     )
 
 
+def _gather_grid(ps: ParallelState, row: SyncRow) -> torch.Tensor:
+    t = torch.tensor([row.as_list()], dtype=torch.int64)
+    return ps.world_cpu.all_gather(t).view(ps.dp_size, ps.attn_tp_size, -1)
+
+
+def _leader_rows(grid: torch.Tensor) -> list[SyncRow]:
+    return [
+        SyncRow(int(n), int(m), bool(g), bool(e), int(f), bool(s), int(t))
+        for n, m, g, e, f, s, t in grid[:, 0, :].tolist()
+    ]
+
+
 def gather_rows(ps: ParallelState, row: SyncRow) -> list[SyncRow]:
     """All-gather every rank's row over world as [D, A, F] and keep the leaders' [:, 0, :]."""
-    t = torch.tensor([row.as_list()], dtype=torch.int64)
-    grid = ps.world_cpu.all_gather(t).view(ps.dp_size, ps.attn_tp_size, -1)[:, 0, :]
-    return [
-        SyncRow(int(n), int(m), bool(g), bool(e), int(f), bool(s))
-        for n, m, g, e, f, s in grid.tolist()
-    ]
+    return _leader_rows(_gather_grid(ps, row))
 
 
 def prepare_mlp_sync_batch(
@@ -98,8 +113,18 @@ def prepare_mlp_sync_batch(
     """Returns the batch to run (None: no forward on any rank this iteration) and the decision."""
     skip = ps.dp_size == 1 if skip_all_gather is None else skip_all_gather
     row = local_row(batch, shutdown)
-    rows = [row] if skip else gather_rows(ps, row)
-    decision = decide(rows, ps.dp_size, skip)
+    if skip:
+        decision = decide([row], ps.dp_size, skip)
+    else:
+        enter = time.monotonic_ns()
+        grid = _gather_grid(ps, replace(row, enter_ns=enter))
+        leave = time.monotonic_ns()
+        last = max(enter, int(grid[:, :, -1].max()))  # when the slowest rank arrived
+        decision = replace(
+            decide(_leader_rows(grid), ps.dp_size, skip),
+            wait_s=(last - enter) / 1e9,
+            collective_s=max(0, leave - last) / 1e9,
+        )
     batch_to_gather = batch
     if decision.need_idle_batch:
         if batch is None:

@@ -39,6 +39,14 @@ class Req:
         return self.input_ids + self.output_ids
 
     @property
+    def seq_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def last_id(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.input_ids[-1]
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 

@@ -3,6 +3,7 @@ with the MLP sync every iteration. Transport-agnostic: messages in, outputs out.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 from dpattn.config import SchedulerConfig
 from dpattn.executor.forward_batch import ForwardMode
 from dpattn.executor.model_runner import ModelRunner
-from dpattn.executor.sampling_params import sample
+from dpattn.executor.sampler import SamplingBatchInfo, sample
 from dpattn.messages import RequestOutput, StepStats
 from dpattn.scheduler.mlp_sync import SyncDecision, prepare_mlp_sync_batch
 from dpattn.scheduler.schedule_batch import FinishReason, Req, ScheduleBatch
@@ -59,6 +60,7 @@ class Scheduler:
 
     # ---- one iteration ----
     def step(self, shutdown: bool = False) -> SyncDecision:
+        start = time.perf_counter()
         batch = self._next_batch()
         t0 = time.perf_counter()
         batch, decision = prepare_mlp_sync_batch(self.ps, batch, self.cfg.skip_all_gather, shutdown)
@@ -69,7 +71,9 @@ class Scheduler:
             if run is not None:
                 fb = run.to_forward_batch()
                 plan = self.runner.gather_plan(fb)
+                t0 = time.perf_counter()
                 logits = self.runner.forward(fb, plan)
+                forward_s = time.perf_counter() - t0
                 idle = run.forward_mode is ForwardMode.IDLE
                 ran = dict(
                     forward_mode=run.forward_mode.name.lower(),
@@ -77,6 +81,7 @@ class Scheduler:
                     padded_tokens=plan.total,
                     padding_mode=plan.mode.value,
                     idle_batch=idle,
+                    forward_s=forward_s,
                 )
                 if not idle:
                     self._process(run, logits)
@@ -86,6 +91,9 @@ class Scheduler:
             global_num_tokens=tuple(decision.global_num_tokens),
             extending_groups=decision.extending_groups,
             sync_s=sync_s,
+            sync_wait_s=decision.wait_s,
+            sync_collective_s=decision.collective_s,
+            step_s=time.perf_counter() - start,
             running=len(self.running),
             queued=len(self.waiting),
             **ran,
@@ -108,8 +116,8 @@ class Scheduler:
         budget = self.cfg.chunked_prefill_size
         batch = ScheduleBatch(ForwardMode.EXTEND)
         locs = []
-        queue = ([self.chunked] if self.chunked else []) + list(self.waiting)
-        for req in queue:
+        chunked = [self.chunked] if self.chunked else []
+        for req in itertools.chain(chunked, self.waiting):
             if budget <= 0 or len(self.running) + len(batch.reqs) >= self.cfg.max_running_requests:
                 break
             if req.row is None:
@@ -117,9 +125,7 @@ class Scheduler:
                 if req.row is None:
                     break
             # Keep one slot per running request so decode does not retract what prefill just took.
-            n = min(
-                len(req.all_ids) - req.kv_len, budget, pool.available_size() - len(self.running)
-            )
+            n = min(req.seq_len - req.kv_len, budget, pool.available_size() - len(self.running))
             if n <= 0:
                 break
             slots = pool.alloc(n)
@@ -127,7 +133,7 @@ class Scheduler:
             batch.reqs.append(req)
             batch.input_ids += req.all_ids[req.kv_len : req.kv_len + n]
             batch.positions += range(req.kv_len, req.kv_len + n)
-            batch.sample_mask.append(req.kv_len + n == len(req.all_ids))
+            batch.sample_mask.append(req.kv_len + n == req.seq_len)
             locs.append(slots)
             req.extend_len = n
             budget -= n
@@ -139,8 +145,8 @@ class Scheduler:
                 self.chunked = None
             return None
         batch.out_cache_loc = torch.cat(locs)
-        taken = {id(r) for r in batch.reqs}
-        self.waiting = deque(r for r in self.waiting if id(r) not in taken)
+        for _ in range(len(batch.reqs) - len(chunked)):  # the loop took a prefix of waiting
+            self.waiting.popleft()
         last = batch.reqs[-1]
         self.chunked = None if batch.sample_mask[-1] else last
         return batch
@@ -156,7 +162,7 @@ class Scheduler:
         batch = ScheduleBatch(ForwardMode.DECODE, reqs=list(self.running), out_cache_loc=slots)
         for req, slot in zip(self.running, slots):
             self.runner.req_to_token.table[req.row, req.kv_len] = slot
-            batch.input_ids.append(req.all_ids[-1])
+            batch.input_ids.append(req.last_id)
             batch.positions.append(req.kv_len)
             batch.sample_mask.append(True)
             req.extend_len = 1
@@ -177,19 +183,34 @@ class Scheduler:
 
     # ---- results ----
     def _process(self, batch: ScheduleBatch, logits: torch.Tensor) -> None:
-        for req, row, do_sample in zip(batch.reqs, logits, batch.sample_mask):
+        rows = []
+        for i, (req, do_sample) in enumerate(zip(batch.reqs, batch.sample_mask)):
             req.kv_len += req.extend_len
             req.extend_len = 0
-            if not do_sample or req.finished:
-                continue
-            token = sample(row, req.params, req.rng())
+            if do_sample and not req.finished:
+                rows.append(i)
+        if not rows:
+            return
+        reqs = [batch.reqs[i] for i in rows]
+        if len(rows) != len(batch.reqs):  # a prefill chunk that is not a prompt's last
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        info = SamplingBatchInfo.from_params(
+            [r.params for r in reqs],
+            [r.rng() for r in reqs],
+            [r.return_logprob for r in reqs],
+            [0] * len(reqs),
+            device=logits.device,
+        )
+        out = sample(logits, info)
+        tokens = out.next_token_ids.tolist()  # the step's one device -> host sync
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else [0.0] * len(reqs)
+        for req, token, logprob in zip(reqs, tokens, logprobs):
             req.output_ids.append(token)
-            logprob = float(torch.log_softmax(row, -1)[token]) if req.return_logprob else 0.0
             req.output_logprobs.append(logprob)
             reason = self._stop_reason(req, token)
             if reason is not None:
                 self._finish(req, reason, emit=False)
-            elif batch.forward_mode.is_extend_like() and req not in self.running:
+            elif batch.forward_mode.is_extend_like():  # a prefill's last chunk: now it decodes
                 self.running.append(req)
             self.outputs.append(
                 RequestOutput(
@@ -206,7 +227,7 @@ class Scheduler:
     def _process_prebuilt(self, batch: ScheduleBatch) -> None:
         # Disaggregated decode: KV arrived from a prefill server; these requests start decoding.
         for req in batch.reqs:
-            req.kv_len = len(req.all_ids) - 1
+            req.kv_len = req.seq_len - 1
             self.running.append(req)
 
     def _stop_reason(self, req: Req, token: int) -> FinishReason | None:
@@ -215,15 +236,14 @@ class Scheduler:
             req.matched_stop = token
             return FinishReason.STOP
         if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output_ids)
+            # Only the tail can hold a newly completed stop string (an earlier one would have
+            # stopped an earlier step); 4 tokens per character covers split UTF-8 bytes.
+            text = self.tokenizer.decode(req.output_ids[-4 * max(map(len, p.stop)) - 4 :])
             for s in p.stop:
                 if s in text:
                     req.matched_stop = s
                     return FinishReason.STOP
-        if (
-            len(req.output_ids) >= p.max_new_tokens
-            or len(req.all_ids) >= self.runner.context_length
-        ):
+        if len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.runner.context_length:
             return FinishReason.LENGTH
         return None
 

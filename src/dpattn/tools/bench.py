@@ -6,6 +6,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from tqdm import tqdm
 from dpattn.entrypoints.engine import Delta, Engine
 from dpattn.executor.model_runner import DTYPES
 from dpattn.executor.sampling_params import SamplingParams
+from dpattn.messages import StepStats
 
 
 @dataclass
@@ -89,9 +91,12 @@ def run_offline(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
     padded = sum(s.padded_tokens for s in lead)
     sync = [s.sync_s for _, s in steps]
     bare = [r["bare_all_gather_s"] for r in engine.rank_results]
+    rank0 = engine.rank_results[0] if engine.rank_results else {}
     out_tokens = sum(out_lens)
     report = {
         "config": asdict(cfg),
+        "model": engine.cfg.model_path,
+        "dtype": engine.cfg.runner.dtype,
         "layout": {"tp": engine.layout.tp_size, "dp": engine.layout.dp_size},
         "elapsed_s": elapsed,
         "requests_per_s": cfg.num_prompts / elapsed,
@@ -106,13 +111,33 @@ def run_offline(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
         # rows the MLP ran on per real token (>= 1): attn_tp padding plus MAX_LEN slots
         "padding_waste": padded / real if real else None,
         "mlp_sync_s_per_step": statistics.fmean(sync) if sync else 0.0,
+        # the sync split: waiting for the slowest rank (load skew), then the collective itself
+        "mlp_sync_wait_s_per_step": _mean([s.sync_wait_s for _, s in steps]),
+        "mlp_sync_collective_s_per_step": _mean([s.sync_collective_s for _, s in steps]),
         "bare_all_gather_s": statistics.fmean(bare) if bare else 0.0,
+        "decode_step_over_forward": _step_over_forward(s for _, s in steps),
+        "rank_max_rss_mb": [r.get("max_rss_mb") for r in engine.rank_results],
+        "num_layers": rank0.get("num_layers"),
+        "collectives_per_forward": rank0.get("collectives_per_forward"),
     }
     floor = report["bare_all_gather_s"]
-    report["mlp_sync_over_bare_all_gather"] = (
-        report["mlp_sync_s_per_step"] / floor if floor else None
-    )
+    for key in ("mlp_sync", "mlp_sync_collective"):
+        report[f"{key}_over_bare_all_gather"] = (
+            report[f"{key}_s_per_step"] / floor if floor else None
+        )
     return report
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else 0.0
+
+
+def _step_over_forward(stats: Iterable[StepStats]) -> float | None:
+    """Engine overhead: a whole decode iteration over its bare model forward (>= 1)."""
+    decode = [s for s in stats if s.forward_mode == "decode" and s.forward_s > 0]
+    if not decode:
+        return None
+    return sum(s.step_s for s in decode) / sum(s.forward_s for s in decode)
 
 
 def _params(max_new_tokens: int) -> Any:
@@ -122,7 +147,7 @@ def _params(max_new_tokens: int) -> Any:
 
 def compare_with_transformers(
     engine: Engine,
-    batch_sizes: tuple[int, ...] = (1, 16),
+    batch_sizes: tuple[int, ...] = (1, 16, 64),
     new_tokens: int = 32,
     prompt_len: int = 8,
     seed: int = 0,
@@ -138,15 +163,17 @@ def compare_with_transformers(
     rng = random.Random(seed)
     vocab = int(hf.config.get_text_config().vocab_size)
     rows = []
-    for b in batch_sizes:
+    for b in batch_sizes:  # the same prompts for both engines (one rng, drawn in this order)
         prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(b)]
         params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
         engine.generate(
             input_ids=prompts[:1], sampling_params={**params, "max_new_tokens": 2}
         )  # warm
+        before = len(engine.step_stats)
         t0 = time.perf_counter()
         engine.generate(input_ids=prompts, sampling_params=params)
         ours = time.perf_counter() - t0
+        stats = list(engine.step_stats)[before:]
         with torch.inference_mode():
             t0 = time.perf_counter()
             hf.generate(
@@ -160,11 +187,13 @@ def compare_with_transformers(
         tokens = b * new_tokens
         rows.append(
             {
+                "dtype": engine.cfg.runner.dtype,
                 "batch": b,
                 "new_tokens": new_tokens,
                 "dpattn_tokens_per_s": tokens / ours,
                 "transformers_tokens_per_s": tokens / theirs,
                 "dpattn_over_transformers": theirs / ours,
+                "decode_step_over_forward": _step_over_forward(s for _, s in stats),
             }
         )
     return rows
