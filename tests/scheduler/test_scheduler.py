@@ -1,16 +1,15 @@
-"""The scheduler over several ranks (thread backend, no ZMQ) and through the gloo Engine.
+"""The scheduler over several ranks (thread backend, no ZMQ).
 
 Every rank runs the same seeded workload: a request arrives at a given step in one DP group, and
 every rank of that group adds its own copy of it. Checked: lock-step traces (world entries equal
 on all ranks, attn_tp entries equal inside a group), outputs independent of the layout, chunked
-prefill, retraction, aborts, and no KV slot leaks.
+prefill, retraction, aborts, and no KV slot leaks. The gloo Engine against the thread Engine is
+in tests/entrypoints/test_engine_gloo.py; sampling alone in tests/executor/test_sampling_params.py.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import random
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,8 @@ from hypothesis import strategies as st
 
 from dpattn.config import RunnerConfig, SchedulerConfig
 from dpattn.distributed.parallel_state import Layout, ParallelState
-from dpattn.entrypoints.engine import Engine
 from dpattn.executor.model_runner import ModelRunner
-from dpattn.executor.sampling_params import SamplingParams, sample
+from dpattn.executor.sampling_params import SamplingParams
 from dpattn.runtime.launch import run_ranks
 from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.scheduler import Scheduler
@@ -395,96 +393,3 @@ def test_seeded_sampling_is_layout_independent(tiny_models: dict[str, Path]) -> 
         assert {rid: r.ids for rid, r in wide.items()} == {rid: r.ids for rid, r in single.items()}
     greedy = merged(run_workload(model, 1, 1, tuple(replace(s, temperature=0) for s in specs)))
     assert any(single[rid].ids != greedy[rid].ids for rid in single), "sampling was greedy"
-
-
-def test_sample_reproducible_and_filters() -> None:
-    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
-    hot = SamplingParams(temperature=1.0)
-    draws = [
-        [sample(logits, hot, gen) for _ in range(20)]
-        for gen in (torch.Generator().manual_seed(1), torch.Generator().manual_seed(1))
-    ]
-    assert draws[0] == draws[1] and len(set(draws[0])) > 1
-    gen = torch.Generator().manual_seed(0)
-    assert {sample(logits, SamplingParams(top_k=2), gen) for _ in range(50)} <= {1, 2}
-    assert {sample(logits, SamplingParams(top_p=0.01), gen) for _ in range(20)} == {1}
-    assert {sample(logits, SamplingParams(min_p=0.95), gen) for _ in range(20)} <= {1, 2}
-    assert sample(logits, SamplingParams(temperature=0), gen) == 1
-    assert sample(logits, SamplingParams(top_k=1, temperature=5.0), gen) == 1
-
-
-@pytest.mark.parametrize(
-    "params,match",
-    [
-        ({"temprature": 0.5}, r"unknown sampling parameter\(s\) \['temprature'\]"),
-        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
-        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1"),
-        ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1"),
-        ({"temperature": -0.1}, "temperature must be"),
-        ({"temperature": float("nan")}, "temperature must be"),
-        ({"temperature": float("inf")}, "temperature must be"),
-        ({"temperature": "hot"}, "temperature must be"),
-        ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
-        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-        ({"top_k": 0}, "top_k must be -1 or >= 1"),
-        ({"top_k": -2}, "top_k must be -1 or >= 1"),
-        ({"min_p": 1.5}, r"min_p must be in \[0, 1\]"),
-        ({"stop": [""]}, "stop must be"),
-        ({"stop": 3}, "stop must be"),
-        ({"stop_token_ids": 5}, "stop_token_ids must be"),
-        ({"stop_token_ids": ["a"]}, "stop_token_ids must be"),
-        ({"ignore_eos": "no"}, "ignore_eos must be"),
-        ({"seed": 1.5}, "seed must be an integer"),
-    ],
-)
-def test_sampling_params_validation(params: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        SamplingParams.from_dict(params)
-
-
-def test_sampling_params_from_dict_ok() -> None:
-    p = SamplingParams.from_dict({"stop": "end", "temperature": 0, "seed": 3, "top_k": 1})
-    assert p.stop == ["end"] and p.greedy and p.seed == 3
-    assert SamplingParams.from_dict(None) == SamplingParams()
-
-
-# ----------------------------------------------------------------------------- gloo engine
-
-ENGINE_PROMPTS = [[5, 9, 200, 31, 77, 8, 1, 2, 3], [42], [300, 301, 302, 303], [7, 7, 7]]
-ENGINE_PARAMS = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def thread_engine_outputs(tiny_models: dict[str, Path]) -> list[list[int]]:
-    with Engine(str(tiny_models["qwen3_moe"]), 1, 1, backend="thread") as engine:
-        outs = engine.generate(input_ids=ENGINE_PROMPTS, sampling_params=ENGINE_PARAMS)
-    return [o["output_ids"] for o in outs]  # type: ignore[index]
-
-
-@pytest.mark.gloo
-@pytest.mark.parametrize("tp,dp", [(2, 2), (2, 1)])
-def test_gloo_engine_matches_thread_engine(
-    tiny_models: dict[str, Path], thread_engine_outputs: list[list[int]], tp: int, dp: int
-) -> None:
-    engine = Engine(
-        str(tiny_models["qwen3_moe"]),
-        tp,
-        dp,
-        backend="gloo",
-        chunked_prefill_size=4,
-        collective_timeout_s=30,
-    )
-    try:
-        outs = engine.generate(input_ids=ENGINE_PROMPTS, sampling_params=ENGINE_PARAMS)
-        assert [o["output_ids"] for o in outs] == thread_engine_outputs  # type: ignore[index]
-        assert {o["meta_info"]["finish_reason"] for o in outs} == {"length"}  # type: ignore[index]
-        if dp > 1:
-            assert {o["meta_info"]["dp_rank"] for o in outs} == {0, 1}  # type: ignore[index]
-        deadline = time.monotonic() + 5
-        while not engine.kv_pools_full() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert engine.kv_pools_full()
-    finally:
-        engine.shutdown()
-    assert all(r["kv_free"] == r["kv_total"] for r in engine.rank_results)
-    assert mp.active_children() == []

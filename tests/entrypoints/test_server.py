@@ -1,130 +1,22 @@
 """The HTTP server end to end with the official `openai` client: streaming, concurrency,
-disconnects, OpenAI-style errors, admission control, Prometheus metrics, clean shutdown.
+disconnects, OpenAI-style errors, admission control, Prometheus metrics.
 
-Most tests share one in-process server (thread backend, tp=2 dp=2) to spare the CPU; one test
-runs `dpattn serve` with gloo rank processes and checks that SIGTERM leaves no orphans.
+All tests share one in-process server (thread backend, tp=2 dp=2; the `server` fixture in
+conftest.py) to spare the CPU; test_serve_cli.py runs `dpattn serve` with gloo rank processes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
+from server_harness import MODEL, ServerThread, _m, _metrics, _rank, _stream_texts, _wait_for
 
-from dpattn.entrypoints.detokenizer import IncrementalDetokenizer
-from dpattn.entrypoints.engine import Engine
-from dpattn.entrypoints.http_server import create_app
-from dpattn.models.tiny import ensure_default_model, make_tokenizer
-
-MODEL = "tiny-qwen3-moe"  # the default model's directory name
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerThread:
-    """uvicorn serving create_app(engine) on a free loopback port, in a background thread."""
-
-    def __init__(self, engine: Engine, **kwargs: Any) -> None:
-        self.app = create_app(engine, **kwargs)
-        self.state = self.app.state.dpattn
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ServerThread]:
-    engine = Engine(None, 2, 2, backend="thread")
-    srv = ServerThread(engine)
-    try:
-        yield srv
-        assert srv.state.in_flight == 0
-        assert engine.kv_free == engine.kv_total, "KV slots leaked"
-        assert not engine._pending, "requests were never released"
-    finally:
-        srv.stop()
-        engine.shutdown()
-
-
-@pytest.fixture
-def client(server: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
-
-
-def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(url + "/metrics").text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def _m(metrics: dict[Any, float], name: str, **labels: str) -> float:
-    return metrics[(name, tuple(sorted(labels.items())))]
-
-
-def _rank(d: int, **extra: str) -> dict[str, str]:
-    return dict(dp_rank=str(d), tp_rank="0", **extra)
-
-
-def _wait_for(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-# ---- incremental detokenization (no server) ----
-def test_incremental_detokenizer_never_splits_characters() -> None:
-    tok = make_tokenizer()
-    text = "héllo €😀 wörld — naïve café, the end"
-    detok = IncrementalDetokenizer(tok)
-    parts = [detok.add([i]) for i in tok.encode(text)] + [detok.finish()]
-    assert "".join(parts) == text
-    assert not any("\ufffd" in p for p in parts)
-    rng = random.Random(0)  # any id sequence, invalid UTF-8 included, reassembles exactly
-    for _ in range(40):
-        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 30))]
-        stop = [rng.choice(["e", "th", "\ufffd", "lo w"])]
-        detok = IncrementalDetokenizer(tok, stop)
-        streamed = "".join(detok.add([i]) for i in ids)
-        full = tok.decode(ids, skip_special_tokens=True)
-        matched = stop[0] if stop[0] in full else None
-        streamed += detok.finish(matched)
-        assert streamed == (full[: full.index(matched)] if matched else full)
+from dpattn.models.tiny import make_tokenizer
 
 
 # ---- OpenAI endpoints ----
@@ -132,22 +24,6 @@ def test_models_and_health(server: ServerThread, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-
-
-def _stream_texts(stream: Any, chat: bool = False) -> tuple[dict[int, str], dict[int, str], Any]:
-    texts: dict[int, str] = {}
-    reasons: dict[int, str] = {}
-    usage = None
-    for chunk in stream:
-        usage = chunk.usage or usage
-        for ch in chunk.choices:
-            piece = (ch.delta.content if chat else ch.text) or ""
-            if not ch.finish_reason:  # only the end may keep a dangling partial character
-                assert not piece.endswith("\ufffd"), "a split multi-byte character was streamed"
-            texts[ch.index] = texts.get(ch.index, "") + piece
-            if ch.finish_reason:
-                reasons[ch.index] = ch.finish_reason
-    return texts, reasons, usage
 
 
 def test_completion_stream_equals_non_stream(client: openai.OpenAI) -> None:
@@ -501,66 +377,3 @@ def test_metrics_per_rank_idle_batches_and_dp_cooperation(
         if name == "dpattn_dp_padding_mode_steps_total" and ("dp_rank", "1") in labels
     ]
     assert sum(padding_steps) >= steps
-
-
-# ---- the real CLI with gloo rank processes ----
-def _children(pid: int) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if int((p / "stat").read_text().split(")")[-1].split()[1]) == pid:
-                    out.append(int(p.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return (Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]) != "Z"
-    except OSError:
-        return False
-
-
-@pytest.mark.gloo
-def test_cli_serve_gloo_dp2_and_clean_shutdown() -> None:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "dpattn.cli", "serve", "--tp", "2", "--dp", "2"]
-    cmd += ["--model-path", str(ensure_default_model())]  # the real default may be installed
-    cmd += ["--port", str(port), "--log-level", "warning", "--max-queued-requests", "8"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        ranks = _children(proc.pid)
-        assert len(ranks) >= 2
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
-        kw: dict[str, Any] = dict(model=MODEL, prompt="A small model", max_tokens=12, seed=1)
-        full = client.completions.create(**kw)
-        assert _stream_texts(client.completions.create(**kw, stream=True))[0] == {
-            0: full.choices[0].text
-        }
-        chat = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=6
-        )
-        assert chat.usage.completion_tokens == 6
-        m = _metrics(url)
-        assert all(
-            _m(m, "dpattn_forward_steps_total", **_rank(d, mode="extend")) >= 1 for d in (0, 1)
-        )
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) in (0, 128 + signal.SIGTERM, -signal.SIGTERM)
-        assert _wait_for(lambda: not any(_alive(r) for r in ranks), 5), "orphan rank processes"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

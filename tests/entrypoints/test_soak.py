@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server import ServerThread
+from server_harness import ServerThread
 
 from dpattn.entrypoints.engine import Engine
 from dpattn.tools.bench_online import OnlineBenchConfig, run_online
