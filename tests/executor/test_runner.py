@@ -273,6 +273,6 @@ def test_kv_pool_returns_to_initial_size(
             runner.req_to_token.free(row)
         assert runner.kv_pool.available_size() == kv0
         assert runner.req_to_token.available_size() == rows0
-        assert sorted(runner.kv_pool.free_slots.tolist()) == list(range(KV_TOKENS))
+        assert sorted(runner.kv_pool.free_slots().tolist()) == list(range(KV_TOKENS))
 
     run(fn, tp, dp)

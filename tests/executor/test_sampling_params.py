@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 import torch
 
-from dpattn.executor.sampling_params import SamplingParams, sample
+from dpattn.executor.sampler import SamplingBatchInfo
+from dpattn.executor.sampler import sample as sample_batch
+from dpattn.executor.sampling_params import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """One request's token through the batched sampler (a batch of one)."""
+    info = SamplingBatchInfo.from_params([params], [gen], [False], [0])
+    return int(sample_batch(logits[None], info).next_token_ids[0])
 
 
 def test_sample_reproducible_and_filters() -> None:

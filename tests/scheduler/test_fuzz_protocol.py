@@ -19,8 +19,11 @@ from dpattn.executor.model_runner import ModelRunner
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.models.tiny import make_tiny_model
 from dpattn.runtime.launch import run_ranks
+from dpattn.scheduler.mlp_sync import SyncRow
 from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.scheduler import Scheduler
+
+SYNC_ROW = (1, len(SyncRow().as_list()))  # the MLP sync's all-gather: one row per rank
 
 LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]
 MAX_STEPS = 400
@@ -169,7 +172,7 @@ def _check(case: Case, results: list[dict[str, Any]]) -> dict[str, list[int]]:
             assert first["buffer"] % a == 0
         if d == 1 and not case.force_gather:
             assert not any(
-                op == "all_gather" and shape == (1, 6) for _, op, shape in first["world"]
+                op == "all_gather" and shape == SYNC_ROW for _, op, shape in first["world"]
             )
     for r in results:
         assert r["done"], "requests left unfinished"

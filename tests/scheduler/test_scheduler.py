@@ -24,8 +24,11 @@ from dpattn.distributed.parallel_state import Layout, ParallelState
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.runtime.launch import run_ranks
+from dpattn.scheduler.mlp_sync import SyncRow
 from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.scheduler import Scheduler
+
+SYNC_ROW = (1, len(SyncRow().as_list()))  # the MLP sync's all-gather: one row per rank
 
 LAYOUTS = [(2, 1), (2, 2), (4, 2), (4, 4)]
 BIG_POOL = 512  # never retracts on these workloads
@@ -280,7 +283,7 @@ def test_layouts_match_single_rank(tiny_models: dict[str, Path], tp: int, dp: in
     aborted = [rid for rid, res in got.items() if res.finish_reason == "abort"]
     assert len(aborted) >= 2
     if dp > 1:
-        assert all(r.traces and r.traces[0][0] == ("world", "all_gather", (1, 6)) for r in runs)
+        assert all(r.traces and r.traces[0][0] == ("world", "all_gather", SYNC_ROW) for r in runs)
 
 
 @pytest.mark.parametrize("tp,dp", [(1, 1), (2, 2), (4, 2)])
