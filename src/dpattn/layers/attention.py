@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.forward_context import get_forward_context
+from dpattn.layers.linear import linear
 from dpattn.layers.norm import RMSNorm
 from dpattn.layers.rotary import Rotary
 from dpattn.layers.weights import param, shard
@@ -66,13 +66,13 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        q = F.linear(x, self.q_proj, self.q_bias if self.bias else None).view(
+        q = linear(x, self.q_proj, self.q_bias if self.bias else None).view(
             n, self.num_heads, self.head_dim
         )
-        k = F.linear(x, self.k_proj, self.k_bias if self.bias else None).view(
+        k = linear(x, self.k_proj, self.k_bias if self.bias else None).view(
             n, self.num_kv_heads, self.head_dim
         )
-        v = F.linear(x, self.v_proj, self.v_bias if self.bias else None).view(
+        v = linear(x, self.v_proj, self.v_bias if self.bias else None).view(
             n, self.num_kv_heads, self.head_dim
         )
         if self.q_norm is not None and self.k_norm is not None:
@@ -81,6 +81,6 @@ class Attention(nn.Module):
         out = get_forward_context().attn_backend.forward(
             q, k, v, self.layer_id, self.scaling, self.sliding_window
         )
-        return F.linear(
+        return linear(
             out.reshape(n, self.num_heads * self.head_dim), self.o_proj
         )  # partial sum over attn_tp

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
+from dpattn.layers.linear import linear
 from dpattn.layers.weights import param
 
 
@@ -45,7 +46,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: local vocab shard, then gathered over attn_tp to full-vocab logits."""
-        local = F.linear(hidden, self.weight)
+        local = linear(hidden, self.weight)
         if self.ps.attn_tp_size == 1:
             return local[:, : self.vocab_size]
         full = self.ps.attn_tp.all_gather(local.t().contiguous()).t()

@@ -4,11 +4,11 @@ world), or whole on every rank in the scattered layout (a full sum)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.activation import ACTIVATIONS
+from dpattn.layers.linear import linear
 from dpattn.layers.weights import param, shard
 
 
@@ -42,5 +42,5 @@ class DenseMLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, self.down_proj)
+        gate, up = linear(x, self.gate_up_proj).chunk(2, dim=-1)
+        return linear(self.act(gate) * up, self.down_proj)

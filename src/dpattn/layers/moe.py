@@ -13,6 +13,7 @@ from torch import nn
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.activation import ACTIVATIONS
 from dpattn.layers.forward_context import get_forward_context
+from dpattn.layers.linear import linear
 from dpattn.layers.mlp import gate_up_loader
 from dpattn.layers.weights import param, shard
 
@@ -70,7 +71,7 @@ class MoE(nn.Module):
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:
         """Sort the (token, expert) pairs by local expert once, one GEMM per expert slice."""
-        probs = F.softmax(F.linear(x, self.gate).float(), dim=-1)
+        probs = F.softmax(linear(x, self.gate).float(), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -96,7 +97,7 @@ class MoE(nn.Module):
         outs, start = [], 0
         for e, c in enumerate(counts.tolist()):
             if c:
-                gate, up = F.linear(xs[start : start + c], self.w13[e]).chunk(2, dim=-1)
-                outs.append(F.linear(self.act(gate) * up, self.w2[e]))
+                gate, up = linear(xs[start : start + c], self.w13[e]).chunk(2, dim=-1)
+                outs.append(linear(self.act(gate) * up, self.w2[e]))
                 start += c
         return torch.cat(outs)
