@@ -1,0 +1,123 @@
+"""MoE routing (expert-sorted GEMMs, padding rows never routed) and the shared linear()."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpattn.layers.dp_attention import GatherPlan, PaddingMode, choose_padding_mode
+from dpattn.layers.forward_context import ForwardContext, forward_context
+from dpattn.layers.linear import SKINNY_ROWS, linear
+from dpattn.layers.moe import MoE
+
+H, INTER, E, TOP_K = 16, 8, 4, 2
+
+
+def make_moe(tp: int = 1, rank: int = 0, ep: bool = False, dtype=torch.float32) -> MoE:
+    ps = SimpleNamespace(tp_size=tp, rank=rank)
+    moe = MoE(ps, H, INTER, E, TOP_K, True, "silu", dtype, ep)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(0)
+    for p in moe.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=gen).to(dtype) / 4)
+    return moe
+
+
+def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The per-expert loop the sorted version replaced (all experts local)."""
+    probs = F.softmax(F.linear(x, moe.gate).float(), dim=-1)
+    weights, experts = torch.topk(probs, moe.top_k, dim=-1)
+    weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+    out = torch.zeros_like(x)
+    for e in range(moe.local_experts):
+        tok, slot = torch.where(experts == moe.first_expert + e)
+        gate, up = F.linear(x[tok], moe.w13[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, moe.w2[e]) * weights[tok, slot, None]
+        out.index_add_(0, tok, y)
+    return out
+
+
+def run(moe: MoE, x: torch.Tensor, real_rows: torch.Tensor | None) -> torch.Tensor:
+    ctx = ForwardContext(None, None, None, real_rows)  # type: ignore[arg-type]
+    with forward_context(ctx), torch.inference_mode():
+        return moe(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ep_rank", [None, 0, 1])
+def test_sorted_routing_equals_per_expert_loop(dtype: torch.dtype, ep_rank: int | None) -> None:
+    moe = (
+        make_moe(2, ep_rank, ep=True, dtype=dtype) if ep_rank is not None else make_moe(dtype=dtype)
+    )
+    x = torch.randn(13, H).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(run(moe, x, None), reference_moe(moe, x), atol=tol, rtol=tol)
+
+
+def test_padding_rows_never_reach_an_expert(monkeypatch: pytest.MonkeyPatch) -> None:
+    # D = 2, A = 2, MAX_LEN: group 0 has 3 real rows of 4, group 1 one real row of 4.
+    plan = GatherPlan.build([3, 1], 2, override="max_len")
+    real = plan.real_rows()
+    assert real is not None and real.tolist() == [0, 1, 2, 4]
+    moe = make_moe(2, 0, ep=True)  # rank 0 holds experts 0 and 1: where padding used to land
+    seen: list[int] = []
+
+    def spy_on(m: MoE) -> None:
+        experts = m._experts
+
+        def spy(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+            seen.append(int(counts.sum()))
+            return experts(xs, counts)
+
+        monkeypatch.setattr(m, "_experts", spy)
+
+    spy_on(moe)
+    x = torch.randn(plan.total, H)
+    x[plan.total - 1] = 0  # padding rows are zeros in the gathered buffer
+    out = run(moe, x, real)
+    pad = [i for i in range(plan.total) if i not in real.tolist()]
+    assert torch.count_nonzero(out[pad]) == 0
+    full = make_moe()  # all experts local: every (token, expert) pair of the real rows, no more
+    spy_on(full)
+    seen.clear()
+    run(full, x, real)
+    assert seen == [len(real) * TOP_K]
+    torch.testing.assert_close(run(moe, x, real)[real], reference_moe(moe, x[real]))
+
+
+def test_real_rows_tile_each_group_slot() -> None:
+    assert GatherPlan.build([4, 4], 1).real_rows() is None  # no padding at all
+    plan = GatherPlan.build([3, 0, 5], 2, override="sum_len")
+    assert plan.real_rows().tolist() == [0, 1, 2, 4, 5, 6, 7, 8]  # type: ignore[union-attr]
+
+
+def test_padding_mode_follows_the_collectives_the_backend_runs() -> None:
+    # D == 1: always the plain TP all-reduce (SUM_LEN), whatever the padding
+    assert GatherPlan.build([3], 2).mode is PaddingMode.SUM_LEN
+    assert GatherPlan.build([3], 2, graph=True).mode is PaddingMode.MAX_LEN
+    balanced = [4, 4, 4, 4]
+    # native reduce-scatter (NCCL): the all-gather of D*P rows beats ~2*sum(p)
+    assert choose_padding_mode(balanced, False, attn_tp_size=2) is PaddingMode.MAX_LEN
+    # emulated reduce-scatter (gloo) at A > 1: two extra collectives, SUM_LEN
+    assert (
+        choose_padding_mode(balanced, False, attn_tp_size=2, native_reduce_scatter=False)
+        is PaddingMode.SUM_LEN
+    )
+    # ... at A == 1: MAX_LEN only when 3*D*P <= 4*sum(p)
+    emulated = dict(attn_tp_size=1, native_reduce_scatter=False)
+    assert choose_padding_mode(balanced, False, **emulated) is PaddingMode.MAX_LEN
+    assert choose_padding_mode([4, 4, 0, 0], False, **emulated) is PaddingMode.SUM_LEN
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, SKINNY_ROWS, SKINNY_ROWS + 1])
+@pytest.mark.parametrize("out_features", [24, 40_000])
+def test_linear_equals_f_linear(rows: int, out_features: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 32, generator=gen)
+    w = torch.randn(out_features, 32, generator=gen)
+    b = torch.randn(out_features, generator=gen)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    assert linear(x, w).is_contiguous()
