@@ -12,7 +12,7 @@ parameters), so the scheduler, the rank loop and the frontend all speak the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dpattn.executor.sampling_params import SamplingParams
 
@@ -24,6 +24,8 @@ class TokenizedGenerateReq:
     params: SamplingParams
     seed: int  # fixed by the frontend so every attn_tp rank draws the same tokens
     return_logprob: bool = False
+    logprob_start_len: int = -1  # prompt logprobs from this position on (-1: none)
+    top_logprobs_num: int = 0  # top alternatives per prompt / output token
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class RequestOutput:
     finish_reason: str | None = None
     matched_stop: str | int | None = None
     prompt_tokens: int = 0
+    # With return_logprob: top alternatives of the new tokens, (logprob, id) each; and, with the
+    # first token, the prompt's logprobs (from logprob_start_len) and their alternatives.
+    new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    input_logprobs: list[float] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from enum import IntEnum
 
 import torch
 
+from dpattn.executor.logprobs import PromptLogprobRequest
+
 
 class ForwardMode(IntEnum):
     EXTEND = 1
@@ -31,6 +33,7 @@ class ForwardBatch:
     seq_lens: list[int] = field(default_factory=list)  # KV length after this step, per request
     extend_lens: list[int] = field(default_factory=list)  # new tokens per request
     return_all_logits: bool = False  # logits of every token, not only each request's last
+    prompt_logprobs: PromptLogprobRequest | None = None  # rows whose prompt logprobs are wanted
     # Gather metadata, written by the MLP sync (docs/design.md §3.4).
     global_num_tokens: list[int] | None = None
     global_num_tokens_for_logprob: list[int] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -10,6 +11,12 @@ from transformers import AutoConfig
 from dpattn.config import RunnerConfig
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.executor.forward_batch import ForwardBatch
+from dpattn.executor.logprobs import (
+    PromptLogprobRequest,
+    PromptLogprobs,
+    vocab_parallel_logprobs,
+)
+from dpattn.kvcache.budget import KVBudget, bytes_per_token, kv_budget
 from dpattn.kvcache.memory_pool import KVPool, ReqToTokenPool
 from dpattn.layers.attention_backend import TorchNativeBackend
 from dpattn.layers.dp_attention import GatherPlan
@@ -32,12 +39,14 @@ class ModelRunner:
             self.model = build_model(self.hf_config, ps, opts).eval()
         load_weights(self.model, Path(cfg.model_path))
         hc = self.hf_config
-        self.context_length = cfg.context_length or int(
-            getattr(hc, "max_position_embeddings", 4096)
-        )
+        self.vocab_size = int(hc.vocab_size)  # the frontend checks token ids against this
+        model_context = cfg.context_length or int(getattr(hc, "max_position_embeddings", 4096))
         attn = self.model.layers[0].self_attn
+        self.kv_budget = self._kv_budget(attn.num_kv_heads, attn.head_dim, opts.dtype, model_context)
+        # A request longer than the pool could never run alone: the pool bounds the context.
+        self.context_length = min(model_context, self.kv_budget.tokens)
         self.kv_pool = KVPool(
-            cfg.kv_pool_tokens,
+            self.kv_budget.tokens,
             hc.num_hidden_layers,
             attn.num_kv_heads,
             attn.head_dim,
@@ -51,6 +60,25 @@ class ModelRunner:
         self.needs_gather_metadata = ps.dp_size > 1 or (
             ps.attn_tp_size > 1 and self.model.has_scattered_layers
         )
+
+    def _kv_budget(
+        self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, context: int
+    ) -> KVBudget:
+        cfg, ps = self.cfg, self.ps
+        per_token = bytes_per_token(self.hf_config.num_hidden_layers, num_kv_heads, head_dim, dtype)
+        # On CPU every rank of the host shares its memory (multi-node CPU: conservative).
+        sharing = ps.tp_size if ps.device.type == "cpu" else 1
+        useful = cfg.max_running_requests * context
+        budget = kv_budget(
+            cfg.kv_pool_tokens, cfg.mem_fraction_static, per_token, ps.device, sharing, useful
+        )
+        if cfg.kv_pool_tokens is None and ps.tp_size > 1:
+            # Measured sizes differ between ranks, but the ranks of a DP group run the same
+            # schedule over their pools: all take the smallest (one gather, before any step).
+            sizes = ps.world_cpu.all_gather(torch.tensor([[budget.tokens]], dtype=torch.int64))
+            ps.trace.take()  # start-up only: not part of any step's collectives
+            budget = dataclasses.replace(budget, tokens=int(sizes.min()))
+        return budget
 
     def gather_plan(self, batch: ForwardBatch) -> GatherPlan:
         gnt = batch.global_num_tokens
@@ -76,9 +104,16 @@ class ModelRunner:
             native_reduce_scatter=self.ps.world.native_reduce_scatter,
         )
 
-    @torch.inference_mode()
     def forward(self, batch: ForwardBatch, plan: GatherPlan | None = None) -> torch.Tensor:
         """Logits [rows, vocab] (fp32) of each request's last token, or of every token."""
+        return self.forward_with_logprobs(batch, plan)[0]
+
+    @torch.inference_mode()
+    def forward_with_logprobs(
+        self, batch: ForwardBatch, plan: GatherPlan | None = None
+    ) -> tuple[torch.Tensor, PromptLogprobs | None]:
+        """forward(), plus the prompt logprobs the batch asks for (batch.prompt_logprobs):
+        only those rows go through the LM head a second time, vocab-parallel."""
         plan = plan or self.gather_plan(batch)
         self.attn_backend.init_forward_metadata(
             batch.req_pool_indices, batch.seq_lens, batch.extend_lens, batch.out_cache_loc
@@ -87,7 +122,25 @@ class ModelRunner:
         ctx = ForwardContext(plan, self.ps, self.attn_backend, real_rows)
         with forward_context(ctx):
             hidden = self.model(batch.input_ids, batch.positions)
+            prompt = self._prompt_logprobs(hidden, batch.prompt_logprobs)
             if not batch.return_all_logits and batch.extend_lens:
                 last = torch.tensor(batch.extend_lens, device=hidden.device).cumsum(0) - 1
                 hidden = hidden[last]
-            return self.model.logits(hidden).float()
+            return self.model.logits(hidden).float(), prompt
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, req: PromptLogprobRequest | None
+    ) -> PromptLogprobs | None:
+        if req is None:
+            return None
+        head = self.model.lm_head
+        logprobs, top_vals, top_ids = vocab_parallel_logprobs(
+            self.model.local_logits(hidden[req.rows]).float(),
+            head.lo,
+            head.vocab_size,
+            req.targets,
+            req.top_n,
+            self.ps.attn_tp,
+        )
+        top = [list(zip(v, i)) for v, i in zip(top_vals.tolist(), top_ids.tolist())]
+        return PromptLogprobs(logprobs.tolist(), top, req.counts)

@@ -44,9 +44,13 @@ class VocabParallelEmbedding(nn.Module):
         out = out.masked_fill(outside[:, None], 0)
         return self.ps.attn_tp.all_reduce(out)
 
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocab shard of the logits: token ids [lo, lo + shard_size)."""
+        return linear(hidden, self.weight)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: local vocab shard, then gathered over attn_tp to full-vocab logits."""
-        local = linear(hidden, self.weight)
+        local = self.local_logits(hidden)
         if self.ps.attn_tp_size == 1:
             return local[:, : self.vocab_size]
         full = self.ps.attn_tp.all_gather(local.t().contiguous()).t()

@@ -182,11 +182,15 @@ class Gemma3Model(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head.logits(hidden)
+        return self._softcap(self.lm_head.logits(hidden))
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocab shard of the logits (see VocabParallelEmbedding.local_logits)."""
+        return self._softcap(self.lm_head.local_logits(hidden))
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.final_logit_softcapping
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def checkpoint_name(self, name: str) -> str | None:
         """Map a checkpoint key to our parameter name (None: not ours to load)."""

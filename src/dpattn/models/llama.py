@@ -146,6 +146,10 @@ class DecoderModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)
 
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocab shard of the logits (see VocabParallelEmbedding.local_logits)."""
+        return self.lm_head.local_logits(hidden)
+
     def checkpoint_name(self, name: str) -> str | None:
         """Map a checkpoint key to our parameter name (None: not ours to load)."""
         name = name.replace("block_sparse_moe.", "mlp.")

@@ -94,7 +94,15 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
             for msg in msgs:  # Wake only ends the idle back-off
                 if isinstance(msg, TokenizedGenerateReq):
                     sched.add_request(
-                        Req(msg.rid, list(msg.input_ids), msg.params, msg.seed, msg.return_logprob)
+                        Req(
+                            msg.rid,
+                            list(msg.input_ids),
+                            msg.params,
+                            msg.seed,
+                            msg.return_logprob,
+                            msg.logprob_start_len,
+                            msg.top_logprobs_num,
+                        )
                     )
                 elif isinstance(msg, AbortReq):
                     sched.abort_request(msg.rid)

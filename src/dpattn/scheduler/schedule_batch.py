@@ -8,6 +8,7 @@ from enum import Enum
 import torch
 
 from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
+from dpattn.executor.logprobs import PromptLogprobRequest
 from dpattn.executor.sampling_params import SamplingParams
 
 
@@ -24,8 +25,14 @@ class Req:
     params: SamplingParams
     seed: int  # the leader fixes it so every attn_tp rank draws the same tokens
     return_logprob: bool = False
+    # Prompt logprobs from this prompt position on (-1: none; SGLang's logprob_start_len),
+    # and top alternatives per prompt and output token (both need return_logprob).
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    input_logprobs: list[float] = field(default_factory=list)  # collected over prefill chunks
+    input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     matched_stop: str | int | None = None
     # KV state on this rank
@@ -82,8 +89,46 @@ class ScheduleBatch:
 
     @property
     def num_tokens_for_logprob(self) -> int:
-        # One logprob row per request: its last position (we return no prompt logprobs).
-        return len(self.reqs) if self.forward_mode is not ForwardMode.IDLE else 0
+        # One row per request (its last position) plus its prompt-logprob rows.
+        if self.forward_mode is ForwardMode.IDLE:
+            return 0
+        prompt = self.prompt_logprob_request()
+        return len(self.reqs) + (len(prompt.targets) if prompt is not None else 0)
+
+    def prompt_logprob_request(self) -> PromptLogprobRequest | None:
+        """The rows of this extend whose next-token logprobs are prompt logprobs to return.
+
+        A row at absolute position q predicts prompt token q + 1. A request asks for tokens from
+        max(1, logprob_start_len) on; tokens already collected (earlier chunks, or before a
+        retraction) are not asked again.
+        """
+        if not self.forward_mode.is_extend_like():
+            return None
+        rows: list[int] = []
+        targets: list[int] = []
+        counts: list[int] = []
+        top_n, start = 0, 0
+        for req in self.reqs:
+            k = 0
+            if req.return_logprob and req.logprob_start_len >= 0:
+                s, e = req.kv_len, req.kv_len + req.extend_len
+                want = max(1, req.logprob_start_len) + len(req.input_logprobs)
+                lo, hi = max(s, want - 1), min(e, len(req.input_ids) - 1)
+                if hi > lo:
+                    k = hi - lo
+                    rows += range(start + lo - s, start + hi - s)
+                    targets += req.input_ids[lo + 1 : hi + 1]
+                    top_n = max(top_n, req.top_logprobs_num)
+            counts.append(k)
+            start += req.extend_len
+        if not rows:
+            return None
+        return PromptLogprobRequest(
+            torch.tensor(rows, dtype=torch.int64),
+            torch.tensor(targets, dtype=torch.int64),
+            counts,
+            top_n,
+        )
 
     def to_forward_batch(self) -> ForwardBatch:
         return ForwardBatch(
@@ -94,6 +139,7 @@ class ScheduleBatch:
             req_pool_indices=[r.row for r in self.reqs],  # type: ignore[misc]
             seq_lens=[r.kv_len + r.extend_len for r in self.reqs],
             extend_lens=[r.extend_len for r in self.reqs],
+            prompt_logprobs=self.prompt_logprob_request(),
             global_num_tokens=self.global_num_tokens,
             global_num_tokens_for_logprob=self.global_num_tokens_for_logprob,
             is_extend_in_batch=self.is_extend_in_batch,

@@ -12,6 +12,7 @@ import torch
 
 from dpattn.config import SchedulerConfig
 from dpattn.executor.forward_batch import ForwardMode
+from dpattn.executor.logprobs import PromptLogprobs
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.executor.sampler import SamplingBatchInfo, sample
 from dpattn.messages import RequestOutput, StepStats
@@ -72,7 +73,7 @@ class Scheduler:
                 fb = run.to_forward_batch()
                 plan = self.runner.gather_plan(fb)
                 t0 = time.perf_counter()
-                logits = self.runner.forward(fb, plan)
+                logits, prompt = self.runner.forward_with_logprobs(fb, plan)
                 forward_s = time.perf_counter() - t0
                 idle = run.forward_mode is ForwardMode.IDLE
                 ran = dict(
@@ -84,7 +85,7 @@ class Scheduler:
                     forward_s=forward_s,
                 )
                 if not idle:
-                    self._process(run, logits)
+                    self._process(run, logits, prompt)
         if batch is not None and batch.forward_mode is ForwardMode.PREBUILT:
             self._process_prebuilt(batch)
         self.last_stats = StepStats(
@@ -182,7 +183,11 @@ class Scheduler:
             self.num_retractions += 1
 
     # ---- results ----
-    def _process(self, batch: ScheduleBatch, logits: torch.Tensor) -> None:
+    def _process(
+        self, batch: ScheduleBatch, logits: torch.Tensor, prompt: PromptLogprobs | None = None
+    ) -> None:
+        if prompt is not None:
+            self._collect_prompt_logprobs(batch.reqs, prompt)
         rows = []
         for i, (req, do_sample) in enumerate(zip(batch.reqs, batch.sample_mask)):
             req.kv_len += req.extend_len
@@ -198,13 +203,14 @@ class Scheduler:
             [r.params for r in reqs],
             [r.rng() for r in reqs],
             [r.return_logprob for r in reqs],
-            [0] * len(reqs),
+            [r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
             device=logits.device,
         )
         out = sample(logits, info)
         tokens = out.next_token_ids.tolist()  # the step's one device -> host sync
         logprobs = out.logprobs.tolist() if out.logprobs is not None else [0.0] * len(reqs)
-        for req, token, logprob in zip(reqs, tokens, logprobs):
+        tops = _top_lists(out.top_logprobs, [r.top_logprobs_num for r in reqs])
+        for req, token, logprob, top in zip(reqs, tokens, logprobs, tops):
             req.output_ids.append(token)
             req.output_logprobs.append(logprob)
             reason = self._stop_reason(req, token)
@@ -220,9 +226,22 @@ class Scheduler:
                     reason.value if reason is not None else None,
                     req.matched_stop if reason is not None else None,
                     prompt_tokens=len(req.input_ids),
+                    new_top_logprobs=[top] if req.top_logprobs_num else [],
+                    # the prompt's logprobs travel once, with the first token
+                    input_logprobs=req.input_logprobs if len(req.output_ids) == 1 else [],
+                    input_top_logprobs=req.input_top_logprobs if len(req.output_ids) == 1 else [],
                 )
             )
         self.running = [r for r in self.running if not r.finished]
+
+    def _collect_prompt_logprobs(self, reqs: list[Req], prompt: PromptLogprobs) -> None:
+        start = 0
+        for req, k in zip(reqs, prompt.counts):
+            req.input_logprobs += prompt.logprobs[start : start + k]
+            if req.top_logprobs_num:
+                tops = prompt.top[start : start + k]
+                req.input_top_logprobs += [t[: req.top_logprobs_num] for t in tops]
+            start += k
 
     def _process_prebuilt(self, batch: ScheduleBatch) -> None:
         # Disaggregated decode: KV arrived from a prefill server; these requests start decoding.
@@ -262,3 +281,13 @@ class Scheduler:
             self.outputs.append(
                 RequestOutput(req.rid, [], [], reason.value, prompt_tokens=len(req.input_ids))
             )
+
+
+def _top_lists(
+    top: tuple[torch.Tensor, torch.Tensor] | None, nums: list[int]
+) -> list[list[tuple[float, int]]]:
+    """Per row, its first nums[i] (logprob, token id) alternatives."""
+    if top is None:
+        return [[] for _ in nums]
+    vals, ids = top[0].tolist(), top[1].tolist()
+    return [list(zip(v[:n], i[:n])) for v, i, n in zip(vals, ids, nums)]
