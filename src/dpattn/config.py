@@ -52,10 +52,20 @@ class RunnerConfig:
         group=LAYOUT,
         choices=("auto", "max_len", "sum_len"),
     )
-    kv_pool_tokens: int = option(4096, "KV cache slots per rank")
+    # None: sized from memory (kvcache/budget.py); SGLang's flag name, the old one kept too.
+    kv_pool_tokens: int | None = option(
+        None,
+        "KV cache slots per rank (default: --mem-fraction-static of the memory left)",
+        flags=("--max-total-tokens",),
+    )
+    mem_fraction_static: float | None = option(
+        None, "fraction of the memory left after the weights the KV pool takes (0.85 GPU, 0.3 CPU)"
+    )
     # Rows of the request-to-token table; the engine sets it to the scheduler's cap.
     max_running_requests: int = 32
-    context_length: int | None = None  # None: the model's max_position_embeddings
+    context_length: int | None = option(
+        None, "tokens per request, prompt + output (default: min(model context, KV pool))"
+    )
 
 
 @dataclass

@@ -87,6 +87,10 @@ class StepStats:
 class RankReady:
     dp_rank: int
     kv_free: int
+    # The effective limits the frontend validates requests against (model vocab, not tokenizer).
+    context_length: int = 0
+    vocab_size: int = 0
+    kv_source: str = ""  # how the KV pool was sized, for the start-up log
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,9 @@ class ModelRunner:
         self.vocab_size = int(hc.vocab_size)  # the frontend checks token ids against this
         model_context = cfg.context_length or int(getattr(hc, "max_position_embeddings", 4096))
         attn = self.model.layers[0].self_attn
-        self.kv_budget = self._kv_budget(attn.num_kv_heads, attn.head_dim, opts.dtype, model_context)
+        self.kv_budget = self._kv_budget(
+            attn.num_kv_heads, attn.head_dim, opts.dtype, model_context
+        )
         # A request longer than the pool could never run alone: the pool bounds the context.
         self.context_length = min(model_context, self.kv_budget.tokens)
         self.kv_pool = KVPool(

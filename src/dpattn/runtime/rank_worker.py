@@ -80,7 +80,15 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
         pull.connect(addrs.requests[ps.dp_rank])
         push = ctx.socket(zmq.PUSH)
         push.connect(addrs.outputs)
-        push.send_pyobj(RankReady(ps.dp_rank, runner.kv_pool.available_size()))
+        push.send_pyobj(
+            RankReady(
+                ps.dp_rank,
+                runner.kv_pool.available_size(),
+                runner.context_length,
+                runner.vocab_size,
+                runner.kv_budget.source,
+            )
+        )
     collectives: dict[str, dict[str, int]] = {}
     backoff_ms, shutdown, steps = 0, False, 0
     try:
