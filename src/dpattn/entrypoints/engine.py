@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
 import shutil
@@ -11,13 +12,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from dpattn.config import EngineConfig
 from dpattn.distributed.parallel_state import Layout
+from dpattn.entrypoints.request_state import Delta, RequestState, check_logprob_options
+from dpattn.entrypoints.validation import RequestLimits
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.messages import (
     AbortReq,
@@ -29,47 +31,27 @@ from dpattn.messages import (
     TokenizedGenerateReq,
     Wake,
 )
-from dpattn.models.tiny import ensure_default_model
+from dpattn.models.model_path import resolve_model_path
 from dpattn.runtime.rank_worker import load_tokenizer
 from dpattn.runtime.router import DpRouter
 from dpattn.runtime.topology import bind_addr, start_ranks, worker_addrs
 
-
-@dataclass
-class _Pending:
-    prompt_tokens: int
-    dp_rank: int
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
-    matched_stop: str | int | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    listeners: list[Callable[[Delta], None]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New tokens of one request; finish_reason set on the last one."""
-
-    rid: str
-    new_ids: list[int]
-    new_logprobs: list[float]
-    finish_reason: str | None
-    matched_stop: str | int | None
+log = logging.getLogger(__name__)
 
 
 class Engine:
     def __init__(
         self, model_path: str | None = None, tp_size: int = 1, dp_size: int = 1, **options: Any
     ) -> None:
-        if model_path is None:
-            model_path = str(ensure_default_model())
+        _refuse_in_spawned_child()
+        model_path = resolve_model_path(model_path)  # None: the one default model
         self.cfg = EngineConfig.from_options(model_path, tp_size, dp_size, **options)
         self.layout = Layout(tp_size, dp_size)
         self.tokenizer = load_tokenizer(model_path)
-        self.context_length: int = self.cfg.runner.context_length or _model_context_length(
-            model_path
-        )
+        # The effective limits, as the ranks report them (RankReady): set by _wait_ready.
+        self.context_length = 0
+        self.limits: RequestLimits | None = None
+        self.kv_source = ""
         self._zmq = zmq.Context()
         if self.cfg.node_rank != 0:
             raise ValueError("the Engine runs on node 0; other nodes use run_follower_node")
@@ -84,7 +66,8 @@ class Engine:
         self._out_sock = self._zmq.socket(zmq.PULL)
         self._out_sock.bind(bind_addr(addrs.outputs))
         self._lock = threading.Lock()
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, RequestState] = {}
+        self._abandoned: set[str] = set()  # timed out: forgotten once the abort's last delta came
         self.router = DpRouter(self.cfg.router_policy, dp_size)
         # (dp_rank, StepStats) of recent steps, and callbacks for every step (metrics).
         self.step_stats: deque[tuple[int, StepStats]] = deque(maxlen=100_000)
@@ -115,9 +98,26 @@ class Engine:
                 msg: RankReady = self._out_sock.recv_pyobj()
                 ready.add(msg.dp_rank)
                 self.kv_free[msg.dp_rank] = self.kv_total[msg.dp_rank] = msg.kv_free
+                self.kv_source = msg.kv_source
+                limits = RequestLimits(
+                    msg.vocab_size, msg.context_length, msg.kv_free, self.layout.dp_size
+                )
+                if self.limits is None or limits.context_length < self.limits.context_length:
+                    self.limits = limits
             dead = self.ranks.dead_rank()
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"engine failed to start: {dead or 'timed out'}")
+        assert self.limits is not None
+        self.context_length = self.limits.context_length
+        log.info(
+            "KV pool %d tokens per DP group (%s); context length %d; max running requests %d "
+            "per DP group; vocabulary %d",
+            self.limits.kv_pool_tokens,
+            self.kv_source,
+            self.context_length,
+            self.cfg.scheduler.max_running_requests,
+            self.limits.vocab_size,
+        )
 
     def shutdown(self) -> None:
         if self._closed:
@@ -191,13 +191,28 @@ class Engine:
                         continue
                     p.output_ids += o.new_ids
                     p.logprobs += o.new_logprobs
-                    delta = Delta(o.rid, o.new_ids, o.new_logprobs, o.finish_reason, o.matched_stop)
+                    p.top_logprobs += o.new_top_logprobs
+                    p.input_logprobs += o.input_logprobs
+                    p.input_top_logprobs += o.input_top_logprobs
+                    delta = Delta(
+                        o.rid,
+                        o.new_ids,
+                        o.new_logprobs,
+                        o.finish_reason,
+                        o.matched_stop,
+                        o.new_top_logprobs,
+                        o.input_logprobs,
+                        o.input_top_logprobs,
+                    )
                     for listener in p.listeners:
                         listener(delta)
                     if o.finish_reason is not None:
                         p.finish_reason, p.matched_stop = o.finish_reason, o.matched_stop
                         self.router.finished(p.dp_rank, p.prompt_tokens)
                         p.done.set()
+                        if o.rid in self._abandoned:
+                            self._abandoned.discard(o.rid)
+                            del self._pending[o.rid]
 
     # ---- requests ----
     def submit(
@@ -206,24 +221,36 @@ class Engine:
         params: SamplingParams,
         return_logprob: bool = False,
         dp_rank: int | None = None,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
     ) -> str:
+        """Queue one request; logprob_start_len >= 0 asks for prompt logprobs from that position,
+        top_logprobs_num for that many alternatives per prompt and output token (SGLang's names;
+        both need return_logprob)."""
         if self.failure:
             raise RuntimeError(self.failure)
         if self._closed:
             raise RuntimeError("engine is shut down")
-        if not input_ids:
-            raise ValueError("empty prompt")
-        ctx_len = self.context_length
-        if len(input_ids) >= ctx_len:
-            raise ValueError(
-                f"prompt of {len(input_ids)} tokens does not fit the context length {ctx_len}"
-            )
+        assert self.limits is not None
+        self.limits.check(input_ids, params, return_logprob, dp_rank)  # never a bad id on a rank
+        check_logprob_options(len(input_ids), return_logprob, logprob_start_len, top_logprobs_num)
         rid = uuid.uuid4().hex
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         with self._lock:
             d = self.router.route(len(input_ids), dp_rank)
-            self._pending[rid] = _Pending(len(input_ids), d)
-            self._send(d, TokenizedGenerateReq(rid, list(input_ids), params, seed, return_logprob))
+            self._pending[rid] = RequestState(
+                len(input_ids), d, input_ids=list(input_ids), logprob_start_len=logprob_start_len
+            )
+            req = TokenizedGenerateReq(
+                rid,
+                list(input_ids),
+                params,
+                seed,
+                return_logprob,
+                logprob_start_len,
+                top_logprobs_num,
+            )
+            self._send(d, req)
             for other in range(self.layout.dp_size):  # cut idle groups' back-off short
                 if other != d:
                     self._send(other, Wake())
@@ -243,7 +270,14 @@ class Engine:
             if p.output_ids or p.finish_reason:  # catch up on what already arrived
                 listener(
                     Delta(
-                        rid, list(p.output_ids), list(p.logprobs), p.finish_reason, p.matched_stop
+                        rid,
+                        list(p.output_ids),
+                        list(p.logprobs),
+                        p.finish_reason,
+                        p.matched_stop,
+                        list(p.top_logprobs),
+                        list(p.input_logprobs),
+                        list(p.input_top_logprobs),
                     )
                 )
             if not p.done.is_set():
@@ -270,7 +304,20 @@ class Engine:
         if self.failure:
             raise RuntimeError(self.failure)
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"request {rid} did not finish in {timeout}s")
+            self._abandon(rid)
+            raise TimeoutError(f"request {rid} did not finish in {timeout}s: aborted")
+
+    def _abandon(self, rid: str) -> None:
+        """A timed-out request: abort it (its KV is freed) and forget it once it ended."""
+        with self._lock:
+            p = self._pending.get(rid)
+            if p is None:
+                return
+            if p.done.is_set():
+                del self._pending[rid]
+                return
+            self._abandoned.add(rid)
+            self._send(p.dp_rank, AbortReq(rid))
 
     def abort(self, rid: str) -> None:
         with self._lock:
@@ -304,16 +351,7 @@ class Engine:
         )
         if isinstance(p.matched_stop, str) and p.matched_stop in text:
             text = text[: text.index(p.matched_stop)]
-        meta: dict[str, Any] = {
-            "id": rid,
-            "prompt_tokens": p.prompt_tokens,
-            "completion_tokens": len(p.output_ids),
-            "finish_reason": p.finish_reason,
-            "matched_stop": p.matched_stop,
-            "dp_rank": p.dp_rank,
-        }
-        if p.logprobs:
-            meta["output_token_logprobs"] = list(zip(p.logprobs, p.output_ids))
+        meta = p.meta_info(rid)
         return {"text": text, "output_ids": p.output_ids, "meta_info": meta}
 
     def generate(
@@ -323,6 +361,8 @@ class Engine:
         sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
         return_logprob: bool = False,
         dp_rank: int | list[int] | None = None,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
     ) -> dict[str, Any] | list[dict[str, Any]]:
         if (prompt is None) == (input_ids is None):
             raise ValueError("give exactly one of prompt or input_ids")
@@ -337,11 +377,21 @@ class Engine:
         else:
             batch_ids = [input_ids] if single else list(input_ids)  # type: ignore[list-item]
         n = len(batch_ids)
+        if n == 0:
+            raise ValueError("the batch is empty")
         sp = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
         ranks = dp_rank if isinstance(dp_rank, list) else [dp_rank] * n
+        if len(sp) != n or len(ranks) != n:
+            raise ValueError(f"sampling_params and dp_rank lists must have {n} entries (the batch)")
         params = [SamplingParams.from_dict(s) for s in sp]  # validate all before sending any
+        assert self.limits is not None
+        for ids, p, r in zip(batch_ids, params, ranks):
+            self.limits.check(ids, p, return_logprob, r)
+        for ids in batch_ids:  # validate all before sending any
+            check_logprob_options(len(ids), return_logprob, logprob_start_len, top_logprobs_num)
         rids = [
-            self.submit(ids, p, return_logprob, r) for ids, p, r in zip(batch_ids, params, ranks)
+            self.submit(ids, p, return_logprob, r, logprob_start_len, top_logprobs_num)
+            for ids, p, r in zip(batch_ids, params, ranks)
         ]
         outs = [self.result(rid) for rid in rids]
         return outs[0] if single else outs
@@ -352,11 +402,14 @@ class Engine:
             return self.kv_free == self.kv_total
 
 
-def _model_context_length(model_path: str) -> int:
-    """The context length the rank workers use (max_position_embeddings, default 4096)."""
-    try:
-        from transformers import AutoConfig
+def _refuse_in_spawned_child() -> None:
+    """A script that creates an Engine at module level re-runs that line in every rank process
+    (they are spawned, so they import the main module): say so instead of two tracebacks."""
+    import multiprocessing.process
 
-        return int(getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 4096))
-    except (OSError, ValueError):
-        return 4096
+    if getattr(multiprocessing.process.current_process(), "_inheriting", False):
+        raise SystemExit(
+            "dpattn: error: the Engine was created while a rank process was starting: rank "
+            "processes are spawned and import your script, so create the Engine under "
+            '`if __name__ == "__main__":`'
+        )
