@@ -373,6 +373,8 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass input_ids")
             prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
+                raise ValueError("prompt must be a string or a list of strings")
             batch_ids = [self.tokenizer.encode(p) for p in prompts]
         else:
             batch_ids = [input_ids] if single else list(input_ids)  # type: ignore[list-item]

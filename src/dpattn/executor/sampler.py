@@ -86,7 +86,7 @@ class SamplingBatchInfo:
             if n and not want:
                 raise ValueError("top_logprobs_num > 0 needs return_logprob")
         dev = torch.device(device)
-        greedy = [p.temperature == 0 or p.top_k == 1 for p in params]
+        greedy = [p.greedy for p in params]
         sample_rows = [i for i, g in enumerate(greedy) if not g]
         greedy_rows = [i for i, g in enumerate(greedy) if g]
         logprob_rows = [i for i, w in enumerate(return_logprob) if w]

@@ -12,6 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_SEED = 2**63  # torch generators take 64-bit seeds; the frontend draws 63-bit ones
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -27,6 +30,8 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
+        if d is not None and not isinstance(d, dict):
+            raise ValueError(f"sampling parameters must be a dict, not {type(d).__name__}")
         d = dict(d or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -71,8 +76,13 @@ class SamplingParams:
             "stop_token_ids must be a list of integers",
         )
         need(isinstance(self.ignore_eos, bool), "ignore_eos must be true or false")
-        need(self.seed is None or integer(self.seed), "seed must be an integer")
+        need(
+            self.seed is None or (integer(self.seed) and 0 <= self.seed < MAX_SEED),
+            "seed must be an integer in [0, 2**63)",
+        )
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # A temperature this small would overflow logits / T to inf (NaN probabilities): it
+        # means greedy anyway.
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
