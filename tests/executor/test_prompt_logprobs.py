@@ -69,3 +69,29 @@ def test_prompt_logprobs_match_transformers(
         new_top = first.new_top_logprobs[0]
         assert len(new_top) == TOP_N and new_top[0][1] == first.new_ids[0]  # greedy = top-1
         assert first.new_logprobs[0] == pytest.approx(new_top[0][0], abs=1e-5)
+
+
+def score_only(ps: ParallelState, model: str) -> tuple[list[RequestOutput], int, int]:
+    runner = ModelRunner(RunnerConfig(model, kv_pool_tokens=64), ps)
+    sched = Scheduler(runner, SchedulerConfig(chunked_prefill_size=4), set())
+    free = runner.kv_pool.available_size()
+    sched.add_request(Req("s", PROMPTS[0], SamplingParams(max_new_tokens=0), 0, True, 0, 0))
+    outputs: list[RequestOutput] = []
+    for _ in range(10):
+        sched.step()
+        outputs += sched.take_outputs()
+    return outputs, free, runner.kv_pool.available_size()
+
+
+def test_max_new_tokens_zero_scores_the_prompt_only(tiny_models: dict[str, Path]) -> None:
+    model = str(tiny_models["qwen3"])
+    [(outputs, free, free_after)] = run_ranks(
+        functools.partial(score_only, model=model), Layout(1, 1), "thread"
+    )
+    [out] = outputs
+    assert out.new_ids == [] and out.finish_reason == "length"
+    lsm = torch.log_softmax(reference_logits(model, "float32", {0: PROMPTS[0]})[0], dim=-1)
+    ids = PROMPTS[0]
+    want = [float(lsm[p - 1, ids[p]]) for p in range(1, len(ids))]
+    assert out.input_logprobs == pytest.approx(want, abs=1e-4)
+    assert free_after == free

@@ -193,7 +193,10 @@ class Scheduler:
             req.kv_len += req.extend_len
             req.extend_len = 0
             if do_sample and not req.finished:
-                rows.append(i)
+                if req.params.max_new_tokens == 0:  # scoring only: the prompt's logprobs
+                    self._finish_scored(req)
+                else:
+                    rows.append(i)
         if not rows:
             return
         reqs = [batch.reqs[i] for i in rows]
@@ -233,6 +236,20 @@ class Scheduler:
                 )
             )
         self.running = [r for r in self.running if not r.finished]
+
+    def _finish_scored(self, req: Req) -> None:
+        self._finish(req, FinishReason.LENGTH, emit=False)
+        self.outputs.append(
+            RequestOutput(
+                req.rid,
+                [],
+                [],
+                FinishReason.LENGTH.value,
+                prompt_tokens=len(req.input_ids),
+                input_logprobs=req.input_logprobs,
+                input_top_logprobs=req.input_top_logprobs,
+            )
+        )
 
     def _collect_prompt_logprobs(self, reqs: list[Req], prompt: PromptLogprobs) -> None:
         start = 0
