@@ -21,6 +21,7 @@ from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
 from dpattn.executor.model_runner import DTYPES, ModelRunner
 from dpattn.runtime.launch import run_ranks
 from dpattn.scheduler.mlp_sync import SyncRow, decide, gather_rows
+from dpattn.tools.logit_compare import RowCheck, Tolerance, check_row, default_tolerance
 
 
 @dataclass
@@ -36,7 +37,9 @@ class VerifyConfig:
     num_prompts: int = 5
     decode_steps: int = 4
     seed: int = 0
-    tolerance: float | None = None  # default: 1e-4 in fp32
+    atol: float | None = None  # None: logit_compare.default_tolerance(dtype)
+    rtol: float | None = None
+    max_kl: float | None = None
     reference_model_path: str | None = None
     idle_group: bool = True  # D > 1: the last DP group gets no request at all
 
@@ -108,6 +111,7 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
         r.slots = runner.kv_pool.alloc(len(r.tokens) + cfg.decode_steps)
         runner.req_to_token.table[r.row, : r.slots.numel()] = r.slots
     out: dict[int, list[list[float]]] = {r.rid: [] for r in reqs}
+    row_steps: dict[int, list[int]] = {r.rid: [] for r in reqs}  # the step of each logits row
     steps = []
     for step in range(cfg.decode_steps + 2):
         batch = _build_batch(reqs, step)
@@ -126,6 +130,7 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
             r.kv_len = len(r.tokens)
             r.logits += 1
             out[r.rid].append(row.tolist())
+            row_steps[r.rid].append(step)
             if r.logits <= cfg.decode_steps:
                 r.tokens.append(int(row.argmax()))
         steps.append(
@@ -146,6 +151,7 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
     return {
         "tokens": {r.rid: r.tokens for r in reqs},
         "logits": out,
+        "row_steps": row_steps,
         "steps": steps,
         "leaked": leaked,
     }
@@ -161,16 +167,20 @@ def reference_logits(
         return {rid: model(torch.tensor([seq])).logits[0].float() for rid, seq in sequences.items()}
 
 
-def default_tolerance(dtype: str) -> float:
-    # bf16 keeps 8 significant bits: logits of magnitude 4-8 have a ulp of 1/32, and the layout
-    # changes the order of partial sums, so a few ulps of difference are rounding, not a bug.
-    return 1e-4 if dtype == "float32" else 0.25
+def tolerance(cfg: VerifyConfig) -> Tolerance:
+    """The dtype's default tolerance, with the fields the config sets overridden."""
+    d = default_tolerance(cfg.dtype)
+    return Tolerance(
+        d.atol if cfg.atol is None else cfg.atol,
+        d.rtol if cfg.rtol is None else cfg.rtol,
+        d.max_kl if cfg.max_kl is None else cfg.max_kl,
+    )
 
 
 def verify(cfg: VerifyConfig) -> dict[str, Any]:
     if cfg.num_prompts < 1:
         raise ValueError("verify needs at least one prompt")
-    tol = cfg.tolerance if cfg.tolerance is not None else default_tolerance(cfg.dtype)
+    tol = tolerance(cfg)
     layout = Layout(cfg.tp, cfg.dp)
     results = run_ranks(functools.partial(rank_main, cfg=cfg), layout, cfg.backend)
     # Ranks of one DP group must agree exactly; then compare the leaders with the reference.
@@ -180,32 +190,64 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
             raise AssertionError(f"rank {r} disagrees with its DP group leader")
     merged_tokens: dict[int, list[int]] = {}
     merged_logits: dict[int, list[list[float]]] = {}
+    merged_steps: dict[int, list[int]] = {}
     for res in results[:: layout.attn_tp_size]:
         merged_tokens.update(res["tokens"])
         merged_logits.update(res["logits"])
+        merged_steps.update(res["row_steps"])
     ref = reference_logits(cfg.reference_model_path or cfg.model_path, cfg.dtype, merged_tokens)
-    max_diff = 0.0
-    per_request = {}
+    per_request: dict[int, dict[str, Any]] = {}
+    by_step: dict[int, list[RowCheck]] = {}
     for rid, rows in merged_logits.items():
         prompt_len = len(merged_tokens[rid]) - cfg.decode_steps
-        diffs = [
-            float((torch.tensor(row) - ref[rid][prompt_len - 1 + i]).abs().max())
+        checks = [
+            check_row(torch.tensor(row), ref[rid][prompt_len - 1 + i], tol)
             for i, row in enumerate(rows)
         ]
-        per_request[rid] = {"prompt_len": prompt_len, "max_abs_diff": max(diffs)}
-        max_diff = max(max_diff, *diffs)
+        for step, c in zip(merged_steps[rid], checks):
+            by_step.setdefault(step, []).append(c)
+        per_request[rid] = {
+            "prompt_len": prompt_len,
+            "max_abs_diff": max(c.max_abs_diff for c in checks),
+            "greedy_agree": all(c.greedy_agree for c in checks),
+        }
+    checks = [c for cs in by_step.values() for c in cs]
+    max_kl = max((c.kl for c in checks), default=0.0)
     complete = bool(merged_logits) and all(
         len(rows) == cfg.decode_steps + 1 for rows in merged_logits.values()
     )
+    ok_logits = all(c.ok for c in checks) and max_kl <= tol.max_kl
     return {
-        "ok": complete and max_diff <= tol and all(res["leaked"] == (0, 0) for res in results),
-        "max_abs_logit_diff": max_diff,
-        "tolerance": tol,
+        "ok": complete and ok_logits and all(res["leaked"] == (0, 0) for res in results),
+        "model": cfg.model_path,
+        "reference_model": cfg.reference_model_path or cfg.model_path,
+        "dtype": cfg.dtype,
+        "max_abs_logit_diff": max((c.max_abs_diff for c in checks), default=0.0),
+        "max_bound": max((c.bound for c in checks), default=tol.atol),
+        "greedy_agreement": sum(c.greedy_agree for c in checks) / max(1, len(checks)),
+        "max_kl": max_kl,
+        "atol": tol.atol,
+        "rtol": tol.rtol,
+        "kl_tolerance": tol.max_kl,
+        "tolerance_rule": "|Δlogit| <= atol + rtol * max|reference logit| per row; greedy "
+        "tokens agree unless the reference's top two are within that bound; KL <= kl_tolerance",
         "layout": {"tp": cfg.tp, "dp": cfg.dp, "attn_tp": layout.attn_tp_size, "ep": cfg.ep},
         "config": asdict(cfg),
         "requests": per_request,
         "steps": results[0]["steps"],
+        # every group's rows at each step: the checks of a step that issued them
+        "step_checks": [{"step": k, **_summary(cs)} for k, cs in sorted(by_step.items())],
         "kv_leaked": [res["leaked"] for res in results],
+    }
+
+
+def _summary(checks: list[RowCheck]) -> dict[str, Any]:
+    return {
+        "max_abs_diff": max(c.max_abs_diff for c in checks),
+        "bound": min(c.bound for c in checks),
+        "greedy_agree": sum(c.greedy_agree for c in checks),
+        "rows": len(checks),
+        "max_kl": max(c.kl for c in checks),
     }
 
 
