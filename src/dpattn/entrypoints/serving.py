@@ -32,14 +32,20 @@ DRAIN_TIMEOUT_S = 120.0  # an aborted request's last delta must arrive by then
 
 class ServerState:
     def __init__(
-        self, engine: Engine, model_name: str | None = None, max_queued_requests: int | None = 256
+        self,
+        engine: Engine,
+        model_name: str | None = None,
+        max_queued_requests: int | None = 256,
+        request_timeout_s: float | None = None,
     ) -> None:
         self.engine = engine
+        self.request_timeout_s = request_timeout_s  # then aborted and answered 504
         self.tokenizer = engine.tokenizer
         self.model_name = model_name or os.path.basename(os.path.normpath(engine.cfg.model_path))
         self.dp_size = engine.layout.dp_size
         self.context_length = engine.context_length
-        self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
+        # The model's embedding rows (what the ranks index), not the tokenizer's length.
+        self.vocab_size = engine.limits.vocab_size if engine.limits is not None else None
         self.metrics = ServerMetrics(self.dp_size)
         engine.step_listeners.append(self.metrics.on_step)
         per_group = engine.cfg.scheduler.max_running_requests
@@ -87,8 +93,13 @@ class ServerState:
     def check_ids(self, ids: list[int], param: str) -> None:
         if not ids:
             raise bad(f"'{param}' must not be empty", param)
-        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in ids):
-            raise bad(f"'{param}' has token ids outside [0, {self.vocab_size})", param)
+        bad_ids = [t for t in ids if not 0 <= t < (self.vocab_size or 0)]
+        if self.vocab_size is not None and bad_ids:
+            raise bad(
+                f"'{param}' has {len(bad_ids)} token id(s) outside the model's vocabulary "
+                f"[0, {self.vocab_size}), e.g. {bad_ids[0]}",
+                param,
+            )
 
     def check_length(self, n_prompt: int, max_new: int, param: str) -> None:
         ctx = self.context_length
@@ -130,6 +141,8 @@ class Submission:
         self.choices: list[Choice] = []
         self.closed = False
         self.t0 = time.perf_counter()
+        timeout = state.request_timeout_s
+        self.deadline = None if timeout is None else time.monotonic() + timeout
 
     async def start(self, items: list[tuple[list[int], Any, int | None]], logprob: bool) -> None:
         """Submit (input_ids, SamplingParams, dp_rank) items, all or none (429 if full)."""
@@ -175,7 +188,21 @@ class Submission:
     async def events(self) -> AsyncIterator[tuple[Choice, str, Delta]]:
         """(choice, newly released text, delta) until every choice has finished."""
         while self.live:
-            choice, delta, t = await self.queue.get()
+            if self.deadline is None or self.closed:  # a drain waits without the deadline
+                choice, delta, t = await self.queue.get()
+            else:
+                try:
+                    left = self.deadline - time.monotonic()
+                    choice, delta, t = await asyncio.wait_for(self.queue.get(), max(left, 0))
+                except asyncio.TimeoutError:
+                    self.close()  # aborts what still runs; its KV is freed
+                    timeout = self.state.request_timeout_s
+                    raise ApiError(
+                        504,
+                        f"the request did not finish within the server's request timeout "
+                        f"({timeout} s) and was aborted",
+                        code="request_timeout",
+                    ) from None
             yield choice, self._absorb(choice, delta, t), delta
 
     def _absorb(self, c: Choice, delta: Delta, t: float) -> str:
@@ -315,6 +342,9 @@ def streaming_response(sub: Submission, chunks: AsyncIterator[str]) -> Streaming
         try:
             async for chunk in chunks:
                 yield chunk
+        except ApiError as e:  # the request timeout, mid-stream: the status is already sent
+            yield sse(e.body())
+            yield DONE
         finally:
             sub.close()
 
