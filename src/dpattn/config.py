@@ -98,6 +98,10 @@ class EngineConfig:
     node_rank: int = option(0, "this host's index (0 runs the engine)")
     # host:port of node 0: the torch rendezvous; ZMQ uses the next ports
     dist_init_addr: str | None = option(None, "HOST:PORT of node 0 for the rendezvous")
+    # The CLI's --log-level (dpattn.logs), for the ranks too; a rank logs its DP group's step
+    # line every log_interval decode steps at info level (as SGLang's decode log interval).
+    log_level: str = "info"
+    log_interval: int = 40
     # Tests only: a fault a rank injects on purpose (runtime.faults); never set in production.
     fault: Any = None
     runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(""))

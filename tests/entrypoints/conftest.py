@@ -10,11 +10,12 @@ import pytest
 from server_harness import ServerThread
 
 from dpattn.entrypoints.engine import Engine
+from dpattn.models.tiny import ensure_default_model
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
-    engine = Engine(None, 2, 2, backend="thread")
+    engine = Engine(str(ensure_default_model()), 2, 2, backend="thread")  # the tiny model
     srv = ServerThread(engine)
     try:
         yield srv

@@ -15,6 +15,7 @@ import pytest
 from server_harness import ServerThread
 
 from dpattn.entrypoints.engine import Engine
+from dpattn.models.tiny import ensure_default_model
 from dpattn.tools.bench_online import OnlineBenchConfig, run_online
 
 NUM_REQUESTS = 2000
@@ -23,7 +24,7 @@ CONCURRENCY = 64
 
 @pytest.fixture(scope="module")
 def soak_server() -> Iterator[ServerThread]:
-    engine = Engine(None, 2, 2, backend="thread", max_running_requests=32)
+    engine = Engine(str(ensure_default_model()), 2, 2, backend="thread", max_running_requests=32)
     srv = ServerThread(engine, max_queued_requests=4 * NUM_REQUESTS)
     try:
         yield srv

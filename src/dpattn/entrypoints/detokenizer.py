@@ -20,9 +20,12 @@ class IncrementalDetokenizer:
     concatenation of all releases equals the non-streamed text.
     """
 
-    def __init__(self, tokenizer: Any, stop: list[str] | None = None) -> None:
+    def __init__(
+        self, tokenizer: Any, stop: list[str] | None = None, skip_special_tokens: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = list(stop or [])
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""  # text of ids[:read_offset], stable
         self.prefix_offset = 0  # context tokens decoded in front of the window
@@ -32,7 +35,7 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, new_ids: list[int]) -> str:
         self.ids += new_ids

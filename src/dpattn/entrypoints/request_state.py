@@ -39,6 +39,7 @@ class RequestState:
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     input_ids: list[int] = field(default_factory=list)
     logprob_start_len: int = -1
+    skip_special_tokens: bool = True
     finish_reason: str | None = None
     matched_stop: str | int | None = None
     done: threading.Event = field(default_factory=threading.Event)

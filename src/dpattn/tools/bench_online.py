@@ -71,7 +71,7 @@ async def _one(
     return rec
 
 
-async def _run(cfg: OnlineBenchConfig) -> tuple[list[RequestRecord], float]:
+async def _run(cfg: OnlineBenchConfig) -> tuple[list[RequestRecord], float, dict[str, Any]]:
     rng = random.Random(cfg.seed)
     prompts = [
         " ".join(rng.choice(_WORDS) for _ in range(cfg.input_len)) for _ in range(cfg.num_prompts)
@@ -80,7 +80,8 @@ async def _run(cfg: OnlineBenchConfig) -> tuple[list[RequestRecord], float]:
     async with httpx.AsyncClient(
         base_url=cfg.base_url.rstrip("/"), timeout=600, limits=limits
     ) as client:
-        model = cfg.model or (await client.get("/v1/models")).json()["data"][0]["id"]
+        card = (await client.get("/v1/models")).json()["data"][0]
+        model = cfg.model or card["id"]
         gate = asyncio.Semaphore(cfg.concurrency or cfg.num_prompts)
         bar = tqdm(total=cfg.num_prompts, desc="requests", disable=not cfg.progress, leave=False)
         t0 = time.perf_counter()
@@ -98,15 +99,20 @@ async def _run(cfg: OnlineBenchConfig) -> tuple[list[RequestRecord], float]:
                 await asyncio.sleep(rng.expovariate(cfg.request_rate))
         records = await asyncio.gather(*tasks)
         bar.close()
-        return list(records), time.perf_counter() - t0
+        return list(records), time.perf_counter() - t0, card
 
 
 def run_online(cfg: OnlineBenchConfig, plot_path: str | None = None) -> dict[str, Any]:
-    records, elapsed = asyncio.run(_run(cfg))
+    records, elapsed, card = asyncio.run(_run(cfg))
     ok = [r for r in records if r.error is None and r.end is not None]
     itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
     tokens = sum(len(r.token_times) for r in ok)
     report = {
+        # what the server runs (its /v1/models card): the report names model, dtype and layout
+        "model": cfg.model or card["id"],
+        "dtype": card.get("dtype"),
+        "tp_size": card.get("tp_size"),
+        "dp_size": card.get("dp_size"),
         "config": asdict(cfg),
         "elapsed_s": elapsed,
         "completed": len(ok),
@@ -119,40 +125,74 @@ def run_online(cfg: OnlineBenchConfig, plot_path: str | None = None) -> dict[str
         "itl_s": percentiles(itl),
     }
     if plot_path:
-        plot(ok, elapsed, plot_path)
+        plot(ok, elapsed, plot_path, plot_title(report))
         report["plot"] = plot_path
     return report
 
 
-def plot(records: list[RequestRecord], elapsed: float, path: str) -> None:
-    """Latency percentiles of requests finishing in each second, and tokens per second."""
+def plot_title(report: dict[str, Any]) -> str:
+    """Model, dtype and layout; the load (rate or concurrency, prompts, lengths)."""
+    cfg = report["config"]
+    load = (
+        f"{cfg['request_rate']} req/s"
+        if cfg["request_rate"]
+        else f"concurrency {cfg['concurrency']}"
+        if cfg["concurrency"]
+        else "all at once"
+    )
+    return (
+        f"{report['model']} ({report['dtype']}), tp {report['tp_size']} dp {report['dp_size']}\n"
+        f"{cfg['num_prompts']} prompts, {load}, {cfg['input_len']} words in, "
+        f"{cfg['output_len']} tokens out"
+    )
+
+
+def plot(records: list[RequestRecord], elapsed: float, path: str, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seconds = max(1, int(elapsed) + 1)
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    done: list[list[float]] = [[] for _ in range(seconds)]
-    for r in records:
-        done[min(int(r.end or 0), seconds - 1)].append((r.end or 0) - r.start)
-    for q, style in (("p50", "-"), ("p90", "--"), ("p99", ":")):
-        xs = [i for i in range(seconds) if done[i]]
-        ax1.plot(
-            xs,
-            [percentiles(done[i])[q] if len(done[i]) > 1 else done[i][0] for i in xs],
-            style,
-            label=q,
-        )
-    ax1.set_ylabel("latency (s)")
-    ax1.legend()
-    per_second = [0] * seconds
-    for r in records:
-        for t in r.token_times:
-            per_second[min(int(t), seconds - 1)] += 1
-    ax2.bar(range(seconds), per_second)
-    ax2.set_ylabel("output tokens / s")
-    ax2.set_xlabel("time since start (s)")
-    fig.tight_layout()
+    fig = figure(records, elapsed, title)
     fig.savefig(path)
     plt.close(fig)
+
+
+def figure(records: list[RequestRecord], elapsed: float, title: str = "") -> Any:
+    """Three panels: output throughput over time, and the TTFT and inter-token latency
+    distributions (histograms with p50 / p99 marked: readable whatever the arrival pattern)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tput, ax_ttft, ax_itl) = plt.subplots(3, 1, figsize=(8, 9))
+    fig.suptitle(title)
+    bins = max(1, min(60, int(elapsed / 0.25) + 1))  # 0.25 s buckets, at most 60
+    width = max(elapsed, 1e-9) / bins
+    per_bucket = [0] * bins
+    for r in records:
+        for t in r.token_times:
+            per_bucket[min(int(t / width), bins - 1)] += 1
+    ax_tput.bar([i * width for i in range(bins)], [n / width for n in per_bucket], width=width)
+    ax_tput.set_title("output throughput over time")
+    ax_tput.set_xlabel("time since start (s)")
+    ax_tput.set_ylabel("tokens / s")
+    ttft = [r.ttft * 1e3 for r in records if r.ttft is not None]
+    itl = [(b - a) * 1e3 for r in records for a, b in zip(r.token_times, r.token_times[1:])]
+    for ax, values, name in (
+        (ax_ttft, ttft, "time to first token"),
+        (ax_itl, itl, "inter-token latency"),
+    ):
+        ax.set_title(f"{name} ({len(values)} samples)")
+        ax.set_xlabel("ms")
+        ax.set_ylabel("count")
+        if not values:
+            continue
+        ax.hist(values, bins=min(40, max(5, len(values) // 4)))
+        q = percentiles(values)
+        for key, style in (("p50", "--"), ("p99", ":")):
+            ax.axvline(q[key], color="k", linestyle=style, label=f"{key} {q[key]:.1f} ms")
+        ax.legend()
+    fig.tight_layout()
+    return fig

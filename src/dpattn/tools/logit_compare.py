@@ -25,9 +25,10 @@ class Tolerance:
 
 def default_tolerance(dtype: str) -> Tolerance:
     if dtype == "float32":
-        # Measured on Gemma-3-270M at (1,1)/(2,1)/(2,2): |Δ| ≤ 5e-4 at max|logit| ~ 40, i.e.
-        # ~1.3e-5 relative; rtol 5e-5 leaves a margin of about 4, KL stays below 1e-8.
-        return Tolerance(atol=1e-4, rtol=5e-5, max_kl=1e-5)
+        # Gemma-3-270M at (1,1), (2,1), (2,2): |Δ| up to 1.7e-4 (5e-4 seen with more prompts)
+        # on rows whose max|logit| is 16-60, i.e. <= ~1e-5 relative; KL ~1e-10. rtol 5e-5
+        # leaves a margin of 2-5; a 1% change of one weight tensor is far outside.
+        return Tolerance(atol=1e-4, rtol=5e-5, max_kl=1e-6)
     # bf16 keeps 8 significant bits: a ulp is |logit| / 128, and a few ulps of difference are
     # rounding, not a bug (atol 0.25 covers the small logits of the tiny models).
     return Tolerance(atol=0.25, rtol=4 / 128, max_kl=5e-2)
