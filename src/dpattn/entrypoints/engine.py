@@ -294,6 +294,8 @@ class Engine:
             except queue.Empty:
                 self._check_alive(rid, deadline, timeout)
                 continue
+            if deadline is not None and delta.finish_reason is None:
+                self._check_alive(rid, deadline, timeout)  # tokens keep coming: check anyway
             if delta.finish_reason == "error":
                 raise RuntimeError(self.failure or "engine failed")
             yield delta
@@ -366,6 +368,8 @@ class Engine:
     ) -> dict[str, Any] | list[dict[str, Any]]:
         if (prompt is None) == (input_ids is None):
             raise ValueError("give exactly one of prompt or input_ids")
+        if input_ids is not None and not isinstance(input_ids, list):
+            raise ValueError("input_ids must be a list of token ids or a list of such lists")
         single = isinstance(prompt, str) or (
             input_ids is not None and input_ids and isinstance(input_ids[0], int)
         )
