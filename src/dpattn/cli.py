@@ -157,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    serve.add_argument(
+        "--request-timeout", type=float, help="seconds a request may run; then aborted, HTTP 504"
+    )
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health)")
+    serve.add_argument(
+        "--max-request-body-bytes", type=int, default=16 * 2**20, help="larger bodies: HTTP 413"
+    )
+    serve.add_argument(
+        "--keep-alive-on-engine-death",
+        action="store_true",
+        help="keep serving 503 after a rank died instead of exiting non-zero",
+    )
     return parser
 
 
@@ -170,6 +182,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_queued_requests=None if args.max_queued_requests < 0 else args.max_queued_requests,
         served_model_name=args.served_model_name,
         log_level=args.log_level,
+        request_timeout_s=args.request_timeout,
+        api_key=args.api_key,
+        max_body_bytes=args.max_request_body_bytes,
+        keep_alive_on_engine_death=args.keep_alive_on_engine_death,
         **engine_options(args),
     )
     return 0

@@ -19,7 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from dpattn.entrypoints.engine import Engine
+from dpattn.entrypoints.engine_watch import ExitOnEngineDeath
 from dpattn.entrypoints.generate_route import add_generate_route
+from dpattn.entrypoints.http_guard import DEFAULT_MAX_BODY_BYTES, LimitBody, RequireApiKey
 from dpattn.entrypoints.metrics import CONTENT_TYPE
 from dpattn.entrypoints.openai_protocol import (
     ApiError,
@@ -204,12 +206,20 @@ def add_openai_routes(app: FastAPI, st: ServerState) -> None:
 
 
 def create_app(
-    engine: Engine, model_name: str | None = None, max_queued_requests: int | None = 256
+    engine: Engine,
+    model_name: str | None = None,
+    max_queued_requests: int | None = 256,
+    request_timeout_s: float | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The FastAPI app serving `engine` (the caller owns the engine and shuts it down)."""
     app = FastAPI(title="dpattn", docs_url=None, redoc_url=None, openapi_url=None)
-    st = ServerState(engine, model_name, max_queued_requests)
+    st = ServerState(engine, model_name, max_queued_requests, request_timeout_s)
     app.state.dpattn = st
+    app.add_middleware(LimitBody, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(RequireApiKey, api_key=api_key)  # added last: runs first
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -259,9 +269,14 @@ def serve(
     max_queued_requests: int | None = 256,
     served_model_name: str | None = None,
     log_level: str = "info",
+    request_timeout_s: float | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    keep_alive_on_engine_death: bool = False,
     **engine_options: Any,
 ) -> None:
-    """Run the server until SIGINT / SIGTERM; the engine and its ranks are always shut down."""
+    """Run the server until SIGINT / SIGTERM, or until the engine dies (exit status 1); the
+    engine and its ranks are always shut down."""
     import uvicorn
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -275,14 +290,36 @@ def serve(
     try:
         engine = Engine(model_path, tp_size, dp_size, **engine_options)
         try:
-            app = create_app(engine, served_model_name, max_queued_requests)
+            app = create_app(
+                engine,
+                served_model_name,
+                max_queued_requests,
+                request_timeout_s,
+                api_key,
+                max_body_bytes,
+            )
             config = uvicorn.Config(
                 app, log_level=log_level, timeout_graceful_shutdown=5, access_log=False
             )
             name = app.state.dpattn.model_name
             print(f"dpattn serve: http://{host}:{port}/v1 serving {name}", flush=True)
-            uvicorn.Server(config).run(sockets=[sock])
+            lim = engine.limits
+            print(
+                f"dpattn serve: KV pool {lim.kv_pool_tokens if lim else '?'} tokens per DP group "
+                f"({engine.kv_source}); context length {engine.context_length}; "
+                f"max running requests {engine.cfg.scheduler.max_running_requests} per DP group",
+                flush=True,
+            )
+            server = uvicorn.Server(config)
+            watch = None if keep_alive_on_engine_death else ExitOnEngineDeath(engine, server)
+            try:
+                server.run(sockets=[sock])
+            finally:
+                if watch is not None:
+                    watch.stop()
         finally:
             engine.shutdown()
     finally:
         sock.close()
+    if watch is not None and watch.reason:
+        raise SystemExit(f"dpattn serve: exiting: {watch.reason}")
