@@ -9,14 +9,11 @@ import signal
 import sys
 from typing import Any
 
+from dpattn.cli_errors import run_reporting_errors
 from dpattn.config import ENGINE, LAYOUT, flag_fields
-from dpattn.models.tiny import (
-    ARCHS,
-    add_size_overrides,
-    ensure_default_model,
-    make_tiny_model,
-    overrides_from_args,
-)
+from dpattn.logs import LOG_LEVELS, configure_logging
+from dpattn.models.model_path import resolve_model_path
+from dpattn.models.tiny import ARCHS, add_size_overrides, make_tiny_model, overrides_from_args
 
 
 def _add_config_flags(p: argparse.ArgumentParser, *groups: str) -> None:
@@ -36,6 +33,15 @@ def _add_config_flags(p: argparse.ArgumentParser, *groups: str) -> None:
             p.add_argument(*dict.fromkeys(names), **kw)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dpattn")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _flag_type(f: dataclasses.Field[Any]) -> type:
     kind = str(f.type).split("|")[0].strip()
     return {"int": int, "float": float}.get(kind, str)
@@ -44,7 +50,8 @@ def _flag_type(f: dataclasses.Field[Any]) -> type:
 def engine_options(args: argparse.Namespace, *groups: str) -> dict[str, Any]:
     """Engine kwargs (config field names) from the flags of _add_config_flags."""
     groups = groups or (LAYOUT, ENGINE)
-    return {f.name: getattr(args, f.name) for g in groups for f in flag_fields(g)}
+    options = {f.name: getattr(args, f.name) for g in groups for f in flag_fields(g)}
+    return {**options, "log_level": args.log_level}  # the ranks log at the CLI's level
 
 
 def _follower(args: argparse.Namespace) -> bool:
@@ -53,30 +60,29 @@ def _follower(args: argparse.Namespace) -> bool:
         return False
     from dpattn.runtime.topology import run_follower_node
 
-    run_follower_node(args.model_path or default_model_path(real=True), **engine_options(args))
+    run_follower_node(resolve_model_path(args.model_path), **engine_options(args))
     return True
-
-
-def default_model_path(real: bool = False) -> str:
-    """real: Gemma 3 270M when `dpattn[model]` is installed (converted once), else the tiny model."""
-    if real:
-        from dpattn.models.gguf_convert import default_real_model
-
-        path = default_real_model()
-        if path is not None:
-            return str(path)
-        print("hint: pip install 'dpattn[model]' for real text (Gemma 3 270M)", file=sys.stderr)
-    return str(ensure_default_model())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpattn", description="LLM inference with data-parallel attention"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # Every subcommand takes --log-level (after its name, like its other flags).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default="info",
+        choices=LOG_LEVELS,
+        help="for the whole program, rank processes included (debug: tracebacks on errors)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     tiny = sub.add_parser(
-        "make-tiny-model", help="write a tiny random HF-format checkpoint + tokenizer"
+        "make-tiny-model",
+        parents=[common],
+        help="write a tiny random HF-format checkpoint + tokenizer",
     )
     tiny.add_argument("--arch", choices=ARCHS, required=True)
     tiny.add_argument("--out", required=True)
@@ -87,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_size_overrides(tiny)
 
     verify = sub.add_parser(
-        "verify", help="check a parallel layout's logits against HF transformers"
+        "verify", parents=[common], help="check a parallel layout's logits against HF transformers"
     )
     _add_config_flags(verify, LAYOUT)
     verify.add_argument(
@@ -103,10 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="give every DP group requests",
     )
     verify.add_argument(
-        "--tolerance", type=float, default=None, help="max |Δlogit| (default 1e-4 fp32, 0.25 bf16)"
+        "--atol",
+        "--tolerance",
+        type=float,
+        default=None,
+        help="|Δlogit| <= atol + rtol * max|logit| (default atol 1e-4 fp32, 0.25 bf16)",
+    )
+    verify.add_argument("--rtol", type=float, default=None, help="default 5e-5 fp32, 1/32 bf16")
+    verify.add_argument(
+        "--max-kl", type=float, default=None, help="next-token KL bound (1e-6 fp32, 0.05 bf16)"
     )
 
-    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    gen = sub.add_parser("generate", parents=[common], help="generate text for one or more prompts")
     _add_config_flags(gen, LAYOUT, ENGINE)
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     gen.add_argument("--input-ids", help="comma-separated token ids instead of a prompt")
@@ -120,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print the full result as JSON")
 
-    bench = sub.add_parser("bench", help="offline benchmark through the Engine")
+    bench = sub.add_parser("bench", parents=[common], help="offline benchmark through the Engine")
     _add_config_flags(bench, LAYOUT, ENGINE)
     bench.add_argument("--num-prompts", type=int, default=64)
     bench.add_argument("--input-len", type=int, default=32)
@@ -142,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--request-rate", type=float, help="online: Poisson arrivals per second")
     bench.add_argument("--concurrency", type=int, help="online: cap on requests in flight")
     bench.add_argument("--plot", help="online: write a PNG of latency percentiles and throughput")
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (SSE, /metrics)")
+    serve = sub.add_parser(
+        "serve", parents=[common], help="OpenAI-compatible HTTP server (SSE, /metrics)"
+    )
     _add_config_flags(serve, LAYOUT, ENGINE)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=30000)
@@ -155,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--served-model-name", help="model id in the API (default: dir name)")
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--chat-template",
+        help="chat template: a built-in name (gemma) or a Jinja file; default: the tokenizer's "
+        "own, or Gemma's turn format for the packaged Gemma 3 270M (a base model)",
     )
+    serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     serve.add_argument(
         "--request-timeout", type=float, help="seconds a request may run; then aborted, HTTP 504"
     )
@@ -176,12 +195,13 @@ def _serve(args: argparse.Namespace) -> int:
     from dpattn.entrypoints.http_server import serve
 
     serve(
-        args.model_path or default_model_path(real=True),
+        resolve_model_path(args.model_path),
         host=args.host,
         port=args.port,
         max_queued_requests=None if args.max_queued_requests < 0 else args.max_queued_requests,
         served_model_name=args.served_model_name,
-        log_level=args.log_level,
+        chat_template=args.chat_template,
+        access_log=args.access_log,
         request_timeout_s=args.request_timeout,
         api_key=args.api_key,
         max_body_bytes=args.max_request_body_bytes,
@@ -195,7 +215,7 @@ def _generate(args: argparse.Namespace) -> int:
     from dpattn.entrypoints.engine import Engine
 
     if not args.prompt and not args.input_ids:
-        raise SystemExit("give --prompt or --input-ids")
+        raise ValueError("give --prompt or --input-ids")
     params = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -206,7 +226,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
-    with Engine(args.model_path or default_model_path(real=True), **engine_options(args)) as engine:
+    with Engine(resolve_model_path(args.model_path), **engine_options(args)) as engine:
         if args.input_ids:
             ids = [int(x) for x in args.input_ids.split(",")]
             outs = [engine.generate(input_ids=ids, sampling_params=params)]
@@ -238,7 +258,7 @@ def _bench(args: argparse.Namespace) -> int:
         cfg = BenchConfig(
             args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed
         )
-        model_path = args.model_path or default_model_path()
+        model_path = resolve_model_path(args.model_path)
         options = engine_options(args)
         comparison = []
         for dtype in ("float32", "bfloat16") if args.compare_transformers else ():
@@ -264,8 +284,24 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    configure_logging(args.log_level)
+    return run_reporting_errors(lambda: _run(args), debug=args.log_level == "debug")
+
+
+def _check_layout(args: argparse.Namespace) -> None:
+    tp, dp = args.tp_size, args.dp_size
+    if tp < 1 or dp < 1:
+        raise ValueError(f"--tp {tp} and --dp {dp} must be at least 1")
+    if tp % dp:
+        raise ValueError(f"--tp {tp} must be a multiple of --dp {dp}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if hasattr(args, "tp_size"):
+        _check_layout(args)
     if args.command == "make-tiny-model":
         path = make_tiny_model(
             args.arch,
@@ -280,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         from dpattn.tools.verify import VerifyConfig, print_report, verify
 
         cfg = VerifyConfig(
-            model_path=args.model_path or default_model_path(),
+            model_path=resolve_model_path(args.model_path),
             tp=args.tp_size,
             dp=args.dp_size,
             ep=args.ep,
@@ -291,8 +327,11 @@ def main(argv: list[str] | None = None) -> int:
             num_prompts=args.num_prompts,
             decode_steps=args.decode_steps,
             seed=args.seed,
-            tolerance=args.tolerance,
-            reference_model_path=args.reference_model_path,
+            atol=args.atol,
+            rtol=args.rtol,
+            max_kl=args.max_kl,
+            reference_model_path=args.reference_model_path
+            and resolve_model_path(args.reference_model_path),
             idle_group=args.idle_group,
         )
         report = verify(cfg)

@@ -3,7 +3,9 @@ thread backend, checking the invariants of docs/design.md §7 at every step."""
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,9 @@ MAX_STEPS = 400
 @functools.lru_cache(maxsize=1)
 def _model() -> str:
     # One dense layer (scattered layout applies) and one MoE layer (world collectives).
-    out = Path(tempfile.mkdtemp(prefix="dpattn-fuzz-")) / "m"
+    root = tempfile.mkdtemp(prefix="dpattn-fuzz-")
+    atexit.register(shutil.rmtree, root, True)  # hypothesis tests cannot take tmp_path fixtures
+    out = Path(root) / "m"
     return str(make_tiny_model("qwen3_moe", out, seed=3, mlp_only_layers=[0]))
 
 

@@ -83,6 +83,10 @@ class Engine:
         except BaseException:  # Ctrl-C or a failed start: no rank may outlive us
             self._closed = True
             self.ranks.terminate(grace=0.0)
+            for sock in [*self._req_socks, self._out_sock]:
+                sock.close(linger=0)
+            self._zmq.term()
+            shutil.rmtree(self._dir, ignore_errors=True)  # nor its IPC socket directory
             raise
         self._reader = threading.Thread(target=self._read_outputs, daemon=True)
         self._reader.start()
@@ -239,7 +243,11 @@ class Engine:
         with self._lock:
             d = self.router.route(len(input_ids), dp_rank)
             self._pending[rid] = RequestState(
-                len(input_ids), d, input_ids=list(input_ids), logprob_start_len=logprob_start_len
+                len(input_ids),
+                d,
+                input_ids=list(input_ids),
+                logprob_start_len=logprob_start_len,
+                skip_special_tokens=params.skip_special_tokens,
             )
             req = TokenizedGenerateReq(
                 rid,
@@ -349,7 +357,9 @@ class Engine:
         if p.finish_reason == "error":
             raise RuntimeError(self.failure or "engine failed")
         text = (
-            self.tokenizer.decode(p.output_ids, skip_special_tokens=True) if self.tokenizer else ""
+            self.tokenizer.decode(p.output_ids, skip_special_tokens=p.skip_special_tokens)
+            if self.tokenizer
+            else ""
         )
         if isinstance(p.matched_stop, str) and p.matched_stop in text:
             text = text[: text.index(p.matched_stop)]

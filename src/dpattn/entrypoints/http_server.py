@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from dpattn.entrypoints.chat_template import ChatTemplate, resolve_chat_template
 from dpattn.entrypoints.engine import Engine
 from dpattn.entrypoints.engine_watch import ExitOnEngineDeath
 from dpattn.entrypoints.generate_route import add_generate_route
@@ -53,18 +54,22 @@ def _usage(sub: Submission, n: int) -> dict[str, int]:
     return usage(prompt, sum(len(c.ids) for c in sub.choices))
 
 
-def model_card(st: ServerState) -> dict[str, Any]:
+def model_card(st: ServerState, created: int) -> dict[str, Any]:
+    cfg = st.engine.cfg
     return dict(
         id=st.model_name,
         object="model",
-        created=0,
+        created=created,  # when this server loaded the model
         owned_by="dpattn",
-        root=st.engine.cfg.model_path,
+        root=cfg.model_path,
         max_model_len=st.context_length,
+        dtype=cfg.runner.dtype,  # extensions: what a benchmark report names
+        tp_size=cfg.tp_size,
+        dp_size=cfg.dp_size,
     )
 
 
-def add_openai_routes(app: FastAPI, st: ServerState) -> None:
+def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | None = None) -> None:
     async def submit(
         request: Request, req: Any, prompts: list[list[int]], max_new: int | None, logprob: bool
     ) -> tuple[Submission, dict[str, Any]]:
@@ -139,19 +144,20 @@ def add_openai_routes(app: FastAPI, st: ServerState) -> None:
         req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
         req.check()
         tok = st.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
+        if tok is None or template is None:
             raise bad(
-                "this model has no chat template: use /v1/completions with a prompt",
+                "this model has no chat template: start the server with --chat-template, "
+                "or use /v1/completions with a prompt",
                 "messages",
                 "no_chat_template",
             )
         try:
-            text = tok.apply_chat_template(
-                req.conversation(), tokenize=False, add_generation_prompt=True
-            )
+            text = template.render(tok, req.conversation())
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise bad(f"the chat template failed on these messages: {e}", "messages") from None
         ids = tok.encode(text, add_special_tokens=False)
+        # The model's turn ends at the template's end-of-turn token, not only at its EOS.
+        req.stop_token_ids = [*(req.stop_token_ids or []), *template.stop_token_ids(tok)]
         sub, meta = await submit(request, req, [ids], req.max_tokens, req.logprobs)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", **meta}
         lp = (
@@ -212,8 +218,12 @@ def create_app(
     request_timeout_s: float | None = None,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    chat_template: str | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `engine` (the caller owns the engine and shuts it down)."""
+    """The FastAPI app serving `engine` (the caller owns the engine and shuts it down);
+    chat_template: a built-in name or a file (default: see entrypoints/chat_template.py)."""
+    chat = resolve_chat_template(chat_template, engine.tokenizer, engine.cfg.model_path)
+    created = int(time.time())
     app = FastAPI(title="dpattn", docs_url=None, redoc_url=None, openapi_url=None)
     st = ServerState(engine, model_name, max_queued_requests, request_timeout_s)
     app.state.dpattn = st
@@ -248,14 +258,14 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> Response:
-        return JSONResponse({"object": "list", "data": [model_card(st)]})
+        return JSONResponse({"object": "list", "data": [model_card(st, created)]})
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> Response:
         st.check_model(model)
-        return JSONResponse(model_card(st))
+        return JSONResponse(model_card(st, created))
 
-    add_openai_routes(app, st)
+    add_openai_routes(app, st, chat)
     add_generate_route(app, st)
     return app
 
@@ -273,6 +283,8 @@ def serve(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     keep_alive_on_engine_death: bool = False,
+    chat_template: str | None = None,
+    access_log: bool = False,
     **engine_options: Any,
 ) -> None:
     """Run the server until SIGINT / SIGTERM, or until the engine dies (exit status 1); the
@@ -288,7 +300,7 @@ def serve(
         sock.close()
         raise SystemExit(f"dpattn serve: cannot listen on {host}:{port}: {e}") from None
     try:
-        engine = Engine(model_path, tp_size, dp_size, **engine_options)
+        engine = Engine(model_path, tp_size, dp_size, log_level=log_level, **engine_options)
         try:
             app = create_app(
                 engine,
@@ -297,9 +309,10 @@ def serve(
                 request_timeout_s,
                 api_key,
                 max_body_bytes,
+                chat_template,
             )
             config = uvicorn.Config(
-                app, log_level=log_level, timeout_graceful_shutdown=5, access_log=False
+                app, log_level=log_level, timeout_graceful_shutdown=5, access_log=access_log
             )
             name = app.state.dpattn.model_name
             print(f"dpattn serve: http://{host}:{port}/v1 serving {name}", flush=True)

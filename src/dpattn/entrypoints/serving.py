@@ -158,7 +158,7 @@ class Submission:
                     rid,
                     st.engine.dp_rank_of(rid),
                     len(ids),
-                    IncrementalDetokenizer(st.tokenizer, params.stop),
+                    IncrementalDetokenizer(st.tokenizer, params.stop, params.skip_special_tokens),
                     self.t0,
                 )
                 self.choices.append(choice)
