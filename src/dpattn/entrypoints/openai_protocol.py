@@ -7,7 +7,7 @@ that names the parameter, never a silent approximation.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -102,6 +102,7 @@ class _Common(_Strict):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # extension
     ignore_eos: bool = False  # extension
+    skip_special_tokens: bool = True  # extension (as vLLM / SGLang): False keeps them in text
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -145,7 +146,11 @@ class _Common(_Strict):
 
     def sampling_dict(self, max_new_tokens: int, choice: int) -> dict[str, Any]:
         """SamplingParams fields for choice `choice` (choice i of a seeded request: seed + i)."""
-        d: dict[str, Any] = dict(max_new_tokens=max_new_tokens, ignore_eos=self.ignore_eos)
+        d: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+        )
         if self.temperature is not None:
             d["temperature"] = self.temperature
         if self.top_p is not None:
@@ -203,13 +208,15 @@ class ContentPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: str
-    content: str | list[ContentPart] | None = None
+    # The roles chat templates know; content is required: a message without it (an assistant
+    # turn that only calls tools) cannot be rendered, since tools are not supported.
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[ContentPart]
     name: str | None = None
 
     def text(self, i: int) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
+        if isinstance(self.content, str):
+            return self.content
         for j, part in enumerate(self.content):
             if part.type != "text" or part.text is None:
                 raise unsupported(

@@ -15,6 +15,7 @@ import zmq
 from dpattn.config import EngineConfig
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.executor.model_runner import ModelRunner
+from dpattn.logs import RankLogger, configure_logging, rank_logger
 from dpattn.messages import (
     AbortReq,
     BatchOutput,
@@ -26,6 +27,7 @@ from dpattn.messages import (
 from dpattn.scheduler.mlp_sync import SyncRow
 from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.scheduler import Scheduler
+from dpattn.scheduler.step_log import StepLog
 
 IDLE_BACKOFF_MAX_MS = 50
 
@@ -61,7 +63,21 @@ def load_tokenizer(model_path: str) -> Any:
         return None
 
 
+def name_rank(ps: ParallelState, cfg: EngineConfig) -> RankLogger:
+    """Process title `dpattn::scheduler_DP0_TP1` (gloo) and this rank's `[DP d TP t]` logger."""
+    if cfg.backend == "gloo":  # a spawned process: its own logging; threads share the caller's
+        configure_logging(cfg.log_level)
+        try:
+            from setproctitle import setproctitle
+
+            setproctitle(f"dpattn::scheduler_DP{ps.dp_rank}_TP{ps.rank}")
+        except ImportError:  # optional: an unnamed process works the same
+            pass
+    return rank_logger(__name__, ps.dp_rank, ps.rank)
+
+
 def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> dict[str, Any]:
+    log = name_rank(ps, cfg)
     if cfg.scheduler.debug_lockstep:
         ps.set_lockstep(True)
     parent = os.getppid()
@@ -89,6 +105,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
                 runner.kv_budget.source,
             )
         )
+    step_log = StepLog(runner.kv_pool.size, cfg.log_interval) if leader else None
+    log.debug("ready: %d KV slots", runner.kv_pool.size)
     collectives: dict[str, dict[str, int]] = {}
     backoff_ms, shutdown, steps = 0, False, 0
     try:
@@ -123,6 +141,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
             decision = sched.step(shutdown)
             calls = ps.trace.take()  # emptied every step: a serving loop must not let it grow
             stats = sched.last_stats
+            if step_log is not None and (line := step_log.update(stats, _free(runner), _now())):
+                log.info(line)
             if stats.forward_mode != "none":  # what one forward of this kind really issued
                 key = f"{stats.forward_mode}/{stats.padding_mode}"
                 collectives[key] = dict(Counter(f"{g}.{op}" for g, op, _ in calls))
@@ -165,3 +185,11 @@ def bare_all_gather_seconds(ps: ParallelState, iters: int = 100) -> float:
     for _ in range(iters):
         ps.world_cpu.all_gather(row)
     return (time.perf_counter() - t0) / iters
+
+
+def _free(runner: ModelRunner) -> int:
+    return runner.kv_pool.available_size()
+
+
+def _now() -> float:
+    return time.perf_counter()
