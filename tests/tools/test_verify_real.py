@@ -56,7 +56,6 @@ def test_default_model_passes(gemma: Path, tp: int, dp: int) -> None:
 
 
 def test_another_checkpoint_fails(gemma: Path, tmp_path: Path) -> None:
-    import torch
     from safetensors.torch import load_file, save_file
 
     other = tmp_path / "gemma-norm-1pct"
@@ -65,7 +64,6 @@ def test_another_checkpoint_fails(gemma: Path, tmp_path: Path) -> None:
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01 + 0.01
     save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
     del tensors
-    torch.manual_seed(0)
     rc, report = run_verify("--tp", "2", "--dp", "2", "--reference-model-path", str(other))
     assert rc == 1 and report["ok"] is False
     assert report["max_abs_logit_diff"] > report["max_bound"]
