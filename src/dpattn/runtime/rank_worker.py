@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import time
@@ -86,7 +87,7 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
         runner,
         cfg.scheduler,
         eos_token_ids(cfg.model_path, runner.hf_config),
-        load_tokenizer(cfg.model_path),
+        functools.cache(functools.partial(load_tokenizer, cfg.model_path)),
     )
     leader = ps.attn_tp_rank == 0
     ctx = zmq.Context()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,11 @@ from dpattn.scheduler.schedule_batch import FinishReason, Req, ScheduleBatch
 
 class Scheduler:
     def __init__(
-        self, runner: ModelRunner, cfg: SchedulerConfig, eos_ids: set[int], tokenizer: Any = None
+        self,
+        runner: ModelRunner,
+        cfg: SchedulerConfig,
+        eos_ids: set[int],
+        tokenizer: Callable[[], Any] | None = None,
     ) -> None:
         if cfg.skip_all_gather and runner.ps.dp_size > 1:
             # The MLP layers need every DP group's token count at D > 1: with the all-gather
@@ -34,6 +39,8 @@ class Scheduler:
         self.ps = runner.ps
         self.cfg = cfg
         self.eos_ids = eos_ids
+        # Called the first time a request has stop strings: a large vocabulary's tokenizer
+        # costs a rank ~300 MB of memory (Gemma 3), which serving without stop strings never pays.
         self.tokenizer = tokenizer
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
@@ -271,10 +278,11 @@ class Scheduler:
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             req.matched_stop = token
             return FinishReason.STOP
-        if p.stop and self.tokenizer is not None:
+        tokenizer = self.tokenizer() if p.stop and self.tokenizer is not None else None
+        if tokenizer is not None:
             # Only the tail can hold a newly completed stop string (an earlier one would have
             # stopped an earlier step); 4 tokens per character covers split UTF-8 bytes.
-            text = self.tokenizer.decode(req.output_ids[-4 * max(map(len, p.stop)) - 4 :])
+            text = tokenizer.decode(req.output_ids[-4 * max(map(len, p.stop)) - 4 :])
             for s in p.stop:
                 if s in text:
                     req.matched_stop = s
