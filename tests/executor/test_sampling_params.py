@@ -39,7 +39,7 @@ def test_sample_reproducible_and_filters() -> None:
     "params,match",
     [
         ({"temprature": 0.5}, r"unknown sampling parameter\(s\) \['temprature'\]"),
-        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 1"),
         ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1"),
         ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1"),
         ({"temperature": -0.1}, "temperature must be"),

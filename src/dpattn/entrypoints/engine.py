@@ -32,6 +32,7 @@ from dpattn.messages import (
     Wake,
 )
 from dpattn.models.model_path import resolve_model_path
+from dpattn.runtime.launch import refuse_in_spawned_child
 from dpattn.runtime.rank_worker import load_tokenizer
 from dpattn.runtime.router import DpRouter
 from dpattn.runtime.topology import bind_addr, start_ranks, worker_addrs
@@ -43,7 +44,7 @@ class Engine:
     def __init__(
         self, model_path: str | None = None, tp_size: int = 1, dp_size: int = 1, **options: Any
     ) -> None:
-        _refuse_in_spawned_child()
+        refuse_in_spawned_child()
         model_path = resolve_model_path(model_path)  # None: the one default model
         self.cfg = EngineConfig.from_options(model_path, tp_size, dp_size, **options)
         self.layout = Layout(tp_size, dp_size)
@@ -93,7 +94,6 @@ class Engine:
         self._watchdog = threading.Thread(target=self._watch, daemon=True)
         self._watchdog.start()
 
-    # ---- lifecycle ----
     def _wait_ready(self, timeout_s: float = 300.0) -> None:
         ready: set[int] = set()
         deadline = time.monotonic() + timeout_s
@@ -193,21 +193,7 @@ class Engine:
                     p = self._pending.get(o.rid)
                     if p is None:
                         continue
-                    p.output_ids += o.new_ids
-                    p.logprobs += o.new_logprobs
-                    p.top_logprobs += o.new_top_logprobs
-                    p.input_logprobs += o.input_logprobs
-                    p.input_top_logprobs += o.input_top_logprobs
-                    delta = Delta(
-                        o.rid,
-                        o.new_ids,
-                        o.new_logprobs,
-                        o.finish_reason,
-                        o.matched_stop,
-                        o.new_top_logprobs,
-                        o.input_logprobs,
-                        o.input_top_logprobs,
-                    )
+                    delta = p.absorb(o)
                     for listener in p.listeners:
                         listener(delta)
                     if o.finish_reason is not None:
@@ -237,7 +223,13 @@ class Engine:
             raise RuntimeError("engine is shut down")
         assert self.limits is not None
         self.limits.check(input_ids, params, return_logprob, dp_rank)  # never a bad id on a rank
-        check_logprob_options(len(input_ids), return_logprob, logprob_start_len, top_logprobs_num)
+        check_logprob_options(
+            len(input_ids),
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            params.max_new_tokens,
+        )
         rid = uuid.uuid4().hex
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         with self._lock:
@@ -276,18 +268,7 @@ class Engine:
         with self._lock:
             p = self._pending[rid]
             if p.output_ids or p.finish_reason:  # catch up on what already arrived
-                listener(
-                    Delta(
-                        rid,
-                        list(p.output_ids),
-                        list(p.logprobs),
-                        p.finish_reason,
-                        p.matched_stop,
-                        list(p.top_logprobs),
-                        list(p.input_logprobs),
-                        list(p.input_top_logprobs),
-                    )
-                )
+                listener(p.so_far(rid))
             if not p.done.is_set():
                 p.listeners.append(listener)
 
@@ -403,8 +384,9 @@ class Engine:
         assert self.limits is not None
         for ids, p, r in zip(batch_ids, params, ranks):
             self.limits.check(ids, p, return_logprob, r)
-        for ids in batch_ids:  # validate all before sending any
-            check_logprob_options(len(ids), return_logprob, logprob_start_len, top_logprobs_num)
+        for ids, p in zip(batch_ids, params):  # validate all before sending any
+            n = p.max_new_tokens
+            check_logprob_options(len(ids), return_logprob, logprob_start_len, top_logprobs_num, n)
         rids = [
             self.submit(ids, p, return_logprob, r, logprob_start_len, top_logprobs_num)
             for ids, p, r in zip(batch_ids, params, ranks)
@@ -416,16 +398,3 @@ class Engine:
         """Every DP group's KV pool is back to its initial free size (as last reported)."""
         with self._lock:
             return self.kv_free == self.kv_total
-
-
-def _refuse_in_spawned_child() -> None:
-    """A script that creates an Engine at module level re-runs that line in every rank process
-    (they are spawned, so they import the main module): say so instead of two tracebacks."""
-    import multiprocessing.process
-
-    if getattr(multiprocessing.process.current_process(), "_inheriting", False):
-        raise SystemExit(
-            "dpattn: error: the Engine was created while a rank process was starting: rank "
-            "processes are spawned and import your script, so create the Engine under "
-            '`if __name__ == "__main__":`'
-        )

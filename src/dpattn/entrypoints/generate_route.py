@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from dpattn.entrypoints.openai_protocol import GenerateRequest, bad
+from dpattn.entrypoints.request_state import Delta, logprob_meta
 from dpattn.entrypoints.serving import (
     DONE,
     DP_RANK_HEADER,
@@ -30,7 +31,10 @@ from dpattn.entrypoints.serving import (
 )
 
 
-def _result(c: Choice, text: str, ids: list[int], logprobs: list[float]) -> dict[str, Any]:
+def _result(
+    c: Choice, text: str, ids: list[int], delta: Any, req: GenerateRequest, prompt: list[int]
+) -> dict[str, Any]:
+    """One answer (or one streamed event: `delta` holds just its new logprobs)."""
     meta: dict[str, Any] = dict(
         id=c.rid,
         prompt_tokens=c.prompt_tokens,
@@ -39,9 +43,16 @@ def _result(c: Choice, text: str, ids: list[int], logprobs: list[float]) -> dict
         matched_stop=c.matched_stop,
         dp_rank=c.dp_rank,
     )
-    if logprobs:
-        meta["output_token_logprobs"] = [list(x) for x in zip(logprobs, ids)]
-    return {"text": text, "output_ids": ids, "meta_info": meta}
+    # a streamed event carries the prompt's logprobs once, in the event that has them
+    start = req.logprob_start_len if delta.input_logprobs or not req.stream else -1
+    lp = logprob_meta(delta, ids, start, prompt)
+    return {"text": text, "output_ids": ids, "meta_info": meta | _lists(lp)}
+
+
+def _lists(meta: dict[str, Any]) -> dict[str, Any]:
+    """JSON arrays for the (logprob, id) pairs, as SGLang sends them."""
+    pairs = {"output_token_logprobs", "input_token_logprobs"}
+    return {k: [list(x) for x in v] if k in pairs else v for k, v in meta.items()}
 
 
 def add_generate_route(app: FastAPI, st: ServerState) -> None:
@@ -75,7 +86,8 @@ def add_generate_route(app: FastAPI, st: ServerState) -> None:
         if req.stream and not single:
             raise bad("stream is supported for a single request only", "stream")
         sub = Submission(st)
-        await sub.start(list(zip(batch, params, ranks)), req.return_logprob)
+        items = list(zip(batch, params, ranks))
+        await sub.start(items, req.return_logprob, req.top_logprobs_num, req.logprob_start_len)
 
         if req.stream:
 
@@ -84,7 +96,7 @@ def add_generate_route(app: FastAPI, st: ServerState) -> None:
                     if d.finish_reason == "error":
                         yield sse(sub.failure().body())  # type: ignore[union-attr]
                         break
-                    yield sse(_result(c, text, d.new_ids, d.new_logprobs))
+                    yield sse(_result(c, text, d.new_ids, _StreamLogprobs(d), req, batch[0]))
                 yield DONE
 
             return streaming_response(sub, chunks())
@@ -92,5 +104,13 @@ def add_generate_route(app: FastAPI, st: ServerState) -> None:
             return Response(status_code=499)  # the client went away: nobody reads this
         if any(c.finish_reason == "error" for c in sub.choices):
             raise sub.failure()  # type: ignore[misc]
-        outs = [_result(c, c.text, c.ids, c.logprobs) for c in sub.choices]
+        outs = [_result(c, c.text, c.ids, c, req, batch[c.index]) for c in sub.choices]
         return JSONResponse(outs[0] if single else outs)
+
+
+class _StreamLogprobs:
+    """A streamed delta's logprobs under the names logprob_meta reads."""
+
+    def __init__(self, d: Delta) -> None:
+        self.logprobs, self.top_logprobs = d.new_logprobs, d.new_top_logprobs
+        self.input_logprobs, self.input_top_logprobs = d.input_logprobs, d.input_top_logprobs

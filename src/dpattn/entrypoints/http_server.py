@@ -45,6 +45,7 @@ from dpattn.entrypoints.serving import (
     sse,
     streaming_response,
 )
+from dpattn.entrypoints.tokenize_route import add_tokenize_routes
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions; chat: up to the context
 
@@ -71,7 +72,13 @@ def model_card(st: ServerState, created: int) -> dict[str, Any]:
 
 def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | None = None) -> None:
     async def submit(
-        request: Request, req: Any, prompts: list[list[int]], max_new: int | None, logprob: bool
+        request: Request,
+        req: Any,
+        prompts: list[list[int]],
+        max_new: int | None,
+        logprob: bool,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
     ) -> tuple[Submission, dict[str, Any]]:
         """Checks that need the engine, then all choices of all prompts (prompt-major)."""
         st.check_model(req.model)
@@ -80,13 +87,14 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
         items = []
         for ids in prompts:
             st.check_ids(ids, param)
-            new = max_new or st.context_length - len(ids)  # chat default: up to the context
+            # chat default: up to the context
+            new = max_new if max_new is not None else st.context_length - len(ids)
             st.check_length(len(ids), new, param)
             items += [
                 (ids, sampling_params(req.sampling_dict(new, j), param), rank) for j in range(req.n)
             ]
         sub = Submission(st)
-        await sub.start(items, logprob)
+        await sub.start(items, logprob, top_logprobs_num, logprob_start_len)
         return sub, dict(created=int(time.time()), model=st.model_name)
 
     async def finish(sub: Submission, request: Request) -> Response | None:
@@ -107,16 +115,37 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
             prompts = [list(p)]  # type: ignore[arg-type]
         else:
             prompts = [encode(st, x) if isinstance(x, str) else list(x) for x in p]
-        want_lp = req.logprobs is not None
-        max_new = req.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
-        sub, meta = await submit(request, req, prompts, max_new, want_lp)
+        want_lp, top_n = req.logprobs is not None, req.logprobs or 0
+        max_new = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        if max_new == 0 and not (req.echo and want_lp):
+            raise bad(
+                "'max_tokens' must be at least 1 (0 only with echo and logprobs)", "max_tokens"
+            )
+        # echo + logprobs: the prompt's own token logprobs (how evaluation harnesses score)
+        start = 0 if req.echo and want_lp else -1
+        sub, meta = await submit(request, req, prompts, max_new, want_lp, top_n, start)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", **meta}
+        raw = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
+        texts = [x if isinstance(x, str) else None for x in raw]  # echo: the prompt as sent
 
-        def choice(c: Choice, text: str, ids: list[int], lps: list[float], fr: str | None) -> Any:
+        def choice(
+            c: Choice, text: str, ids: list[int], lps: list[Any], tops: list[Any], fr: str | None
+        ) -> Any:
+            if req.echo and not c.echoed:  # the prompt goes in front of the first chunk
+                c.echoed = True
+                p_ids = prompts[c.index // req.n]
+                echoed = texts[c.index // req.n]
+                text = (echoed if echoed is not None else _decode(p_ids)) + text
+                ids, lps = p_ids + ids, [None, *c.input_logprobs, *lps]
+                tops = [None, *c.input_top_logprobs, *tops]
             lp = None
             if want_lp:
-                lp, c.text_offset = completion_logprobs(st.tokenizer, ids, lps, c.text_offset)
+                top = tops if top_n else None
+                lp, c.text_offset = completion_logprobs(st.tokenizer, ids, lps, c.text_offset, top)
             return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": fr}
+
+        def _decode(ids: list[int]) -> str:
+            return st.tokenizer.decode(ids) if st.tokenizer is not None else ""
 
         if req.stream:
 
@@ -125,8 +154,10 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
                     if d.finish_reason in ("abort", "error"):
                         yield sse(sub.failure().body())  # type: ignore[union-attr]
                         break
-                    if text or d.finish_reason or (want_lp and d.new_ids):
-                        ch = choice(c, text, d.new_ids, d.new_logprobs, d.finish_reason)
+                    first_echo = req.echo and not c.echoed
+                    if text or d.finish_reason or (want_lp and d.new_ids) or first_echo:
+                        args = (d.new_ids, d.new_logprobs, d.new_top_logprobs, d.finish_reason)
+                        ch = choice(c, text, *args)
                         yield sse({**meta, "choices": [ch]})
                 else:
                     if req.include_usage:
@@ -136,7 +167,10 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
             return streaming_response(sub, chunks())
         if (resp := await finish(sub, request)) is not None:
             return resp
-        choices = [choice(c, c.text, c.ids, c.logprobs, c.finish_reason) for c in sub.choices]
+        choices = [
+            choice(c, c.text, c.ids, c.logprobs, c.top_logprobs, c.finish_reason)
+            for c in sub.choices
+        ]
         return JSONResponse({**meta, "choices": choices, "usage": _usage(sub, req.n)})
 
     @app.post("/v1/chat/completions")
@@ -158,10 +192,11 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
         ids = tok.encode(text, add_special_tokens=False)
         # The model's turn ends at the template's end-of-turn token, not only at its EOS.
         req.stop_token_ids = [*(req.stop_token_ids or []), *template.stop_token_ids(tok)]
-        sub, meta = await submit(request, req, [ids], req.max_tokens, req.logprobs)
+        top_n = (req.top_logprobs or 0) if req.logprobs else 0
+        sub, meta = await submit(request, req, [ids], req.max_tokens, req.logprobs, top_n)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", **meta}
         lp = (
-            (lambda d: chat_logprobs(st.tokenizer, d.new_ids, d.new_logprobs))
+            (lambda d: chat_logprobs(st.tokenizer, d.new_ids, d.new_logprobs, d.new_top_logprobs))
             if req.logprobs
             else None
         )
@@ -195,7 +230,7 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
             {
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(st.tokenizer, c.ids, c.logprobs)
+                "logprobs": chat_logprobs(st.tokenizer, c.ids, c.logprobs, c.top_logprobs)
                 if req.logprobs
                 else None,
                 "finish_reason": c.finish_reason,
@@ -267,6 +302,7 @@ def create_app(
 
     add_openai_routes(app, st, chat)
     add_generate_route(app, st)
+    add_tokenize_routes(app, st)
     return app
 
 

@@ -1,7 +1,7 @@
 """OpenAI-compatible request models, their validation, and OpenAI-style errors.
 
 Requests are validated strictly: an unknown field, a wrong JSON type or a parameter this engine
-cannot honour (penalties, logit_bias, echo, tools, top-k alternatives in logprobs, ...) is a 400
+cannot honour (penalties, logit_bias, tools, ...) is a 400
 that names the parameter, never a silent approximation.
 """
 
@@ -114,7 +114,8 @@ class _Common(_Strict):
     logit_bias: dict[str, float] | None = None
 
     def check_common(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
+        # 0 only scores a completions prompt (echo + logprobs); checked by the route
+        if self.max_tokens is not None and self.max_tokens < 0:
             raise bad("'max_tokens' must be at least 1", "max_tokens")
         if not 1 <= self.n <= MAX_N:
             raise bad(f"'n' must be between 1 and {MAX_N}", "n")
@@ -183,21 +184,12 @@ class CompletionRequest(_Common):
             raise bad("'prompt' must not be empty", "prompt")
         if self.prompt == "":
             raise bad("'prompt' must not be empty", "prompt")
-        if self.echo:
-            raise unsupported("echo")
         if self.suffix is not None:
             raise unsupported("suffix")
         if self.best_of not in (None, 1, self.n):
             raise unsupported("best_of", "is not supported (only equal to n)")
-        if self.logprobs is not None:
-            if not 0 <= self.logprobs <= 5:
-                raise bad("'logprobs' must be between 0 and 5", "logprobs")
-            if self.logprobs > 0:
-                raise unsupported(
-                    "logprobs",
-                    "> 0 is not supported: the engine computes only the sampled token's "
-                    "logprob (use logprobs=0)",
-                )
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise bad("'logprobs' must be between 0 and 20", "logprobs")
 
 
 class ContentPart(_Strict):
@@ -246,11 +238,8 @@ class ChatCompletionRequest(_Common):
         if self.top_logprobs is not None:
             if not 0 <= self.top_logprobs <= 20:
                 raise bad("'top_logprobs' must be between 0 and 20", "top_logprobs")
-            if self.top_logprobs > 0:
-                raise unsupported(
-                    "top_logprobs",
-                    "> 0 is not supported: the engine computes only the sampled token's logprob",
-                )
+            if self.top_logprobs > 0 and not self.logprobs:
+                raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         if self.tools:
             raise unsupported("tools")
         if self.tool_choice not in (None, "none"):
@@ -269,6 +258,8 @@ class GenerateRequest(_Strict):
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     return_logprob: bool = False
+    top_logprobs_num: int = 0  # SGLang's names, as Engine.generate takes them
+    logprob_start_len: int = -1
     dp_rank: int | list[int] | None = None
     stream: bool = False
 
@@ -282,27 +273,43 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     )
 
 
+TopLogprobs = list[tuple[float, int]]  # (logprob, token id), best first
+
+
 def completion_logprobs(
-    tokenizer: Any, ids: list[int], logprobs: list[float], start: int
+    tokenizer: Any,
+    ids: list[int],
+    logprobs: list[float | None],
+    start: int,
+    top: list[TopLogprobs | None] | None = None,
 ) -> tuple[dict[str, Any], int]:
-    """Legacy completions `logprobs` (sampled tokens only) and the next text offset."""
+    """Legacy completions `logprobs` (tokens, token_logprobs, top_logprobs as {token: logprob}
+    per position, text_offset) and the next text offset. A None logprob (the prompt's first
+    token under echo: nothing predicts it) has None alternatives too."""
     tokens = [token_text(tokenizer, t) for t in ids]
     offsets = []
     for tok in tokens:
         offsets.append(start)
         start += len(tok)
-    body = dict(tokens=tokens, token_logprobs=logprobs, top_logprobs=None, text_offset=offsets)
+    tops = None
+    if top is not None:
+        tops = [
+            None if alts is None else {token_text(tokenizer, t): lp for lp, t in alts}
+            for alts in top
+        ]
+    body = dict(tokens=tokens, token_logprobs=logprobs, top_logprobs=tops, text_offset=offsets)
     return body, start
 
 
-def chat_logprobs(tokenizer: Any, ids: list[int], logprobs: list[float]) -> dict[str, Any]:
+def chat_logprobs(
+    tokenizer: Any, ids: list[int], logprobs: list[float], top: list[TopLogprobs] | None = None
+) -> dict[str, Any]:
+    def entry(t: int, lp: float) -> dict[str, Any]:
+        return dict(token=token_text(tokenizer, t), logprob=lp, bytes=token_bytes(tokenizer, t))
+
+    alts = top or [[] for _ in ids]  # no alternatives asked: an empty list per token
     content = [
-        dict(
-            token=token_text(tokenizer, t),
-            logprob=lp,
-            bytes=token_bytes(tokenizer, t),
-            top_logprobs=[],
-        )
-        for t, lp in zip(ids, logprobs)
+        {**entry(t, lp), "top_logprobs": [entry(at, alp) for alp, at in a]}
+        for t, lp, a in zip(ids, logprobs, alts)
     ]
     return {"content": content}

@@ -6,9 +6,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from dpattn.executor.sampler import MAX_TOP_LOGPROBS
+from dpattn.messages import RequestOutput
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,37 @@ class RequestState:
     done: threading.Event = field(default_factory=threading.Event)
     listeners: list[Callable[[Delta], None]] = field(default_factory=list)
 
+    def absorb(self, o: RequestOutput) -> Delta:
+        """Add one step's output; the delta listeners get."""
+        self.output_ids += o.new_ids
+        self.logprobs += o.new_logprobs
+        self.top_logprobs += o.new_top_logprobs
+        self.input_logprobs += o.input_logprobs
+        self.input_top_logprobs += o.input_top_logprobs
+        return Delta(
+            o.rid,
+            o.new_ids,
+            o.new_logprobs,
+            o.finish_reason,
+            o.matched_stop,
+            o.new_top_logprobs,
+            o.input_logprobs,
+            o.input_top_logprobs,
+        )
+
+    def so_far(self, rid: str) -> Delta:
+        """Everything that arrived, as one delta (a listener that joins late)."""
+        return Delta(
+            rid,
+            list(self.output_ids),
+            list(self.logprobs),
+            self.finish_reason,
+            self.matched_stop,
+            list(self.top_logprobs),
+            list(self.input_logprobs),
+            list(self.input_top_logprobs),
+        )
+
     def meta_info(self, rid: str) -> dict[str, Any]:
         """Engine.generate's meta_info, with SGLang's names for the logprobs."""
         meta: dict[str, Any] = {
@@ -55,25 +87,15 @@ class RequestState:
             "matched_stop": self.matched_stop,
             "dp_rank": self.dp_rank,
         }
-        if self.logprobs:
-            meta["output_token_logprobs"] = list(zip(self.logprobs, self.output_ids))
-        if self.top_logprobs:
-            meta["output_top_logprobs"] = self.top_logprobs
-        if self.logprob_start_len >= 0:
-            # (logprob, id) per prompt token from logprob_start_len; nothing predicts the
-            # first prompt token, so its logprob is None.
-            start = self.logprob_start_len
-            head: list[Any] = [None] if start == 0 else []
-            meta["input_token_logprobs"] = list(
-                zip(head + self.input_logprobs, self.input_ids[start:])
-            )
-            if self.input_top_logprobs:
-                meta["input_top_logprobs"] = head + self.input_top_logprobs
-        return meta
+        return meta | logprob_meta(self, self.output_ids, self.logprob_start_len)
 
 
 def check_logprob_options(
-    prompt_len: int, return_logprob: bool, logprob_start_len: int, top_logprobs_num: int
+    prompt_len: int,
+    return_logprob: bool,
+    logprob_start_len: int,
+    top_logprobs_num: int,
+    max_new_tokens: int = 1,
 ) -> None:
     if not -1 <= logprob_start_len < prompt_len:
         raise ValueError(
@@ -84,3 +106,40 @@ def check_logprob_options(
         raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]")
     if (logprob_start_len >= 0 or top_logprobs_num) and not return_logprob:
         raise ValueError("logprob_start_len and top_logprobs_num need return_logprob")
+    if max_new_tokens == 0 and logprob_start_len < 0:
+        raise ValueError(
+            "max_new_tokens 0 only scores the prompt: ask for its logprobs "
+            "(return_logprob with logprob_start_len >= 0), or ask for at least 1 token"
+        )
+
+
+class HasLogprobs(Protocol):
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[float, int]]]
+    input_logprobs: list[float]
+    input_top_logprobs: list[list[tuple[float, int]]]
+
+
+def logprob_meta(
+    r: HasLogprobs,
+    output_ids: list[int],
+    logprob_start_len: int,
+    input_ids: list[int] | None = None,
+) -> dict[str, Any]:
+    """meta_info's logprob fields, with SGLang's names and layout."""
+    meta: dict[str, Any] = {}
+    if r.logprobs:
+        meta["output_token_logprobs"] = list(zip(r.logprobs, output_ids))
+    if r.top_logprobs:
+        meta["output_top_logprobs"] = r.top_logprobs
+    if logprob_start_len >= 0:
+        # (logprob, id) per prompt token from logprob_start_len; nothing predicts the first
+        # prompt token, so its logprob is None.
+        prompt = input_ids if input_ids is not None else getattr(r, "input_ids", [])
+        head: list[Any] = [None] if logprob_start_len == 0 else []
+        meta["input_token_logprobs"] = list(
+            zip(head + r.input_logprobs, prompt[logprob_start_len:])
+        )
+        if r.input_top_logprobs:
+            meta["input_top_logprobs"] = head + r.input_top_logprobs
+    return meta

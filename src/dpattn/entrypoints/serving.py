@@ -123,8 +123,12 @@ class Choice:
         self.detok = detok
         self.ids: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[float, int]]] = []
+        self.input_logprobs: list[float] = []  # prompt logprobs (echo, logprob_start_len)
+        self.input_top_logprobs: list[list[tuple[float, int]]] = []
         self.text = ""
         self.text_offset = 0  # of the next token (completions logprobs)
+        self.echoed = False  # completions echo: the prompt went out in front of the first chunk
         self.finish_reason: str | None = None
         self.matched_stop: str | int | None = None
         self.t_start = t0  # when the HTTP request was accepted
@@ -144,15 +148,28 @@ class Submission:
         timeout = state.request_timeout_s
         self.deadline = None if timeout is None else time.monotonic() + timeout
 
-    async def start(self, items: list[tuple[list[int], Any, int | None]], logprob: bool) -> None:
+    async def start(
+        self,
+        items: list[tuple[list[int], Any, int | None]],
+        logprob: bool,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
+    ) -> None:
         """Submit (input_ids, SamplingParams, dp_rank) items, all or none (429 if full)."""
         st = self.state
         st.reserve(len(items))
         try:
             for i, (ids, params, dp_rank) in enumerate(items):
-                rid = await self.loop.run_in_executor(
-                    None, st.engine.submit, ids, params, logprob, dp_rank
+                submit = functools.partial(
+                    st.engine.submit,
+                    ids,
+                    params,
+                    logprob,
+                    dp_rank,
+                    logprob_start_len=logprob_start_len,
+                    top_logprobs_num=top_logprobs_num,
                 )
+                rid = await self.loop.run_in_executor(None, submit)
                 choice = Choice(
                     i,
                     rid,
@@ -217,6 +234,9 @@ class Submission:
             m.generation_tokens.labels(*lbl).inc(len(delta.new_ids))
             c.ids += delta.new_ids
             c.logprobs += delta.new_logprobs
+        c.top_logprobs += delta.new_top_logprobs
+        c.input_logprobs += delta.input_logprobs
+        c.input_top_logprobs += delta.input_top_logprobs
         text = c.detok.add(list(delta.new_ids))
         if delta.finish_reason is not None:
             c.finish_reason, c.matched_stop = delta.finish_reason, delta.matched_stop

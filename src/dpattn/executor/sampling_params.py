@@ -59,8 +59,8 @@ class SamplingParams:
             return (integer(x) or isinstance(x, float)) and math.isfinite(x)
 
         need(
-            integer(self.max_new_tokens) and self.max_new_tokens >= 1,
-            "max_new_tokens must be an integer >= 1",
+            integer(self.max_new_tokens) and self.max_new_tokens >= 0,
+            "max_new_tokens must be an integer >= 1 (or 0 to score a prompt's logprobs only)",
         )
         need(number(self.temperature) and self.temperature >= 0, "temperature must be >= 0")
         need(number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")

@@ -185,3 +185,14 @@ def run_ranks(
 ) -> list[Any]:
     """Run fn(parallel_state) on every rank; results in rank order. Any rank failing raises."""
     return RankGroup(fn, layout, backend, timeout_s).wait()
+
+
+def refuse_in_spawned_child() -> None:
+    """A script that creates an Engine at module level re-runs that line in every rank process
+    (they are spawned, so they import the main module): say so instead of two tracebacks."""
+    if getattr(mp.current_process(), "_inheriting", False):
+        raise SystemExit(
+            "dpattn: error: the Engine was created while a rank process was starting: rank "
+            "processes are spawned and import your script, so create the Engine under "
+            '`if __name__ == "__main__":`'
+        )
