@@ -1,8 +1,5 @@
-"""Per-rank weight loading: a rank reads only its own slices of the checkpoint (get_slice).
-
-The lazily loaded parameters must equal those of the old full-read path (kept below as the
-reference), and a tp=2 rank must read about half of what a tp=1 rank reads.
-"""
+"""Per-rank weight loading (get_slice): parameters equal the old full-read path's (kept below as
+the reference), and a tp=2 rank reads about half of what a tp=1 rank reads."""
 
 from __future__ import annotations
 
@@ -180,49 +177,35 @@ MODEL_NAMES = [
 # ---- equality with the full-read path ----
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "tp{}-dp{}-ep{:d}".format(*x))
-@pytest.mark.parametrize("name", MODEL_NAMES)
-def test_rank_params_equal_full_read(models: dict[str, Path], name: str, layout: tuple) -> None:
-    path = models[name]
+def assert_equal_full_read(path: Path, layout: tuple[Any, ...], dtype: torch.dtype) -> None:
+    """Every rank's parameters, loaded lazily, equal the full-read reference's exactly."""
     for rank in range(layout[0]):
-        lazy = build(path, layout, rank, torch.float32)
+        lazy = build(path, layout, rank, dtype)
         loader.load_weights(lazy, path)
-        ref = build(path, layout, rank, torch.float32)
+        ref = build(path, layout, rank, dtype)
         reference_load(ref, path)
         ref_params = dict(ref.named_parameters())
         for pname, p in lazy.named_parameters():
-            assert torch.equal(p, ref_params[pname]), f"{name} rank {rank}: {pname} differs"
+            assert p.dtype == dtype
+            assert torch.equal(p, ref_params[pname]), f"{path.name} rank {rank}: {pname} differs"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "tp{}-dp{}-ep{:d}".format(*x))
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_rank_params_equal_full_read(models: dict[str, Path], name: str, layout: tuple) -> None:
+    assert_equal_full_read(models[name], layout, torch.float32)
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "gemma3_untied"])
 def test_bf16_equal_full_read(models: dict[str, Path], name: str) -> None:
     """The dtype conversion after reading the slice matches converting the full tensor."""
-    path, layout = models[name], (2, 1, False, None)
-    for rank in range(2):
-        lazy = build(path, layout, rank, torch.bfloat16)
-        loader.load_weights(lazy, path)
-        ref = build(path, layout, rank, torch.bfloat16)
-        reference_load(ref, path)
-        ref_params = dict(ref.named_parameters())
-        for pname, p in lazy.named_parameters():
-            assert p.dtype == torch.bfloat16
-            assert torch.equal(p, ref_params[pname]), f"{name} rank {rank}: {pname} differs"
+    assert_equal_full_read(models[name], (2, 1, False, None), torch.bfloat16)
 
 
-@pytest.mark.parametrize("layout", [(1, 1, False, None), (2, 1, False, None)])
-def test_dense_scattered_layout_equal_full_read(
-    models: dict[str, Path], layout: tuple[Any, ...]
-) -> None:
-    path = models["qwen3_moe_mixed"]
-    layout = (*layout[:3], 1)  # moe_dense_tp_size=1: the dense layer whole on every rank
-    for rank in range(layout[0]):
-        lazy = build(path, layout, rank, torch.float32)
-        loader.load_weights(lazy, path)
-        ref = build(path, layout, rank, torch.float32)
-        reference_load(ref, path)
-        ref_params = dict(ref.named_parameters())
-        for pname, p in lazy.named_parameters():
-            assert torch.equal(p, ref_params[pname]), f"rank {rank}: {pname} differs"
+@pytest.mark.parametrize("tp", [1, 2])
+def test_dense_scattered_layout_equal_full_read(models: dict[str, Path], tp: int) -> None:
+    # moe_dense_tp_size=1: the dense layer whole on every rank
+    assert_equal_full_read(models["qwen3_moe_mixed"], (tp, 1, False, 1), torch.float32)
 
 
 # ---- only slices are read ----
