@@ -1,7 +1,7 @@
 """lm-eval's local-completions against `dpattn serve` (tp=2, dp=2) gives the same per-choice
 loglikelihoods as lm-eval's `hf` model on the same checkpoint (docs/eval/dpattn_mc.yaml).
 
-Opt-in (needs lm-eval and accelerate installed; ~2 min on the tiny model, longer on Gemma):
+Opt-in (needs lm-eval[api] and accelerate installed; ~2 min on the tiny model, longer on Gemma):
 DPATTN_LM_EVAL_TESTS=1 [DPATTN_LM_EVAL=/path/to/lm_eval] [DPATTN_LM_EVAL_MODEL=DIR] pytest ...
 """
 
