@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,24 @@ from dpattn.entrypoints.engine import Engine
 from dpattn.runtime.launch import free_port
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [3]]
+
+
+def free_port_block(n: int) -> int:
+    """A port p with p .. p+n-1 all free: the rendezvous takes p, the ZMQ sockets the next."""
+    while True:
+        port = free_port()
+        socks = []
+        try:
+            for p in range(port, port + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
 GREEDY = {"max_new_tokens": 6, "temperature": 0}
 
 
@@ -22,7 +41,7 @@ def test_two_nodes_match_one_node(tiny_models: dict[str, Path]) -> None:
         expected = [
             o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
         ]
-    addr = f"127.0.0.1:{free_port()}"
+    addr = f"127.0.0.1:{free_port_block(4)}"  # rendezvous + 2 request sockets + outputs
     node_flags = ["--tp", "2", "--dp", "2", "--nnodes", "2", "--dist-init-addr", addr]
     follower = subprocess.Popen(
         [sys.executable, "-m", "dpattn.cli", "generate", "--model-path", model, *node_flags]
