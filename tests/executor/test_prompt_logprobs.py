@@ -40,7 +40,9 @@ def rank_main(ps: ParallelState, model: str, chunk: int) -> dict[str, list[Reque
     return outputs
 
 
-@pytest.mark.parametrize("tp,dp,chunk", [(1, 1, 256), (1, 1, 4), (2, 1, 4), (2, 2, 5)])
+@pytest.mark.parametrize(
+    "tp,dp,chunk", [(1, 1, 256), (1, 1, 4), (2, 1, 4), (2, 2, 5), (4, 2, 3), (4, 4, 4)]
+)
 def test_prompt_logprobs_match_transformers(
     tiny_models: dict[str, Path], tp: int, dp: int, chunk: int
 ) -> None:
