@@ -66,6 +66,23 @@ def test_chat_top_logprobs(client: openai.OpenAI) -> None:
     content = r.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content and all(len(t.top_logprobs) == 3 for t in content)
     assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in content)  # greedy
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,
+    )
+    streamed = [
+        t
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content or []
+    ]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    assert all(len(t.top_logprobs) == 3 for t in streamed)
 
 
 def test_native_generate_logprob_names(server: ServerThread, lsm: torch.Tensor) -> None:
