@@ -62,11 +62,13 @@ def test_local_completions_equals_hf(tmp_path: Path) -> None:
             assert server.poll() is None and time.monotonic() < deadline, "server did not start"
             time.sleep(1)
         args = f"base_url=http://127.0.0.1:{port}/v1/completions,model={Path(model).name}"
+        # both sides tokenize with BOS (Gemma needs it; lm-eval's hf model adds it for Gemma)
         args += f",tokenizer={model},tokenizer_backend=huggingface,num_concurrent=4"
+        args += ",add_bos_token=True"
         ours = lm_eval("local-completions", args, tmp_path / "dpattn")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
-    ref = lm_eval("hf", f"pretrained={model},dtype=float32", tmp_path / "hf")
+    ref = lm_eval("hf", f"pretrained={model},dtype=float32,add_bos_token=True", tmp_path / "hf")
     assert len(ours) == len(ref) == 4 * 30
     assert ours == pytest.approx(ref, abs=1e-4)
