@@ -71,4 +71,9 @@ def test_local_completions_equals_hf(tmp_path: Path) -> None:
         server.wait(timeout=60)
     ref = lm_eval("hf", f"pretrained={model},dtype=float32,add_bos_token=True", tmp_path / "hf")
     assert len(ours) == len(ref) == 4 * 30
-    assert ours == pytest.approx(ref, abs=1e-4)
+    # Sums of a few token logprobs: 1e-4 on the tiny model; Gemma's logits are in the tens, where
+    # fp32 order-of-summation differences reach ~2e-4 (docs: verify's atol + rtol * max|logit|).
+    tiny = model == str(ensure_default_model())
+    assert ours == pytest.approx(ref, abs=1e-4 if tiny else 5e-4)
+    pick = [max(range(4), key=lambda j, q=q: v[4 * q + j]) for v in (ours, ref) for q in range(30)]
+    assert pick[:30] == pick[30:], "a question's answer differs: the accuracy would too"
