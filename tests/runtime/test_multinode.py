@@ -31,6 +31,8 @@ def free_port_block(n: int) -> int:
         finally:
             for s in socks:
                 s.close()
+
+
 GREEDY = {"max_new_tokens": 6, "temperature": 0}
 
 
