@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
+import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from dpattn.config import RunnerConfig, SchedulerConfig
@@ -193,15 +196,36 @@ def _check(case: Case, results: list[dict[str, Any]]) -> dict[str, list[int]]:
     return outputs
 
 
+SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+
+
 @pytest.mark.timeout(900)  # 500 cases take ~90 s on an idle 2-core machine
-@settings(
-    max_examples=500,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=True,
-)
+@settings(max_examples=500, deadline=None, suppress_health_check=SLOW_OK, derandomize=True)
 @given(case=cases())
 def test_protocol_invariants(case: Case) -> None:
+    check_invariants(case)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DPATTN_FUZZ_SECONDS"), reason="opt-in: DPATTN_FUZZ_SECONDS=N"
+)
+@pytest.mark.timeout(0)
+def test_protocol_invariants_random_seeds() -> None:
+    """Fresh random seeds until DPATTN_FUZZ_SECONDS run out. A failure shows its seed and the
+    shrunk case; DPATTN_FUZZ_SEED=S replays that seed."""
+    deadline = time.monotonic() + float(os.environ["DPATTN_FUZZ_SECONDS"])
+    fixed = os.environ.get("DPATTN_FUZZ_SEED")
+    while True:
+        s = int(fixed) if fixed else random.getrandbits(63)
+        print(f"dpattn fuzz: seed {s} (replay: DPATTN_FUZZ_SEED={s})", flush=True)
+        run = given(case=cases())(check_invariants)
+        run = settings(max_examples=50, deadline=None, suppress_health_check=SLOW_OK)(run)
+        seed(s)(run)()
+        if fixed or time.monotonic() > deadline:
+            return
+
+
+def check_invariants(case: Case) -> None:
     outputs = _check(case, _run(case))
     # Outputs do not depend on the layout: the same requests at T = D = 1, no aborts.
     ref_case = Case(
