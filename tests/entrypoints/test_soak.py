@@ -65,7 +65,7 @@ def test_soak_thousands_of_requests_with_aborts(soak_server: ServerThread) -> No
     soak(soak_server, NUM_REQUESTS, random.Random(0))
 
 
-def soak(server: ServerThread, n: int, rng: random.Random, first: int = 0) -> None:
+def soak(server: ServerThread, n: int, rng: random.Random, first: int = 0) -> int:
     """n requests (ids first..first+n-1), 64 streams, ~10% client aborts: nothing lost (every
     complete answer has exactly its max_tokens), KV pools full and nothing in flight after."""
 
@@ -85,13 +85,15 @@ def soak(server: ServerThread, n: int, rng: random.Random, first: int = 0) -> No
     outcomes = [o for o, _, _ in results]
     assert len(results) == n
     assert set(outcomes) <= {"length", "client-abort"}, set(outcomes)
-    assert outcomes.count("client-abort") > n // 40  # ~6% abort before their last chunk
+    aborts = outcomes.count("client-abort")
+    assert aborts > n // 40  # ~6% abort before their last chunk
     for outcome, tokens, max_tokens in results:  # ignore_eos: complete answers are max_tokens long
         assert outcome == "client-abort" or tokens == max_tokens, (outcome, tokens, max_tokens)
     engine = server.state.engine
     deadline = asyncio.run(_settle(server))
     assert deadline, f"KV pools not full: {engine.kv_free} of {engine.kv_total}"
     assert server.state.in_flight == 0
+    return aborts
 
 
 async def _settle(srv: ServerThread, timeout: float = 30.0) -> bool:
@@ -150,9 +152,12 @@ def test_soak_gloo_rank_processes(gloo_server: ServerThread) -> None:
     rng = random.Random(1)
     rss = []
     for first in range(0, total, chunk):
-        soak(gloo_server, chunk, rng, first)
+        aborts = soak(gloo_server, chunk, rng, first)
         rss.append(_rank_rss_mb(gloo_server.state.engine))
-        print(f"soak: {first + chunk} requests, rank RSS MB {rss[-1]}", flush=True)
+        print(
+            f"soak: {first + chunk} requests ({aborts} client aborts in the last {chunk}, none lost), rank RSS MB {rss[-1]}",
+            flush=True,
+        )
     if LONG:
         growth = max(b / a - 1 for a, b in zip(rss[0], rss[-1]))
         print(f"soak: rank RSS growth first -> last thousand: {growth:.2%}", flush=True)
