@@ -113,3 +113,26 @@ def test_tokenize_routes(server: ServerThread) -> None:
     assert bad.status_code == 400
     models = httpx.get(server.url + "/v1/models").json()["data"][0]
     assert models["max_model_len"] == server.state.context_length
+
+
+def test_logit_bias(client: openai.OpenAI, lsm: torch.Tensor) -> None:
+    forced = 7
+    r = client.completions.create(
+        model=MODEL,
+        prompt=[PROMPT],
+        max_tokens=3,
+        temperature=0,
+        logprobs=0,
+        logit_bias={str(forced): 100},
+    )
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None
+    assert len(lp.tokens) == 3
+    ids = client.completions.create(
+        model=MODEL, prompt=[PROMPT], max_tokens=3, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert ids.usage is not None and ids.usage.completion_tokens == 3
+    # the first token is the forced one, and its logprob is the model's own (unbiased)
+    assert lp.token_logprobs[0] == pytest.approx(float(lsm[len(PROMPT) - 1, forced]), abs=1e-4)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model=MODEL, prompt="x", logit_bias={"99999999": 1})

@@ -236,7 +236,7 @@ BAD_INPUTS: list[tuple[str, Any, dict[str, str], int, str | None]] = [
     ("/v1/completions", {"prompt": list(range(1, 500)), "max_tokens": 100}, {}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": [1, 2, 99999]}, {}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, {}, 400, "frequency_penalty"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1.0}}, {}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"five": 1.0}}, {}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, {}, 400, "suffix"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, {}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "frobnicate": 1}, {}, 400, "frobnicate"),

@@ -355,3 +355,20 @@ def test_from_params_rejects_bad_logprob_requests(want: list[bool], n: list[int]
 def test_rejects_wrong_logits_shape() -> None:
     with pytest.raises(ValueError):
         S.sample(torch.randn(3, 10), build([SamplingParams()] * 2))
+
+
+def test_logit_bias_moves_the_draw_not_the_logprobs() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [2.0, 1.0, 0.0, -1.0]])
+    params = [
+        SamplingParams(temperature=0, logit_bias={3: 100.0}),  # greedy follows the bias
+        SamplingParams(temperature=1.0, logit_bias={0: -100.0, 1: -100.0}),  # 0, 1 never drawn
+    ]
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    info = S.SamplingBatchInfo.from_params(params, gens, [True, True], [0, 0])
+    for _ in range(20):
+        out = S.sample(logits, info)
+        assert int(out.next_token_ids[0]) == 3 and int(out.next_token_ids[1]) in (2, 3)
+        lsm = torch.log_softmax(logits, -1)  # logprobs: the model's own distribution
+        want = lsm.gather(1, out.next_token_ids[:, None]).squeeze(1)
+        assert torch.allclose(out.logprobs, want)
+    assert S.probs(logits, info)[1, :2].sum() < 1e-30

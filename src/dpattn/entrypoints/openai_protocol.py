@@ -1,7 +1,7 @@
 """OpenAI-compatible request models, their validation, and OpenAI-style errors.
 
 Requests are validated strictly: an unknown field, a wrong JSON type or a parameter this engine
-cannot honour (penalties, logit_bias, tools, ...) is a 400
+cannot honour (penalties, tools, ...) is a 400
 that names the parameter, never a silent approximation.
 """
 
@@ -139,8 +139,9 @@ class _Common(_Strict):
                 raise unsupported(name, "is not supported (only 0)")
         if self.repetition_penalty not in (None, 1):
             raise unsupported("repetition_penalty", "is not supported (only 1)")
-        if self.logit_bias:
-            raise unsupported("logit_bias")
+        for key in self.logit_bias or {}:
+            if not key.lstrip("-").isdigit():
+                raise bad(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias")
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -164,6 +165,7 @@ class _Common(_Strict):
             d["seed"] = (self.seed + choice) % MAX_SEED
         d["stop"] = self.stop_list()
         d["stop_token_ids"] = list(self.stop_token_ids or [])
+        d["logit_bias"] = {int(k): v for k, v in (self.logit_bias or {}).items()}
         return d
 
     @property

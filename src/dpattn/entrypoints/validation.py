@@ -30,6 +30,7 @@ class RequestLimits:
             raise ValueError(f"params must be SamplingParams, not {type(params).__name__}")
         params.validate()  # a hand-built SamplingParams skipped from_dict's check
         self.check_ids(params.stop_token_ids, "stop_token_ids", allow_empty=True)
+        self.check_ids(list(params.logit_bias), "logit_bias", allow_empty=True)
         self.check_length(len(input_ids), params.max_new_tokens)
         if not isinstance(return_logprob, bool):
             raise ValueError("return_logprob must be true or false")

@@ -54,6 +54,8 @@ class SamplingBatchInfo:
     need_top_p: bool
     need_min_p: bool
     max_top_logprobs_num: int
+    # (rows, token ids, values) added to the logits before sampling; None: no row has a bias
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     sample_rows: list[int]  # rows drawn at random (not greedy)
     greedy_rows: list[int]
     logprob_rows: list[int]  # rows that want logprobs
@@ -115,6 +117,7 @@ class SamplingBatchInfo:
             need_top_p=any(p.top_p < 1 for p in sampled),
             need_min_p=any(p.min_p > 0 for p in sampled),
             max_top_logprobs_num=max(top_logprobs_num, default=0),
+            logit_bias=_bias(params, dev),
             sample_rows=sample_rows,
             greedy_rows=greedy_rows,
             logprob_rows=logprob_rows,
@@ -122,6 +125,20 @@ class SamplingBatchInfo:
             greedy_index=_index(greedy_rows, b, dev),
             logprob_index=_index(logprob_rows, b, dev),
         )
+
+
+def _bias(
+    params: Sequence[SamplingParams], dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    entries = [(r, t, b) for r, p in enumerate(params) for t, b in p.logit_bias.items()]
+    if not entries:
+        return None
+    rows, ids, vals = zip(*entries)
+    return (
+        torch.tensor(rows, device=dev),
+        torch.tensor(ids, device=dev),
+        torch.tensor(vals, dtype=torch.float32, device=dev),
+    )
 
 
 @dataclass
@@ -181,6 +198,8 @@ def probs(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
 
     Greedy rows are one-hot at their argmax. For tests and debugging; ``sample`` never builds it.
     """
+    if info.logit_bias is not None:
+        logits = logits.index_put(info.logit_bias[:2], info.logit_bias[2], accumulate=True)
     out = torch.zeros_like(logits)
     if info.greedy_rows:
         g = torch.tensor(info.greedy_rows, dtype=torch.long, device=logits.device)
@@ -245,6 +264,9 @@ def sample(logits: torch.Tensor, info: SamplingBatchInfo) -> SampleOutput:
     if logits.dim() != 2 or logits.shape[0] != info.batch_size:
         raise ValueError(f"logits {tuple(logits.shape)} do not match batch of {info.batch_size}")
     dev = logits.device
+    raw = logits  # logprobs are the model's own distribution, bias or not
+    if info.logit_bias is not None:
+        logits = logits.index_put(info.logit_bias[:2], info.logit_bias[2], accumulate=True)
     if info.all_greedy:
         ids = logits.argmax(-1)  # fast path: no softmax, no generators touched
     else:
@@ -263,7 +285,7 @@ def sample(logits: torch.Tensor, info: SamplingBatchInfo) -> SampleOutput:
 
     # One log_softmax over only the rows that asked, under the unmodified distribution.
     lidx = info.logprob_index
-    lsm = torch.log_softmax(_rows(logits, lidx), dim=-1)
+    lsm = torch.log_softmax(_rows(raw, lidx), dim=-1)
     chosen = lsm.gather(1, _rows(ids, lidx).unsqueeze(1)).squeeze(1)
     if lidx is None:
         logprobs = chosen

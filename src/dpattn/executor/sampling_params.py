@@ -27,6 +27,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    # Added to the token's logit before sampling (OpenAI's logit_bias, -100..100); the
+    # returned logprobs stay those of the model's own distribution.
+    logit_bias: dict[int, float] = field(default_factory=dict)
     # Detokenization (the frontend's; ranks ignore it): drop special tokens from the text.
     skip_special_tokens: bool = True
 
@@ -76,6 +79,13 @@ class SamplingParams:
         need(
             isinstance(self.stop_token_ids, list) and all(integer(t) for t in self.stop_token_ids),
             "stop_token_ids must be a list of integers",
+        )
+        need(
+            isinstance(self.logit_bias, dict)
+            and all(
+                integer(t) and number(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()
+            ),
+            "logit_bias must map token ids to numbers in [-100, 100]",
         )
         need(isinstance(self.ignore_eos, bool), "ignore_eos must be true or false")
         need(
