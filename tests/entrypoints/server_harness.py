@@ -86,3 +86,16 @@ def _stream_texts(stream: Any, chat: bool = False) -> tuple[dict[int, str], dict
             if ch.finish_reason:
                 reasons[ch.index] = ch.finish_reason
     return texts, reasons, usage
+
+
+def wait_healthy(proc: Any, url: str, timeout: float = 120.0) -> None:
+    """Until a `dpattn serve` subprocess answers /health (fails with its output if it exits)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+        assert time.monotonic() < deadline, "server did not come up"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)

@@ -6,14 +6,21 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
-from server_harness import MODEL, _free_port, _m, _metrics, _rank, _stream_texts, _wait_for
+from server_harness import (
+    MODEL,
+    _free_port,
+    _m,
+    _metrics,
+    _rank,
+    _stream_texts,
+    _wait_for,
+    wait_healthy,
+)
 
 from dpattn.models.tiny import ensure_default_model
 
@@ -47,15 +54,7 @@ def test_cli_serve_gloo_dp2_and_clean_shutdown() -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_healthy(proc, url)
         ranks = _children(proc.pid)
         assert len(ranks) >= 2
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)

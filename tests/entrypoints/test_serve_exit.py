@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from server_harness import _free_port, _wait_for
+from server_harness import _free_port, _wait_for, wait_healthy
 from test_serve_cli import _alive, _children
 
 from dpattn.models.tiny import ensure_default_model
@@ -26,15 +26,7 @@ def _start(*extra: str) -> tuple[subprocess.Popen[str], str, list[int]]:
     cmd += ["--model-path", str(ensure_default_model()), "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read()  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "server did not come up"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    wait_healthy(proc, url)
     deadline = time.monotonic() + 10
     while len(ranks := _rank_pids(proc.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)  # the process titles are set once a rank has started

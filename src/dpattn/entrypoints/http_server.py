@@ -109,12 +109,8 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
         req: CompletionRequest = await parse_body(request, CompletionRequest)
         req.check()
         p = req.prompt
-        if isinstance(p, str):
-            prompts = [encode(st, p)]
-        elif isinstance(p[0], int):
-            prompts = [list(p)]  # type: ignore[arg-type]
-        else:
-            prompts = [encode(st, x) if isinstance(x, str) else list(x) for x in p]
+        raw = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
+        prompts = [encode(st, x) if isinstance(x, str) else list(x) for x in raw]
         want_lp, top_n = req.logprobs is not None, req.logprobs or 0
         max_new = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         if max_new == 0 and not (req.echo and want_lp):
@@ -125,7 +121,6 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
         start = 0 if req.echo and want_lp else -1
         sub, meta = await submit(request, req, prompts, max_new, want_lp, top_n, start)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", **meta}
-        raw = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
         texts = [x if isinstance(x, str) else None for x in raw]  # echo: the prompt as sent
 
         def choice(

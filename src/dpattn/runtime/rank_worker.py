@@ -144,8 +144,9 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
             stats = sched.last_stats
             if step_log is not None and (line := step_log.update(stats, _free(runner), _now())):
                 log.info(line)
-            if stats.forward_mode != "none":  # what one forward of this kind really issued
-                key = f"{stats.forward_mode}/{stats.padding_mode}"
+            key = f"{stats.forward_mode}/{stats.padding_mode}"
+            if stats.forward_mode != "none" and key not in collectives:
+                # what one forward of this kind issues (fixed per kind): counted once, not per step
                 collectives[key] = dict(Counter(f"{g}.{op}" for g, op, _ in calls))
             steps += 1
             outputs = sched.take_outputs()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -92,11 +93,14 @@ class ScheduleBatch:
         # One row per request (its last position) plus its prompt-logprob rows.
         if self.forward_mode is ForwardMode.IDLE:
             return 0
-        prompt = self.prompt_logprob_request()
+        prompt = self.prompt_logprobs
         return len(self.reqs) + (len(prompt.targets) if prompt is not None else 0)
 
-    def prompt_logprob_request(self) -> PromptLogprobRequest | None:
+    @functools.cached_property
+    def prompt_logprobs(self) -> PromptLogprobRequest | None:
         """The rows of this extend whose next-token logprobs are prompt logprobs to return.
+        Built once (the MLP sync counts them, the forward batch carries them), after the batch's
+        requests and their extend lengths are final.
 
         A row at absolute position q predicts prompt token q + 1. A request asks for tokens from
         max(1, logprob_start_len) on; tokens already collected (earlier chunks, or before a
@@ -139,7 +143,7 @@ class ScheduleBatch:
             req_pool_indices=[r.row for r in self.reqs],  # type: ignore[misc]
             seq_lens=[r.kv_len + r.extend_len for r in self.reqs],
             extend_lens=[r.extend_len for r in self.reqs],
-            prompt_logprobs=self.prompt_logprob_request(),
+            prompt_logprobs=self.prompt_logprobs,
             global_num_tokens=self.global_num_tokens,
             global_num_tokens_for_logprob=self.global_num_tokens_for_logprob,
             is_extend_in_batch=self.is_extend_in_batch,
