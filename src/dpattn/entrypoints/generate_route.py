@@ -32,9 +32,14 @@ from dpattn.entrypoints.serving import (
 
 
 def _result(
-    c: Choice, text: str, ids: list[int], delta: Any, req: GenerateRequest, prompt: list[int]
+    c: Choice,
+    text: str,
+    ids: list[int],
+    req: GenerateRequest,
+    prompt: list[int],
+    delta: Delta | None = None,
 ) -> dict[str, Any]:
-    """One answer (or one streamed event: `delta` holds just its new logprobs)."""
+    """One answer, or one streamed event (`delta`: just its new tokens and logprobs)."""
     meta: dict[str, Any] = dict(
         id=c.rid,
         prompt_tokens=c.prompt_tokens,
@@ -43,9 +48,21 @@ def _result(
         matched_stop=c.matched_stop,
         dp_rank=c.dp_rank,
     )
-    # a streamed event carries the prompt's logprobs once, in the event that has them
-    start = req.logprob_start_len if delta.input_logprobs or not req.stream else -1
-    lp = logprob_meta(delta, ids, start, prompt)
+    start = req.logprob_start_len
+    if delta is None:
+        lp = logprob_meta(
+            ids, c.logprobs, c.top_logprobs, prompt, start, c.input_logprobs, c.input_top_logprobs
+        )
+    else:  # a streamed event carries the prompt's logprobs once, in the event that has them
+        lp = logprob_meta(
+            ids,
+            delta.new_logprobs,
+            delta.new_top_logprobs,
+            prompt,
+            start if delta.input_logprobs else -1,
+            delta.input_logprobs,
+            delta.input_top_logprobs,
+        )
     return {"text": text, "output_ids": ids, "meta_info": meta | _lists(lp)}
 
 
@@ -96,7 +113,7 @@ def add_generate_route(app: FastAPI, st: ServerState) -> None:
                     if d.finish_reason == "error":
                         yield sse(sub.failure().body())  # type: ignore[union-attr]
                         break
-                    yield sse(_result(c, text, d.new_ids, _StreamLogprobs(d), req, batch[0]))
+                    yield sse(_result(c, text, d.new_ids, req, batch[0], d))
                 yield DONE
 
             return streaming_response(sub, chunks())
@@ -104,13 +121,5 @@ def add_generate_route(app: FastAPI, st: ServerState) -> None:
             return Response(status_code=499)  # the client went away: nobody reads this
         if any(c.finish_reason == "error" for c in sub.choices):
             raise sub.failure()  # type: ignore[misc]
-        outs = [_result(c, c.text, c.ids, c, req, batch[c.index]) for c in sub.choices]
+        outs = [_result(c, c.text, c.ids, req, batch[c.index]) for c in sub.choices]
         return JSONResponse(outs[0] if single else outs)
-
-
-class _StreamLogprobs:
-    """A streamed delta's logprobs under the names logprob_meta reads."""
-
-    def __init__(self, d: Delta) -> None:
-        self.logprobs, self.top_logprobs = d.new_logprobs, d.new_top_logprobs
-        self.input_logprobs, self.input_top_logprobs = d.input_logprobs, d.input_top_logprobs

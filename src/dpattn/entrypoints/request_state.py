@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from dpattn.executor.sampler import MAX_TOP_LOGPROBS
 from dpattn.messages import RequestOutput
@@ -87,7 +87,15 @@ class RequestState:
             "matched_stop": self.matched_stop,
             "dp_rank": self.dp_rank,
         }
-        return meta | logprob_meta(self, self.output_ids, self.logprob_start_len)
+        return meta | logprob_meta(
+            self.output_ids,
+            self.logprobs,
+            self.top_logprobs,
+            self.input_ids,
+            self.logprob_start_len,
+            self.input_logprobs,
+            self.input_top_logprobs,
+        )
 
 
 def check_logprob_options(
@@ -113,33 +121,31 @@ def check_logprob_options(
         )
 
 
-class HasLogprobs(Protocol):
-    logprobs: list[float]
-    top_logprobs: list[list[tuple[float, int]]]
-    input_logprobs: list[float]
-    input_top_logprobs: list[list[tuple[float, int]]]
+TopLogprobs = list[list[tuple[float, int]]]
 
 
 def logprob_meta(
-    r: HasLogprobs,
     output_ids: list[int],
+    logprobs: list[float],
+    top_logprobs: TopLogprobs,
+    input_ids: list[int],
     logprob_start_len: int,
-    input_ids: list[int] | None = None,
+    input_logprobs: list[float],
+    input_top_logprobs: TopLogprobs,
 ) -> dict[str, Any]:
     """meta_info's logprob fields, with SGLang's names and layout."""
     meta: dict[str, Any] = {}
-    if r.logprobs:
-        meta["output_token_logprobs"] = list(zip(r.logprobs, output_ids))
-    if r.top_logprobs:
-        meta["output_top_logprobs"] = r.top_logprobs
+    if logprobs:
+        meta["output_token_logprobs"] = list(zip(logprobs, output_ids))
+    if top_logprobs:
+        meta["output_top_logprobs"] = top_logprobs
     if logprob_start_len >= 0:
         # (logprob, id) per prompt token from logprob_start_len; nothing predicts the first
         # prompt token, so its logprob is None.
-        prompt = input_ids if input_ids is not None else getattr(r, "input_ids", [])
         head: list[Any] = [None] if logprob_start_len == 0 else []
         meta["input_token_logprobs"] = list(
-            zip(head + r.input_logprobs, prompt[logprob_start_len:])
+            zip(head + input_logprobs, input_ids[logprob_start_len:])
         )
-        if r.input_top_logprobs:
-            meta["input_top_logprobs"] = head + r.input_top_logprobs
+        if input_top_logprobs:
+            meta["input_top_logprobs"] = head + input_top_logprobs
     return meta
