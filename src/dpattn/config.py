@@ -11,8 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ROUTER_POLICIES = ("round_robin", "shortest_queue", "minimum_tokens")
-BACKENDS = ("gloo", "thread")
+ROUTER_POLICIES = ("round_robin", "shortest_queue", "minimum_tokens", "cache_aware")
+SCHEDULE_POLICIES = ("fcfs", "lpm")
+BACKENDS = ("gloo", "nccl", "thread")  # gloo / nccl: one process per rank
+DEVICES = ("cpu", "cuda")
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+TRANSFER_BACKENDS = ("zmq", "fake")
 
 # Flag groups: "layout" flags are taken by every command that runs a model (verify included);
 # "engine" flags by the commands that start an Engine (generate, bench, serve).
@@ -66,6 +70,12 @@ class RunnerConfig:
     context_length: int | None = option(
         None, "tokens per request, prompt + output (default: min(model context, KV pool))"
     )
+    # CUDA graphs of decode steps (executor/cuda_graph_runner.py); CUDA with NCCL ranks only.
+    cuda_graph_max_bs: int = option(32, "largest decode batch per DP group captured as a graph")
+    cuda_graph_max_seq_len: int = option(
+        4096, "longest sequence a captured decode graph attends over (longer: eager)"
+    )
+    disable_cuda_graph: bool = option(False, "run every decode step eagerly (no CUDA graphs)")
 
 
 @dataclass
@@ -78,6 +88,13 @@ class SchedulerConfig:
     debug_lockstep: bool = option(
         False, "ranks check every collective's (op, shape) before running it"
     )
+    disable_radix_cache: bool = option(False, "no prefix cache: every prompt is computed whole")
+    page_size: int = option(1, "tokens per prefix-cache page (matches are whole pages)")
+    schedule_policy: str = option(
+        "fcfs",
+        "waiting-queue order: fcfs, or lpm (longest cached prefix first)",
+        choices=SCHEDULE_POLICIES,
+    )
 
 
 @dataclass
@@ -87,10 +104,26 @@ class EngineConfig:
     model_path: str
     tp_size: int = option(1, "ranks of one model replica (T)", group=LAYOUT, flags=("--tp",))
     dp_size: int = option(1, "DP attention groups (D); A = T / D", group=LAYOUT, flags=("--dp",))
-    backend: str = option(
-        "gloo", "rank processes or in-process threads", group=LAYOUT, choices=BACKENDS
+    # None: resolved by from_options (resolve_device, resolve_backend), before any rank starts.
+    device: str | None = option(
+        None,
+        "cpu or cuda (default: cuda when available); on cuda each rank owns cuda:<local rank>",
+        group=LAYOUT,
+        choices=DEVICES,
     )
-    router_policy: str = option("round_robin", "DP router policy", choices=ROUTER_POLICIES)
+    backend: str | None = option(
+        None,
+        "rank processes (nccl on cuda, gloo on cpu: the default) or in-process threads "
+        "(on cuda: all ranks on one GPU)",
+        group=LAYOUT,
+        choices=BACKENDS,
+    )
+    router_policy: str = option(
+        "round_robin",
+        "DP router policy (cache_aware: the group holding the longest prefix, unless loaded)",
+        choices=ROUTER_POLICIES,
+        flags=("--load-balance-method",),  # SGLang's name; --router-policy is kept too
+    )
     collective_timeout_s: float = option(
         60.0, "seconds before a stuck collective fails", flags=("--collective-timeout",)
     )
@@ -102,6 +135,36 @@ class EngineConfig:
     # line every log_interval decode steps at info level (as SGLang's decode log interval).
     log_level: str = "info"
     log_interval: int = 40
+    # Prefill/decode disaggregation (dpattn/disaggregation/; SGLang's flag names).
+    disaggregation_mode: str = option(
+        "null",
+        "prefill/decode disaggregation: null (colocated), prefill or decode server",
+        choices=DISAGGREGATION_MODES,
+    )
+    disaggregation_transfer_backend: str = option(
+        "zmq",
+        "KV transfer (fake: moves nothing; warm-up, decode-only bench)",
+        choices=TRANSFER_BACKENDS,
+    )
+    disaggregation_bootstrap_port: int = option(
+        8998, "prefill server: port of the bootstrap service its ranks register with"
+    )
+    disaggregation_host: str = option(
+        "127.0.0.1", "address this server's ranks advertise for the KV transfer"
+    )
+    disaggregation_bootstrap_timeout_s: float = option(
+        60.0,
+        "seconds a request may wait for the other side's handshake",
+        flags=("--disaggregation-bootstrap-timeout",),
+    )
+    disaggregation_transfer_timeout_s: float = option(
+        120.0,
+        "seconds a decode request may wait for its KV cache",
+        flags=("--disaggregation-transfer-timeout",),
+    )
+    disaggregation_heartbeat_s: float = option(
+        1.0, "decode server: seconds between checks that its prefill servers live"
+    )
     # Tests only: a fault a rank injects on purpose (runtime.faults); never set in production.
     fault: Any = None
     runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(""))
@@ -123,9 +186,44 @@ class EngineConfig:
                 setattr(target, key, value)
         if cfg.router_policy not in ROUTER_POLICIES:  # fail before any process starts
             raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}")
-        if cfg.backend not in BACKENDS:
+        if cfg.disaggregation_mode not in DISAGGREGATION_MODES:
+            raise ValueError(f"disaggregation_mode must be one of {DISAGGREGATION_MODES}")
+        if cfg.disaggregation_transfer_backend not in TRANSFER_BACKENDS:
+            raise ValueError(f"disaggregation_transfer_backend must be one of {TRANSFER_BACKENDS}")
+        if cfg.backend is not None and cfg.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}")
+        cfg.device = resolve_device(cfg.device)
+        cfg.backend = resolve_backend(cfg.backend, cfg.device)
         return cfg
+
+
+def resolve_device(requested: str | None, has_cuda: bool | None = None) -> str:
+    """`--device`: cuda when available unless asked otherwise; cuda without CUDA is an error."""
+    if has_cuda is None:
+        import torch  # here, not at the top: reading a config needs no torch
+
+        has_cuda = torch.cuda.is_available()
+    if requested is None:
+        return "cuda" if has_cuda else "cpu"
+    if requested not in DEVICES:
+        raise ValueError(f"--device must be one of {DEVICES}, got {requested!r}")
+    if requested == "cuda" and not has_cuda:
+        raise ValueError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    return requested
+
+
+def resolve_backend(requested: str | None, device: str) -> str:
+    """`--backend`: rank processes on NCCL (cuda) or gloo (cpu) by default, or threads."""
+    if requested is None:
+        return "nccl" if device == "cuda" else "gloo"
+    if requested == "nccl" and device != "cuda":
+        raise ValueError("--backend nccl needs --device cuda (CPU ranks use gloo)")
+    if requested == "gloo" and device == "cuda":  # gloo cannot reduce-scatter CUDA tensors
+        raise ValueError(
+            "--backend gloo cannot carry CUDA tensors: use --backend nccl (one GPU per rank), "
+            "--backend thread (all ranks on one GPU) or --device cpu"
+        )
+    return requested
 
 
 def _has_field(obj: Any, name: str) -> bool:

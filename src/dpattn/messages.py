@@ -18,6 +18,16 @@ from dpattn.executor.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
+class BootstrapInfo:
+    """Prefill/decode disaggregation: where the request's prefill server's bootstrap service is,
+    and the room id (minted by the PD router) both servers know the request by."""
+
+    host: str
+    port: int
+    room: int
+
+
+@dataclass(frozen=True)
 class TokenizedGenerateReq:
     rid: str
     input_ids: list[int]
@@ -26,6 +36,7 @@ class TokenizedGenerateReq:
     return_logprob: bool = False
     logprob_start_len: int = -1  # prompt logprobs from this position on (-1: none)
     top_logprobs_num: int = 0  # top alternatives per prompt / output token
+    bootstrap: BootstrapInfo | None = None  # disaggregated serving only
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class RequestOutput:
     new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     input_logprobs: list[float] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (with the first news)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ def score_only(ps: ParallelState, model: str) -> tuple[list[RequestOutput], int,
     for _ in range(10):
         sched.step()
         outputs += sched.take_outputs()
+    sched.flush_cache()
     return outputs, free, runner.kv_pool.available_size()
 
 

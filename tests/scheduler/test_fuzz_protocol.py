@@ -144,6 +144,7 @@ def _rank(ps: ParallelState, case: Case) -> dict[str, Any]:
         ps.trace.take()  # the harness's own collective is not part of the protocol
         if all(idle):
             break
+    sched.flush_cache()
     free = (runner.kv_pool.available_size(), runner.req_to_token.available_size())
     return {"steps": steps, "outputs": outputs, "free": (free0, free), "done": not sched.has_work}
 

@@ -172,6 +172,7 @@ def drive(
                 break
     else:
         raise AssertionError(f"rank {ps.rank}: workload not finished in {MAX_STEPS} steps")
+    sched.flush_cache()  # every cached prefix back: the pool must be whole again
     return RankRun(
         ps.rank,
         ps.dp_rank,

@@ -11,6 +11,8 @@ import torch
 from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
 from dpattn.executor.logprobs import PromptLogprobRequest
 from dpattn.executor.sampling_params import SamplingParams
+from dpattn.kvcache.radix_tree import TreeNode
+from dpattn.messages import BootstrapInfo
 
 
 class FinishReason(str, Enum):
@@ -36,11 +38,15 @@ class Req:
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     matched_stop: str | int | None = None
-    # KV state on this rank
+    # KV state on this rank (ownership of the row's slots: kvcache/prefix_cache.py)
     row: int | None = None  # req_to_token row
     kv_len: int = 0  # tokens whose KV is cached
     extend_len: int = 0  # tokens in the current step
+    prefix_len: int = 0  # leading tokens whose slots the prefix cache holds for us
+    last_node: TreeNode | None = None  # where that prefix ends in the tree (we hold its lock)
+    cached_tokens: int = -1  # prompt tokens found in the cache at first admission (-1: not yet)
     generator: torch.Generator | None = None
+    bootstrap: BootstrapInfo | None = None  # disaggregation: prefill's bootstrap address, room
 
     @property
     def all_ids(self) -> list[int]:

@@ -16,9 +16,12 @@ from dpattn.executor.forward_batch import ForwardMode
 from dpattn.executor.logprobs import PromptLogprobs
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.executor.sampler import SamplingBatchInfo, sample
+from dpattn.kvcache.prefix_cache import make_prefix_cache
 from dpattn.messages import RequestOutput, StepStats
 from dpattn.scheduler.mlp_sync import SyncDecision, prepare_mlp_sync_batch
 from dpattn.scheduler.schedule_batch import FinishReason, Req, ScheduleBatch
+
+LPM_MAX_QUEUE = 128
 
 
 class Scheduler:
@@ -48,6 +51,9 @@ class Scheduler:
         self.outputs: list[RequestOutput] = []
         self.last_stats = StepStats()
         self.num_retractions = 0  # running requests sent back to wait for lack of KV slots
+        self.cache = make_prefix_cache(
+            runner.kv_pool, runner.req_to_token, cfg.disable_radix_cache, cfg.page_size
+        )
 
     # ---- requests in ----
     def add_request(self, req: Req) -> None:
@@ -108,6 +114,9 @@ class Scheduler:
         )
         return decision
 
+    def close(self) -> None:
+        """Release what lives outside the rank's memory (disaggregation: sockets, threads)."""
+
     def take_outputs(self) -> list[RequestOutput]:
         out, self.outputs = self.outputs, []
         return out
@@ -120,23 +129,36 @@ class Scheduler:
         return batch
 
     def _prefill_batch(self) -> ScheduleBatch | None:
-        pool, rows = self.runner.kv_pool, self.runner.req_to_token
+        cache, rows = self.cache, self.runner.req_to_token
         budget = self.cfg.chunked_prefill_size
         batch = ScheduleBatch(ForwardMode.EXTEND)
         locs = []
         chunked = [self.chunked] if self.chunked else []
+        if self.cfg.schedule_policy == "lpm":
+            self._sort_longest_prefix_first()
+        # Prompts this step computes: an identical one (n > 1 choices) waits a step and then
+        # finds the whole prompt cached.
+        extending = {tuple(r.input_ids) for r in chunked}
         for req in itertools.chain(chunked, self.waiting):
             if budget <= 0 or len(self.running) + len(batch.reqs) >= self.cfg.max_running_requests:
                 break
             if req.row is None:
+                if self.cache.enabled and tuple(req.input_ids) in extending:
+                    break
                 req.row = rows.alloc()
                 if req.row is None:
                     break
+                matched = cache.match(req, self._match_limit(req))
+                if req.cached_tokens < 0:
+                    req.cached_tokens = min(matched, len(req.input_ids))
             # Keep one slot per running request so decode does not retract what prefill just took.
-            n = min(req.seq_len - req.kv_len, budget, pool.available_size() - len(self.running))
+            n = min(req.seq_len - req.kv_len, budget, cache.available_size() - len(self.running))
             if n <= 0:
+                if req is not self.chunked:  # a waiting request holds no row and no cache lock
+                    cache.release(req)
                 break
-            slots = pool.alloc(n)
+            slots = cache.alloc(n)
+            extending.add(tuple(req.input_ids))
             rows.table[req.row, req.kv_len : req.kv_len + n] = slots
             batch.reqs.append(req)
             batch.input_ids += req.all_ids[req.kv_len : req.kv_len + n]
@@ -159,13 +181,29 @@ class Scheduler:
         self.chunked = None if batch.sample_mask[-1] else last
         return batch
 
+    @staticmethod
+    def _match_limit(req: Req) -> int:
+        """How much of a request may come from the cache: never its last token (its logits are
+        needed), and not the prompt positions whose logprobs it asks for (they need a forward)."""
+        limit = req.seq_len - 1
+        if req.return_logprob and req.logprob_start_len >= 0:
+            want = max(1, req.logprob_start_len) + len(req.input_logprobs)
+            limit = min(limit, want - 1)
+        return limit
+
+    def _sort_longest_prefix_first(self) -> None:
+        # SGLang's lpm; a long queue falls back to fcfs (matching every request costs too much).
+        if 1 < len(self.waiting) <= LPM_MAX_QUEUE and self.cache.enabled:
+            keyed = [(-self.cache.match_len(r.all_ids), i, r) for i, r in enumerate(self.waiting)]
+            self.waiting = deque(r for _, _, r in sorted(keyed, key=lambda k: k[:2]))
+
     def _decode_batch(self) -> ScheduleBatch | None:
         if not self.running:
             return None
         self._retract_until_fits()
         if not self.running:
             return None
-        slots = self.runner.kv_pool.alloc(len(self.running))
+        slots = self.cache.alloc(len(self.running))
         assert slots is not None
         batch = ScheduleBatch(ForwardMode.DECODE, reqs=list(self.running), out_cache_loc=slots)
         for req, slot in zip(self.running, slots):
@@ -178,7 +216,7 @@ class Scheduler:
 
     def _retract_until_fits(self) -> None:
         """KV pool exhausted: send the newest running requests back to wait (output unchanged)."""
-        while self.running and self.runner.kv_pool.available_size() < len(self.running):
+        while self.running and self.cache.available_size() < len(self.running):
             req = self.running.pop()
             # Alone and still too big: it cannot ever fit. A partly prefilled prompt holds slots
             # too, so with one the request is not alone: retracting it lets that prompt finish.
@@ -196,9 +234,12 @@ class Scheduler:
         if prompt is not None:
             self._collect_prompt_logprobs(batch.reqs, prompt)
         rows = []
+        extend = batch.forward_mode.is_extend_like()
         for i, (req, do_sample) in enumerate(zip(batch.reqs, batch.sample_mask)):
             req.kv_len += req.extend_len
             req.extend_len = 0
+            if extend:  # the computed prompt is shareable from the next step on
+                self.cache.cache_unfinished(req)
             if do_sample and not req.finished:
                 if req.params.max_new_tokens == 0:  # scoring only: the prompt's logprobs
                     self._finish_scored(req)
@@ -240,6 +281,7 @@ class Scheduler:
                     # the prompt's logprobs travel once, with the first token
                     input_logprobs=req.input_logprobs if len(req.output_ids) == 1 else [],
                     input_top_logprobs=req.input_top_logprobs if len(req.output_ids) == 1 else [],
+                    cached_tokens=max(0, req.cached_tokens) if len(req.output_ids) == 1 else 0,
                 )
             )
         self.running = [r for r in self.running if not r.finished]
@@ -255,6 +297,7 @@ class Scheduler:
                 prompt_tokens=len(req.input_ids),
                 input_logprobs=req.input_logprobs,
                 input_top_logprobs=req.input_top_logprobs,
+                cached_tokens=max(0, req.cached_tokens),
             )
         )
 
@@ -268,8 +311,12 @@ class Scheduler:
             start += k
 
     def _process_prebuilt(self, batch: ScheduleBatch) -> None:
-        # Disaggregated decode: KV arrived from a prefill server; these requests start decoding.
+        # Disaggregated decode: the prompt's KV and the first token arrived from a prefill server
+        # into the row and slots reserved in prealloc; these requests start decoding.
         for req in batch.reqs:
+            if req.row is None or not req.output_ids:  # nothing reserved or arrived: cannot decode
+                self._finish(req, FinishReason.ABORT)
+                continue
             req.kv_len = req.seq_len - 1
             self.running.append(req)
 
@@ -292,12 +339,11 @@ class Scheduler:
         return None
 
     def _free_kv(self, req: Req) -> None:
-        if req.row is not None:
-            self.runner.kv_pool.free(
-                self.runner.req_to_token.table[req.row, : req.kv_len + req.extend_len].clone()
-            )
-            self.runner.req_to_token.free(req.row)
-        req.row, req.kv_len, req.extend_len = None, 0, 0
+        self.cache.release(req)  # its computed KV stays cached until evicted
+
+    def flush_cache(self) -> int:
+        """Drop every cached prefix no request holds (SGLang's /flush_cache)."""
+        return self.cache.flush()
 
     def _finish(self, req: Req, reason: FinishReason, emit: bool = True) -> None:
         req.finish_reason = reason
