@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from dpattn.config import EngineConfig
+from dpattn.disaggregation.frontend import disaggregation_dp_rank, start_bootstrap
 from dpattn.distributed.parallel_state import Layout
 from dpattn.entrypoints.request_state import Delta, RequestState, check_logprob_options
 from dpattn.entrypoints.validation import RequestLimits
@@ -24,6 +25,7 @@ from dpattn.executor.sampling_params import SamplingParams
 from dpattn.messages import (
     AbortReq,
     BatchOutput,
+    BootstrapInfo,
     RankInput,
     RankReady,
     Shutdown,
@@ -75,6 +77,8 @@ class Engine:
         self.step_listeners: list[Callable[[int, StepStats, int], None]] = []
         self.kv_free: list[int] = [0] * dp_size
         self.kv_total: list[int] = [0] * dp_size
+        # Disaggregated prefill: the bootstrap service its ranks register with (started first).
+        self.bootstrap = start_bootstrap(self.cfg)
         self.ranks = start_ranks(self.cfg, addrs)
         self._closed = False
         self.failure: str | None = None  # set once a rank died: the engine refuses new work
@@ -84,6 +88,8 @@ class Engine:
         except BaseException:  # Ctrl-C or a failed start: no rank may outlive us
             self._closed = True
             self.ranks.terminate(grace=0.0)
+            if self.bootstrap is not None:
+                self.bootstrap.close()
             for sock in [*self._req_socks, self._out_sock]:
                 sock.close(linger=0)
             self._zmq.term()
@@ -138,6 +144,8 @@ class Engine:
         except Exception:  # noqa: BLE001 - a dead rank already failed the engine; still clean up
             pass
         self.ranks.terminate(grace=1.0)
+        if self.bootstrap is not None:
+            self.bootstrap.close()
         for s in [*self._req_socks, self._out_sock]:
             s.close(linger=0)
         self._zmq.term()
@@ -213,10 +221,11 @@ class Engine:
         dp_rank: int | None = None,
         logprob_start_len: int = -1,
         top_logprobs_num: int = 0,
+        bootstrap: BootstrapInfo | None = None,
     ) -> str:
         """Queue one request; logprob_start_len >= 0 asks for prompt logprobs from that position,
         top_logprobs_num for that many alternatives per prompt and output token (SGLang's names;
-        both need return_logprob)."""
+        both need return_logprob). A disaggregated server needs `bootstrap` (the PD router's)."""
         if self.failure:
             raise RuntimeError(self.failure)
         if self._closed:
@@ -230,6 +239,7 @@ class Engine:
             top_logprobs_num,
             params.max_new_tokens,
         )
+        dp_rank = disaggregation_dp_rank(self.cfg, bootstrap, dp_rank)
         rid = uuid.uuid4().hex
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         with self._lock:
@@ -249,6 +259,7 @@ class Engine:
                 return_logprob,
                 logprob_start_len,
                 top_logprobs_num,
+                bootstrap,
             )
             self._send(d, req)
             for other in range(self.layout.dp_size):  # cut idle groups' back-off short

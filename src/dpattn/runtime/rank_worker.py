@@ -14,6 +14,7 @@ import torch
 import zmq
 
 from dpattn.config import EngineConfig
+from dpattn.disaggregation.factory import build_scheduler
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.logs import RankLogger, configure_logging, rank_logger
@@ -27,7 +28,6 @@ from dpattn.messages import (
 )
 from dpattn.scheduler.mlp_sync import SyncRow
 from dpattn.scheduler.schedule_batch import Req
-from dpattn.scheduler.scheduler import Scheduler
 from dpattn.scheduler.step_log import StepLog
 
 IDLE_BACKOFF_MAX_MS = 50
@@ -83,9 +83,9 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
         ps.set_lockstep(True)
     parent = os.getppid()
     runner = ModelRunner(cfg.runner, ps)
-    sched = Scheduler(
+    sched = build_scheduler(  # disaggregation: a prefill or decode server's scheduler
+        cfg,
         runner,
-        cfg.scheduler,
         eos_token_ids(cfg.model_path, runner.hf_config),
         functools.cache(functools.partial(load_tokenizer, cfg.model_path)),
     )
@@ -129,6 +129,7 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
                             msg.return_logprob,
                             msg.logprob_start_len,
                             msg.top_logprobs_num,
+                            bootstrap=msg.bootstrap,
                         )
                     )
                 elif isinstance(msg, AbortReq):
@@ -158,6 +159,7 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
             idle = not decision.run_forward and not sched.has_work
             backoff_ms = min(max(1, 2 * backoff_ms), IDLE_BACKOFF_MAX_MS) if idle else 0
     finally:
+        sched.close()
         for sock in (pull, push):
             if sock is not None:
                 sock.close(linger=1000)

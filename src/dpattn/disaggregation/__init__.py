@@ -1,0 +1,19 @@
+"""Prefill/decode disaggregation (docs: /work/shared/DESIGN.md §8, README "Disaggregation").
+
+A prefill server computes the prompt's KV cache and the first output token; a decode server
+receives both and generates the rest. Each side keeps its own (T, D) layout and the MLP sync.
+
+| module | concern |
+| --- | --- |
+| `states.py` | transfer states (KVPoll) and their min-consensus over the attention-TP group |
+| `layout.py` | KV layout, rank info, which prefill rank sends which KV heads to which decode rank |
+| `bootstrap.py` | the prefill server's HTTP bootstrap service; registration and look-up |
+| `wire.py` | the messages between prefill and decode ranks |
+| `transfer.py` | transfer backend interfaces and the `fake` backend |
+| `transfer_zmq.py` | the `zmq` backend (KV per layer, then the aux data, on one ordered channel) |
+| `liveness.py` | decode side: prefill look-ups and heartbeats off the rank loop |
+| `prefill.py` | PrefillScheduler: bootstrap -> waiting -> forward -> inflight queues |
+| `decode.py` | DecodeScheduler: prealloc -> transfer -> PREBUILT batch -> running |
+| `factory.py` | the rank loop's scheduler for a disaggregation mode |
+| `pd_router.py` | `dpattn router --pd-disaggregation` (HTTP) |
+"""

@@ -1,0 +1,78 @@
+"""The rank loop's scheduler for the engine's disaggregation mode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dpattn.config import EngineConfig
+from dpattn.disaggregation.bootstrap import register_rank
+from dpattn.disaggregation.decode import DecodeScheduler, DecodeTimeouts
+from dpattn.disaggregation.layout import KVLayout
+from dpattn.disaggregation.prefill import PrefillScheduler
+from dpattn.disaggregation.transfer import FakeDecodeTransfer, FakePrefillTransfer
+from dpattn.disaggregation.transfer_zmq import ZmqDecodeTransfer, ZmqPrefillTransfer
+from dpattn.executor.model_runner import ModelRunner
+from dpattn.scheduler.scheduler import Scheduler
+
+
+def kv_layout(runner: ModelRunner) -> KVLayout:
+    pool, hc = runner.kv_pool, runner.hf_config
+    heads = getattr(hc, "num_key_value_heads", None) or hc.num_attention_heads
+    return KVLayout(
+        page_size=1,
+        dtype=str(pool.k[0].dtype).removeprefix("torch."),
+        head_dim=int(pool.k[0].shape[2]),
+        num_layers=len(pool.k),
+        num_kv_heads=int(heads),
+    )
+
+
+def bootstrap_host(cfg: EngineConfig) -> str:
+    """Where this server's ranks reach its bootstrap service (the frontend, on node 0)."""
+    if cfg.nnodes > 1 and cfg.dist_init_addr:
+        return cfg.dist_init_addr.rsplit(":", 1)[0]
+    return "127.0.0.1"
+
+
+def build_scheduler(
+    cfg: EngineConfig,
+    runner: ModelRunner,
+    eos_ids: set[int],
+    tokenizer: Callable[[], Any] | None = None,
+) -> Scheduler:
+    mode, fake = cfg.disaggregation_mode, cfg.disaggregation_transfer_backend == "fake"
+    if mode == "null":
+        return Scheduler(runner, cfg.scheduler, eos_ids, tokenizer)
+    ps = runner.ps
+    if mode == "prefill":
+        if fake:
+            sender: Any = FakePrefillTransfer()
+        else:
+            sender = ZmqPrefillTransfer(ps, kv_layout(runner), cfg.disaggregation_host)
+            register_rank(bootstrap_host(cfg), cfg.disaggregation_bootstrap_port, sender.info())
+        return PrefillScheduler(
+            runner,
+            cfg.scheduler,
+            eos_ids,
+            tokenizer,
+            sender,
+            cfg.disaggregation_bootstrap_timeout_s,
+        )
+    if mode == "decode":
+        receiver: Any = (
+            FakeDecodeTransfer()
+            if fake
+            else ZmqDecodeTransfer(
+                ps,
+                runner.kv_pool,
+                kv_layout(runner),
+                cfg.disaggregation_host,
+                cfg.disaggregation_heartbeat_s,
+            )
+        )
+        timeouts = DecodeTimeouts(
+            cfg.disaggregation_bootstrap_timeout_s, cfg.disaggregation_transfer_timeout_s
+        )
+        return DecodeScheduler(runner, cfg.scheduler, eos_ids, tokenizer, receiver, timeouts)
+    raise ValueError(f"unknown disaggregation_mode {mode!r}")

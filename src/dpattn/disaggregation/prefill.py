@@ -1,0 +1,173 @@
+"""The prefill server's scheduler: bootstrap queue -> waiting queue -> forward -> inflight queue.
+
+A request waits in the bootstrap queue until the decode side's handshake reached every rank of
+its DP group (states agreed over attention-TP), is then prefilled like any other (the usual MLP
+sync, idle batches, chunked prefill), samples its first token, and goes to the inflight queue
+while its KV and the aux data (first token, logprobs, room) are sent; its KV is freed once the
+send is done on every rank. The prefill server's own client gets the first token and the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dpattn.config import SchedulerConfig
+from dpattn.disaggregation.states import KVPoll, consensus
+from dpattn.disaggregation.transfer import PrefillTransfer
+from dpattn.disaggregation.wire import KVAux
+from dpattn.executor.model_runner import ModelRunner
+from dpattn.scheduler.mlp_sync import SyncDecision
+from dpattn.scheduler.schedule_batch import FinishReason, Req
+from dpattn.scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class PrefillScheduler(Scheduler):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        cfg: SchedulerConfig,
+        eos_ids: set[int],
+        tokenizer: Callable[[], Any] | None,
+        transfer: PrefillTransfer,
+        bootstrap_timeout_s: float,
+    ) -> None:
+        super().__init__(runner, cfg, eos_ids, tokenizer)
+        self.transfer = transfer
+        self.bootstrap_timeout_s = bootstrap_timeout_s
+        self.bootstrap_queue: list[Req] = []
+        self.inflight_queue: list[Req] = []
+        self._to_send: list[Req] = []  # finished by this step's forward: sent after it
+        self._since: dict[str, float] = {}
+
+    @property
+    def has_work(self) -> bool:
+        return super().has_work or bool(self.bootstrap_queue or self.inflight_queue)
+
+    def add_request(self, req: Req) -> None:
+        if req.bootstrap is None:
+            log.warning("%s: a prefill server needs bootstrap_room (use the PD router)", req.rid)
+            super()._finish(req, FinishReason.ABORT)
+            return
+        # The prefill side samples the first token only; the decode side owns the stop rules.
+        req.params = dataclasses.replace(req.params, max_new_tokens=1)
+        self._since[req.rid] = time.monotonic()
+        self.bootstrap_queue.append(req)
+
+    def abort_request(self, rid: str) -> None:
+        for req in self.bootstrap_queue:
+            if req.rid == rid:
+                self._fail(req, "aborted on the prefill server")
+        self.bootstrap_queue = [r for r in self.bootstrap_queue if not r.finished]
+        for req in [r for r in self.inflight_queue if r.rid == rid]:
+            self._release(req, "aborted on the prefill server")
+        super().abort_request(rid)  # waiting / chunked: _finish tells the decode side
+
+    def step(self, shutdown: bool = False) -> SyncDecision:
+        self._poll_bootstrap()
+        decision = super().step(shutdown)
+        self._send()
+        self._poll_inflight()
+        return decision
+
+    def close(self) -> None:
+        self.transfer.close()
+
+    # ---- queues ----
+    def _poll_bootstrap(self) -> None:
+        if not self.bootstrap_queue:
+            return
+        now = time.monotonic()
+        states = self.transfer.poll_bootstrap(_rooms(self.bootstrap_queue))
+        states = [
+            KVPoll.Failed
+            if s < KVPoll.WaitingForInput and now - self._since[r.rid] > self.bootstrap_timeout_s
+            else s
+            for r, s in zip(self.bootstrap_queue, states)
+        ]
+        keep = []
+        for req, state in zip(self.bootstrap_queue, consensus(self.ps, states)):
+            if state is KVPoll.Failed:
+                room = req.bootstrap.room  # type: ignore[union-attr]
+                reason = self.transfer.reason(room) or (
+                    f"no handshake from the decode server within {self.bootstrap_timeout_s} s"
+                )
+                self._fail(req, reason)
+            elif state >= KVPoll.WaitingForInput:
+                self._since.pop(req.rid, None)
+                self.waiting.append(req)
+            else:
+                keep.append(req)
+        self.bootstrap_queue = keep
+
+    def _send(self) -> None:
+        """KV + aux of the requests whose first token this step sampled."""
+        tops = {o.rid: o.new_top_logprobs for o in self.outputs if o.new_ids}
+        for req in self._to_send:
+            assert req.row is not None and req.bootstrap is not None
+            top = tops.get(req.rid) or [[]]
+            aux = KVAux(
+                req.bootstrap.room,
+                self.ps.attn_tp_rank,
+                0,
+                req.output_ids[0],
+                req.output_logprobs[0],
+                top[0],
+                list(req.input_logprobs),
+                list(req.input_top_logprobs),
+            )
+            slots = self.runner.req_to_token.table[req.row, : len(req.input_ids)].clone()
+            self.transfer.send(req.bootstrap.room, self.runner.kv_pool, slots, aux)
+            self.inflight_queue.append(req)
+        self._to_send = []
+
+    def _poll_inflight(self) -> None:
+        if not self.inflight_queue:
+            return
+        states = consensus(self.ps, self.transfer.poll_sent(_rooms(self.inflight_queue)))
+        keep = []
+        for req, state in zip(self.inflight_queue, states):
+            if state is KVPoll.Success:
+                self._free_kv(req)
+                self.transfer.release(req.bootstrap.room)  # type: ignore[union-attr]
+            elif state is KVPoll.Failed:
+                reason = self.transfer.reason(req.bootstrap.room)  # type: ignore[union-attr]
+                self._release(req, reason or "the KV send failed on another rank of this group")
+            else:
+                keep.append(req)
+        self.inflight_queue = keep
+
+    # ---- ends ----
+    def _finish(self, req: Req, reason: FinishReason, emit: bool = True) -> None:
+        if reason is not FinishReason.ABORT and req.bootstrap is not None and req.output_ids:
+            # The first token is out: the KV stays until the decode side has it.
+            req.finish_reason = reason
+            self._to_send.append(req)
+            return
+        if req.bootstrap is not None:
+            self.transfer.abort(req.bootstrap.room, "aborted on the prefill server")
+        super()._finish(req, reason, emit)
+
+    def _fail(self, req: Req, reason: str) -> None:
+        log.warning("request %s failed: %s", req.rid, reason)
+        assert req.bootstrap is not None
+        self._since.pop(req.rid, None)
+        self.transfer.abort(req.bootstrap.room, reason)
+        super()._finish(req, FinishReason.ABORT)
+
+    def _release(self, req: Req, reason: str) -> None:
+        """An inflight request given up: its client already has the first token and the end."""
+        log.warning("request %s: KV not delivered: %s", req.rid, reason)
+        assert req.bootstrap is not None
+        self.transfer.abort(req.bootstrap.room, reason)
+        self._free_kv(req)
+        self.inflight_queue = [r for r in self.inflight_queue if r is not req]
+
+
+def _rooms(reqs: list[Req]) -> list[int]:
+    return [r.bootstrap.room for r in reqs if r.bootstrap is not None]

@@ -1,0 +1,118 @@
+"""Transfer backend interfaces (one object per rank) and the `fake` backend.
+
+Prefill side: `PrefillTransfer` learns from the decode side where a request's KV goes (the
+handshake), sends it after the forward, and reports per-room states. Decode side:
+`DecodeTransfer` starts a receiver per request (its reserved slots), polls arrivals, and hands
+over the aux data (first token) once complete. States are this rank's own; the schedulers agree
+on them over the attention-TP group before acting (states.consensus).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from dpattn.disaggregation.states import KVPoll
+from dpattn.disaggregation.wire import KVAux
+from dpattn.kvcache.memory_pool import KVPool
+from dpattn.messages import BootstrapInfo
+
+
+class PrefillTransfer(ABC):
+    @abstractmethod
+    def poll_bootstrap(self, rooms: list[int]) -> list[KVPoll]:
+        """WaitingForInput once the decode side's handshake for the room arrived."""
+
+    @abstractmethod
+    def send(self, room: int, pool: KVPool, slots: torch.Tensor, aux: KVAux) -> None:
+        """The request's KV (all layers) and then its aux data, to the handshake's targets."""
+
+    @abstractmethod
+    def poll_sent(self, rooms: list[int]) -> list[KVPoll]: ...
+
+    @abstractmethod
+    def reason(self, room: int) -> str:
+        """Why the room failed (for the log and the error)."""
+
+    @abstractmethod
+    def abort(self, room: int, reason: str) -> None:
+        """Tell the decode side (if it reached us) and forget the room."""
+
+    @abstractmethod
+    def release(self, room: int) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - optional: only a backend with sockets has one
+        pass
+
+
+class DecodeTransfer(ABC):
+    @abstractmethod
+    def start(self, bootstrap: BootstrapInfo, slots: torch.Tensor) -> None:
+        """A receiver for the room, writing into `slots` (reserved in prealloc)."""
+
+    @abstractmethod
+    def poll(self, rooms: list[int]) -> list[KVPoll]: ...
+
+    @abstractmethod
+    def aux(self, room: int) -> KVAux:
+        """The aux data of a room that reached Success on every rank."""
+
+    @abstractmethod
+    def reason(self, room: int) -> str: ...
+
+    @abstractmethod
+    def abort(self, room: int, reason: str) -> None: ...
+
+    @abstractmethod
+    def release(self, room: int) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - optional: only a backend with sockets has one
+        pass
+
+
+class FakePrefillTransfer(PrefillTransfer):
+    """Moves nothing: every handshake is there at once, every send succeeds."""
+
+    def poll_bootstrap(self, rooms: list[int]) -> list[KVPoll]:
+        return [KVPoll.WaitingForInput] * len(rooms)
+
+    def send(self, room: int, pool: KVPool, slots: torch.Tensor, aux: KVAux) -> None:
+        pass
+
+    def poll_sent(self, rooms: list[int]) -> list[KVPoll]:
+        return [KVPoll.Success] * len(rooms)
+
+    def reason(self, room: int) -> str:
+        return "fake transfer"
+
+    def abort(self, room: int, reason: str) -> None:
+        pass
+
+    def release(self, room: int) -> None:
+        pass
+
+
+class FakeDecodeTransfer(DecodeTransfer):
+    """Moves nothing: the reserved slots keep whatever they held and the first token is
+    FAKE_FIRST_TOKEN. For warm-up and decode-only benchmarks, never for real outputs."""
+
+    FAKE_FIRST_TOKEN = 0
+
+    def start(self, bootstrap: BootstrapInfo, slots: torch.Tensor) -> None:
+        pass
+
+    def poll(self, rooms: list[int]) -> list[KVPoll]:
+        return [KVPoll.Success] * len(rooms)
+
+    def aux(self, room: int) -> KVAux:
+        return KVAux(room, 0, 0, self.FAKE_FIRST_TOKEN, 0.0)
+
+    def reason(self, room: int) -> str:
+        return "fake transfer"
+
+    def abort(self, room: int, reason: str) -> None:
+        pass
+
+    def release(self, room: int) -> None:
+        pass
