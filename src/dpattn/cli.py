@@ -188,7 +188,34 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep serving 503 after a rank died instead of exiting non-zero",
     )
+    router = sub.add_parser(
+        "router", parents=[common], help="PD router in front of prefill and decode servers"
+    )
+    router.add_argument(
+        "--pd-disaggregation", action="store_true", help="prefill/decode disaggregation (required)"
+    )
+    router.add_argument(
+        "--prefill",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="URL [BOOTSTRAP_PORT]",
+        help="a prefill server and its bootstrap port (default 8998); repeatable",
+    )
+    router.add_argument("--decode", action="append", default=[], help="a decode server; repeatable")
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, default=8000)
     return parser
+
+
+def _router(args: argparse.Namespace) -> int:
+    from dpattn.disaggregation.pd_router import parse_prefill, serve_router
+
+    if not args.pd_disaggregation:
+        raise ValueError("dpattn router: only --pd-disaggregation is supported")
+    prefill = [parse_prefill(p) for p in args.prefill]
+    serve_router(prefill, args.decode, args.host, args.port, args.log_level)
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -341,6 +368,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
+    if args.command == "router":
+        return _router(args)
     if args.command == "generate":
         return _generate(args)
     if args.command == "bench":

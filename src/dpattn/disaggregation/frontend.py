@@ -3,8 +3,12 @@ the DP group of a request (prefill: room % dp, so both servers can tell where it
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from dpattn.config import EngineConfig
 from dpattn.disaggregation.bootstrap import BootstrapServer
+from dpattn.entrypoints.openai_protocol import bad
 from dpattn.messages import BootstrapInfo
 
 
@@ -29,3 +33,21 @@ def disaggregation_dp_rank(
     if mode == "prefill":
         return bootstrap.room % cfg.dp_size
     return dp_rank
+
+
+def bootstrap_of(req: Any) -> BootstrapInfo | None:
+    """The bootstrap fields of an HTTP request body (all three or none)."""
+    fields = (req.bootstrap_host, req.bootstrap_port, req.bootstrap_room)
+    if all(f is None for f in fields):
+        return None
+    if any(f is None for f in fields):
+        raise bad("bootstrap_host, bootstrap_port and bootstrap_room go together", "bootstrap_room")
+    return BootstrapInfo(req.bootstrap_host, req.bootstrap_port, req.bootstrap_room)
+
+
+def nth_room(bootstrap: BootstrapInfo | None, i: int) -> BootstrapInfo | None:
+    """Engine request i of one HTTP request (n choices, a batch): its own room, which the
+    prefill and the decode server derive alike."""
+    if bootstrap is None:
+        return None
+    return dataclasses.replace(bootstrap, room=(bootstrap.room + i) % 2**63)

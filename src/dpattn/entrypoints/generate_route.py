@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from dpattn.disaggregation.frontend import bootstrap_of
 from dpattn.entrypoints.openai_protocol import GenerateRequest, bad
 from dpattn.entrypoints.request_state import Delta, logprob_meta
 from dpattn.entrypoints.serving import (
@@ -104,7 +105,8 @@ def add_generate_route(app: FastAPI, st: ServerState) -> None:
             raise bad("stream is supported for a single request only", "stream")
         sub = Submission(st)
         items = list(zip(batch, params, ranks))
-        await sub.start(items, req.return_logprob, req.top_logprobs_num, req.logprob_start_len)
+        lp = (req.return_logprob, req.top_logprobs_num, req.logprob_start_len)
+        await sub.start(items, *lp, bootstrap_of(req))
 
         if req.stream:
 

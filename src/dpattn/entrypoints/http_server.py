@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from dpattn.disaggregation.frontend import bootstrap_of
 from dpattn.entrypoints.chat_template import ChatTemplate, resolve_chat_template
 from dpattn.entrypoints.engine import Engine
 from dpattn.entrypoints.engine_watch import ExitOnEngineDeath
@@ -94,7 +95,7 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
                 (ids, sampling_params(req.sampling_dict(new, j), param), rank) for j in range(req.n)
             ]
         sub = Submission(st)
-        await sub.start(items, logprob, top_logprobs_num, logprob_start_len)
+        await sub.start(items, logprob, top_logprobs_num, logprob_start_len, bootstrap_of(req))
         return sub, dict(created=int(time.time()), model=st.model_name)
 
     async def finish(sub: Submission, request: Request) -> Response | None:

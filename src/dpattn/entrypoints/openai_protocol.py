@@ -107,6 +107,10 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     dp_rank: int | None = None  # extension: pin the request's DP group
+    # Prefill/decode disaggregation: set by the PD router (dpattn router --pd-disaggregation)
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
     # accepted only at their neutral values
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -264,6 +268,9 @@ class GenerateRequest(_Strict):
     logprob_start_len: int = -1
     dp_rank: int | list[int] | None = None
     stream: bool = False
+    bootstrap_host: str | None = None  # prefill/decode disaggregation (the PD router's)
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
 
 
 # ---- response pieces ----

@@ -21,11 +21,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
+from dpattn.disaggregation.frontend import nth_room
 from dpattn.entrypoints.detokenizer import IncrementalDetokenizer
 from dpattn.entrypoints.engine import Delta, Engine
 from dpattn.entrypoints.metrics import ServerMetrics
 from dpattn.entrypoints.openai_protocol import ApiError, bad, from_validation_error
 from dpattn.executor.sampling_params import SamplingParams
+from dpattn.messages import BootstrapInfo
 
 DRAIN_TIMEOUT_S = 120.0  # an aborted request's last delta must arrive by then
 
@@ -154,8 +156,10 @@ class Submission:
         logprob: bool,
         top_logprobs_num: int = 0,
         logprob_start_len: int = -1,
+        bootstrap: BootstrapInfo | None = None,
     ) -> None:
-        """Submit (input_ids, SamplingParams, dp_rank) items, all or none (429 if full)."""
+        """Submit (input_ids, SamplingParams, dp_rank) items, all or none (429 if full);
+        disaggregated: item i is known to both servers by room bootstrap.room + i."""
         st = self.state
         st.reserve(len(items))
         try:
@@ -168,6 +172,7 @@ class Submission:
                     dp_rank,
                     logprob_start_len=logprob_start_len,
                     top_logprobs_num=top_logprobs_num,
+                    bootstrap=nth_room(bootstrap, i),
                 )
                 rid = await self.loop.run_in_executor(None, submit)
                 choice = Choice(
