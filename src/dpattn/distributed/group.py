@@ -59,6 +59,9 @@ class Group(ABC):
         # False where reduce-scatter is emulated by an all-reduce (gloo): the DP padding rule
         # then costs MAX_LEN with the collectives really run.
         self.native_reduce_scatter = True
+        # Whether its collectives can be recorded in a CUDA graph (NCCL's can; a rendezvous of
+        # threads or gloo's host round trips cannot).
+        self.capturable = False
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         self._enter("all_reduce", t.shape)
@@ -140,6 +143,7 @@ class TorchGroup(Group):
         self.pg = pg
         self.is_gloo = dist.get_backend(pg) == "gloo"
         self.native_reduce_scatter = not self.is_gloo
+        self.capturable = dist.get_backend(pg) == "nccl"
         if not self.is_gloo:
             self.probe_device = torch.device("cuda", torch.cuda.current_device())
 

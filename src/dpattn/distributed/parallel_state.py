@@ -3,7 +3,8 @@
 T = tp_size ranks, D = dp_size DP groups, attention-TP width A = T / D. Rank r is in DP group
 r // A with attn_tp rank r % A (dp-major numbering). `world` carries MLP/MoE collectives and the
 MLP sync; `attn_tp` carries attention collectives and request broadcast. Each has a CPU flavour
-for scheduler metadata (gloo) and a device flavour for tensors (the same group on CPU).
+for scheduler metadata (gloo) and a device flavour for tensors (NCCL on CUDA; the same group on
+CPU and with the thread backend): see distributed/device.py:group_backends.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from dpattn.distributed.device import group_backends
 from dpattn.distributed.group import Group, TorchGroup, Trace
 from dpattn.distributed.thread_backend import ThreadWorld
 
@@ -86,13 +88,18 @@ class ParallelState:
             g.lockstep = on
 
 
-def thread_parallel_state(world: ThreadWorld, layout: Layout, rank: int) -> ParallelState:
-    """The groups of one rank thread; CPU and device flavours are the same group."""
+def thread_parallel_state(
+    world: ThreadWorld, layout: Layout, rank: int, device: str | torch.device = "cpu"
+) -> ParallelState:
+    """The groups of one rank thread; CPU and device flavours are the same group.
+
+    On CUDA every rank thread's tensors live on the same GPU (the rendezvous is device-generic).
+    """
     trace = Trace()
     d = layout.dp_rank(rank)
     w = world.group("world", list(range(layout.tp_size)), rank, trace)
     a = world.group(f"attn_tp{d}", layout.attn_tp_ranks(d), rank, trace)
-    return ParallelState(layout, rank, w, a, w, a)
+    return ParallelState(layout, rank, w, a, w, a, torch.device(device))
 
 
 def torch_parallel_state(
@@ -101,37 +108,48 @@ def torch_parallel_state(
     init_method: str | None = None,
     device: str = "cpu",
     timeout_s: float = 60.0,
+    local_rank: int | None = None,
 ) -> ParallelState:
     """Initialise torch.distributed for this rank and build its groups.
 
     `init_method` is a tcp:// address; None reads torchrun's environment (MASTER_ADDR, ...).
+    On CUDA the rank owns cuda:<local_rank> (default: LOCAL_RANK, else rank modulo the GPUs);
+    the model's groups run on NCCL and the scheduler's metadata groups on gloo (group_backends).
     """
     timeout = datetime.timedelta(seconds=timeout_s)
-    dev = torch.device(device)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    if dev.type == "cuda":
-        dev = torch.device(
-            "cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-        )
+    plan = group_backends(torch.device(device).type, "nccl" if device != "cpu" else "gloo")
+    dev = torch.device("cpu")
+    if plan.model == "nccl":
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=layout.tp_size, timeout=timeout
+        plan.model,
+        init_method=init_method,
+        rank=rank,
+        world_size=layout.tp_size,
+        timeout=timeout,
+        # NCCL: bind the communicator to this GPU now (no lazy init inside a graph capture)
+        **({"device_id": dev} if plan.model == "nccl" else {}),
     )
     trace = Trace()
     world_ranks = list(range(layout.tp_size))
+
+    def cpu_group(ranks: list[int]) -> dist.ProcessGroup | None:
+        if not plan.separate_cpu_groups:
+            return None
+        return dist.new_group(ranks, backend=plan.metadata, timeout=timeout)
+
     # Every rank must create every group, in the same order.
     tp_groups = {
         d: (
-            dist.new_group(layout.attn_tp_ranks(d), backend=backend, timeout=timeout),
-            dist.new_group(layout.attn_tp_ranks(d), backend="gloo", timeout=timeout)
-            if backend != "gloo"
-            else None,
+            dist.new_group(layout.attn_tp_ranks(d), backend=plan.model, timeout=timeout),
+            cpu_group(layout.attn_tp_ranks(d)),
         )
         for d in range(layout.dp_size)
     }
-    world_cpu_pg = (
-        dist.new_group(world_ranks, backend="gloo", timeout=timeout) if backend != "gloo" else None
-    )
+    world_cpu_pg = cpu_group(world_ranks)
     d = layout.dp_rank(rank)
     tp_pg, tp_cpu_pg = tp_groups[d]
     world = TorchGroup("world", world_ranks, rank, trace, dist.group.WORLD)

@@ -1,4 +1,7 @@
-"""Start the T ranks of one model replica: threads (in-process) or gloo/NCCL processes."""
+"""Start the T ranks of one model replica: threads (in-process) or gloo/NCCL processes.
+
+On CUDA a rank process owns cuda:<local rank>; rank threads share one GPU.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from typing import Any
 
 import torch
 
+from dpattn.config import resolve_backend
+from dpattn.distributed.device import check_gpus, rank_device
 from dpattn.distributed.group import CollectiveError
 from dpattn.distributed.parallel_state import (
     Layout,
@@ -33,7 +38,14 @@ def free_port() -> int:
 
 
 def _process_main(
-    fn: RankFn, layout: Layout, rank: int, init_method: str, timeout_s: float, queue: Any
+    fn: RankFn,
+    layout: Layout,
+    rank: int,
+    init_method: str,
+    timeout_s: float,
+    queue: Any,
+    device: str = "cpu",
+    local_rank: int = 0,
 ) -> None:
     if layout.tp_size > 1:
         torch.set_num_threads(1)  # T ranks on few cores: default threads oversubscribe them
@@ -41,7 +53,9 @@ def _process_main(
     # mid-collective with a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        ps = torch_parallel_state(layout, rank, init_method, timeout_s=timeout_s)
+        ps = torch_parallel_state(
+            layout, rank, init_method, device, timeout_s=timeout_s, local_rank=local_rank
+        )
         queue.put((rank, True, fn(ps)))
     except BaseException as e:  # noqa: BLE001 - sent to the parent, which raises it
         queue.put((rank, False, f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -82,6 +96,7 @@ class RankGroup:
         backend: str = "gloo",
         timeout_s: float = 60.0,
         node: NodeSpec | None = None,
+        device: str = "cpu",
     ) -> None:
         node = node or NodeSpec()
         self.layout = layout
@@ -91,6 +106,11 @@ class RankGroup:
         self.errors: list[str] = []
         self.failed_ranks: set[int] = set()
         self.procs: list[Any] = []
+        if backend not in ("thread", "gloo", "nccl"):
+            raise ValueError(f"unknown backend {backend!r} (thread | gloo | nccl)")
+        resolve_backend(backend, device)  # refuses gloo with CUDA tensors, nccl on CPU
+        check_gpus(device, backend, len(self.local_ranks))
+        self.device = device
         if backend == "thread":
             if node.nnodes > 1:
                 raise ValueError("the thread backend runs on one host")
@@ -99,16 +119,16 @@ class RankGroup:
             self._thread = threading.Thread(target=self._run_threads, args=(fn,), daemon=True)
             self._thread.start()
             return
-        if backend != "gloo":
-            raise ValueError(f"unknown backend {backend!r} (thread | gloo)")
         ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()
         init = node.init_method()
         self.procs = [
             ctx.Process(
-                target=_process_main, args=(fn, layout, r, init, timeout_s, self.queue), daemon=True
+                target=_process_main,
+                args=(fn, layout, r, init, timeout_s, self.queue, device, i),
+                daemon=True,
             )
-            for r in self.local_ranks
+            for i, r in enumerate(self.local_ranks)
         ]
         for p in self.procs:
             p.start()
@@ -116,7 +136,12 @@ class RankGroup:
     def _run_threads(self, fn: RankFn) -> None:
         try:
             out = run_threads(
-                self.world, lambda r: fn(thread_parallel_state(self.world, self.layout, r))
+                self.world,
+                lambda r: fn(
+                    thread_parallel_state(
+                        self.world, self.layout, r, rank_device(self.device, "thread", 0)
+                    )
+                ),
             )
             self.results = dict(enumerate(out))
         except BaseException as e:  # noqa: BLE001 - re-raised by wait()
@@ -181,10 +206,14 @@ class RankGroup:
 
 
 def run_ranks(
-    fn: RankFn, layout: Layout, backend: str = "gloo", timeout_s: float = 60.0
+    fn: RankFn,
+    layout: Layout,
+    backend: str = "gloo",
+    timeout_s: float = 60.0,
+    device: str = "cpu",
 ) -> list[Any]:
     """Run fn(parallel_state) on every rank; results in rank order. Any rank failing raises."""
-    return RankGroup(fn, layout, backend, timeout_s).wait()
+    return RankGroup(fn, layout, backend, timeout_s, device=device).wait()
 
 
 def refuse_in_spawned_child() -> None:

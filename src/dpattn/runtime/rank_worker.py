@@ -65,8 +65,8 @@ def load_tokenizer(model_path: str) -> Any:
 
 
 def name_rank(ps: ParallelState, cfg: EngineConfig) -> RankLogger:
-    """Process title `dpattn::scheduler_DP0_TP1` (gloo) and this rank's `[DP d TP t]` logger."""
-    if cfg.backend == "gloo":  # a spawned process: its own logging; threads share the caller's
+    """Process title `dpattn::scheduler_DP0_TP1` (processes) and this rank's `[DP d TP t]` logger."""
+    if cfg.backend != "thread":  # a spawned process: its own logging; threads share the caller's
         configure_logging(cfg.log_level)
         try:
             from setproctitle import setproctitle

@@ -31,10 +31,13 @@ def worker_addrs(cfg: EngineConfig, ipc_dir: str) -> WorkerAddrs:
 
 
 def start_ranks(cfg: EngineConfig, addrs: WorkerAddrs) -> RankGroup:
-    """This host's ranks, each running the scheduler loop (threads or gloo processes)."""
+    """This host's ranks, each running the scheduler loop (threads, or gloo / NCCL processes)."""
     fn = functools.partial(scheduler_main, cfg=cfg, addrs=addrs)
     layout = Layout(cfg.tp_size, cfg.dp_size)
-    return RankGroup(fn, layout, cfg.backend, cfg.collective_timeout_s, node_spec(cfg))
+    assert cfg.backend is not None and cfg.device is not None  # EngineConfig.from_options
+    return RankGroup(
+        fn, layout, cfg.backend, cfg.collective_timeout_s, node_spec(cfg), device=cfg.device
+    )
 
 
 def bind_addr(addr: str) -> str:
@@ -46,6 +49,6 @@ def run_follower_node(model_path: str, tp_size: int, dp_size: int, **options: An
     cfg = EngineConfig.from_options(model_path, tp_size, dp_size, **options)
     if cfg.node_rank == 0:
         raise ValueError("node 0 runs the Engine itself")
-    if cfg.backend != "gloo":
-        raise ValueError("multi-node runs gloo rank processes")
+    if cfg.backend == "thread":
+        raise ValueError("multi-node runs rank processes (gloo or nccl), not threads")
     start_ranks(cfg, worker_addrs(cfg, "")).wait()
