@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 import torch
@@ -43,6 +43,17 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device) -> ForwardBatch:
+        """The token tensors on the model's device (host -> device copies: no GPU sync)."""
+        if self.input_ids.device == device and self.out_cache_loc.device == device:
+            return self
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device, non_blocking=True),
+            positions=self.positions.to(device, non_blocking=True),
+            out_cache_loc=self.out_cache_loc.to(device, non_blocking=True),
+        )
 
     @classmethod
     def idle(cls) -> ForwardBatch:

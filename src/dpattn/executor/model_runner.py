@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -10,7 +11,15 @@ from transformers import AutoConfig
 
 from dpattn.config import RunnerConfig
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.executor.forward_batch import ForwardBatch
+from dpattn.executor.cuda_graph_runner import CudaGraphRunner
+from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
+from dpattn.executor.graph_plan import (
+    capture_batch_sizes,
+    capture_kv_buckets,
+    graph_batch_size,
+    graph_unavailable_reason,
+    local_vote,
+)
 from dpattn.executor.logprobs import (
     PromptLogprobRequest,
     PromptLogprobs,
@@ -26,6 +35,7 @@ from dpattn.models.loader import load_weights
 from dpattn.models.registry import build_model, text_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -36,7 +46,8 @@ class ModelRunner:
         self.hf_config = text_config(AutoConfig.from_pretrained(cfg.model_path))
         opts = ModelOptions(DTYPES[cfg.dtype], cfg.ep, cfg.moe_dense_tp_size)
         with torch.device(ps.device):
-            self.model = build_model(self.hf_config, ps, opts).eval()
+            # .to(): buffers made from CPU tensors (rotary frequencies) follow the parameters
+            self.model = build_model(self.hf_config, ps, opts).to(ps.device).eval()
         load_weights(self.model, Path(cfg.model_path))
         hc = self.hf_config
         self.vocab_size = int(hc.vocab_size)  # the frontend checks token ids against this
@@ -62,6 +73,35 @@ class ModelRunner:
         self.needs_gather_metadata = ps.dp_size > 1 or (
             ps.attn_tp_size > 1 and self.model.has_scattered_layers
         )
+        self.graph_runner = self._capture_graphs(windows)
+
+    def _capture_graphs(self, windows: set[int | None]) -> CudaGraphRunner | None:
+        """Decode CUDA graphs, or None with the reason logged (CPU, thread groups, disabled)."""
+        cfg, ps = self.cfg, self.ps
+        reason = graph_unavailable_reason(
+            ps.device.type,
+            ps.world.capturable and ps.attn_tp.capturable,
+            cfg.disable_cuda_graph,
+            ps.tp_size,
+        )
+        if reason is not None:
+            if ps.device.type == "cuda" and ps.rank == 0:
+                log.info("CUDA graphs off: %s", reason)
+            return None
+        sizes = capture_batch_sizes(
+            cfg.cuda_graph_max_bs, ps.attn_tp_size, cfg.max_running_requests
+        )
+        buckets = capture_kv_buckets(cfg.cuda_graph_max_seq_len, self.context_length)
+        return CudaGraphRunner(
+            self.model, ps, self.kv_pool, self.req_to_token, windows, sizes, buckets
+        )
+
+    def graph_vote(self, mode: ForwardMode | None, num_tokens: int, max_seq_len: int) -> bool:
+        """This rank's can_run_graph for the MLP sync (the step replays iff all ranks say yes)."""
+        g = self.graph_runner
+        if g is None:
+            return False
+        return local_vote(mode, num_tokens, max_seq_len, g.batch_sizes, g.kv_buckets)
 
     def _kv_budget(
         self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, context: int
@@ -104,7 +144,14 @@ class ModelRunner:
             self.cfg.dp_padding_mode,
             graph=batch.can_run_graph,
             native_reduce_scatter=self.ps.world.native_reduce_scatter,
+            graph_bs=self._graph_bs(gnt, batch.can_run_graph),
         )
+
+    def _graph_bs(self, gnt: list[int], voted: bool) -> int | None:
+        """The captured size of a replayed step, from gathered values (equal on all ranks)."""
+        if not voted or self.graph_runner is None:
+            return None
+        return graph_batch_size(list(gnt), self.graph_runner.batch_sizes)
 
     def forward(self, batch: ForwardBatch, plan: GatherPlan | None = None) -> torch.Tensor:
         """Logits [rows, vocab] (fp32) of each request's last token, or of every token."""
@@ -116,7 +163,10 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, PromptLogprobs | None]:
         """forward(), plus the prompt logprobs the batch asks for (batch.prompt_logprobs):
         only those rows go through the LM head a second time, vocab-parallel."""
+        batch = batch.to(self.ps.device)
         plan = plan or self.gather_plan(batch)
+        if self.graph_runner is not None and batch.can_run_graph:
+            return self.graph_runner.replay(batch, plan), None
         self.attn_backend.init_forward_metadata(
             batch.req_pool_indices, batch.seq_lens, batch.extend_lens, batch.out_cache_loc
         )

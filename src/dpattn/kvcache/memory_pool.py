@@ -39,7 +39,10 @@ class KVPool:
         device: torch.device,
     ) -> None:
         self.size = size
-        shape = (size, num_kv_heads, head_dim)
+        # One row past the slots: no request ever owns it, so the padding rows of a CUDA graph
+        # replay write their K/V there (SGLang reserves a padding slot the same way).
+        self.pad_slot = size
+        shape = (size + 1, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         # Free slots as a list of chunks: freeing appends one (O(1), no copy of the whole list),

@@ -93,12 +93,21 @@ class GatherPlan:
         override: str = "auto",
         graph: bool = False,
         native_reduce_scatter: bool = True,
+        graph_bs: int | None = None,
     ) -> GatherPlan:
+        """`graph_bs`: a CUDA graph replay, captured for that many tokens per DP group: MAX_LEN
+        with every slot that size (docs/design.md §4), whatever the override says."""
         padded = [pad_to(n, attn_tp_size) for n in global_num_tokens]
-        mode = choose_padding_mode(
-            padded, is_extend_in_batch, override, graph, attn_tp_size, native_reduce_scatter
-        )
-        lens = [max(padded)] * len(padded) if mode is PaddingMode.MAX_LEN else padded
+        if graph_bs is not None:
+            if graph_bs % attn_tp_size or graph_bs < max(padded, default=0):
+                raise ValueError(f"graph size {graph_bs} cannot hold {global_num_tokens}")
+            mode = PaddingMode.MAX_LEN
+        else:
+            mode = choose_padding_mode(
+                padded, is_extend_in_batch, override, graph, attn_tp_size, native_reduce_scatter
+            )
+        slot = graph_bs if graph_bs is not None else max(padded)
+        lens = [slot] * len(padded) if mode is PaddingMode.MAX_LEN else padded
         starts = [sum(lens[:d]) for d in range(len(lens))]
         return cls(
             attn_tp_size, tuple(global_num_tokens), mode, tuple(padded), tuple(lens), tuple(starts)

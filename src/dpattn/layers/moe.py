@@ -75,6 +75,8 @@ class MoE(nn.Module):
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if x.is_cuda:
+            return self._route_static(x, weights, experts)
         local = experts.flatten() - self.first_expert
         mine = (local >= 0) & (local < self.local_experts)  # EP: other ranks' experts drop out
         key = torch.where(mine, local, self.local_experts)
@@ -83,6 +85,24 @@ class MoE(nn.Module):
         tok = order // self.top_k
         y = self._experts(x[tok], counts) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, tok, y)
+
+    def _route_static(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """Every local expert on every row, weighted by its routing weight (0 if not chosen).
+
+        No data-dependent shape or host read: nothing syncs the GPU and a CUDA graph can
+        record it. Costs local_experts / top_k times the routed compute (a fused MoE kernel
+        would remove that; the tiny and small MoE models this runs are dominated by launches).
+        """
+        ids = torch.arange(self.local_experts, device=x.device) + self.first_expert
+        # [rows, local_experts]: the weight each row gives each local expert
+        w = ((experts[:, :, None] == ids) * weights[:, :, None]).sum(dim=1).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in range(self.local_experts):
+            gate, up = linear(x, self.w13[e]).chunk(2, dim=-1)
+            out += linear(self.act(gate) * up, self.w2[e]) * w[:, e : e + 1]
+        return out
 
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs sorted by expert, counts[e] rows each: the experts' MLPs over their slices."""

@@ -7,6 +7,7 @@ transport around it: one all-gather over the world CPU group at D > 1, none at D
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -62,15 +63,27 @@ class SyncDecision:
         return self.forced or max(self.global_num_tokens) > 0
 
 
-def local_row(batch: ScheduleBatch | None, shutdown: bool = False) -> SyncRow:
+# The model runner's graph vote: (mode or None for no batch, tokens, longest sequence) -> can
+# this rank replay a captured CUDA graph for this step (ModelRunner.graph_vote).
+GraphVote = Callable[[ForwardMode | None, int, int], bool]
+
+
+def local_row(
+    batch: ScheduleBatch | None, shutdown: bool = False, graph_vote: GraphVote | None = None
+) -> SyncRow:
+    """This rank's row. can_run_graph is the runner's vote when given, else the batch's flag."""
     if batch is None:
-        return SyncRow(shutdown=shutdown)
+        return SyncRow(0, 0, graph_vote(None, 0, 0) if graph_vote else False, shutdown=shutdown)
+    graph = batch.can_run_graph
+    if graph_vote is not None:
+        longest = max((r.kv_len + r.extend_len for r in batch.reqs), default=0)
+        graph = graph_vote(batch.forward_mode, batch.num_tokens, longest)
     mode = batch.forward_mode
     if mode in (ForwardMode.IDLE, ForwardMode.PREBUILT):
-        return SyncRow(0, 0, batch.can_run_graph, False, int(mode), shutdown)
+        return SyncRow(0, 0, graph, False, int(mode), shutdown)
     n = batch.num_tokens
     m = batch.num_tokens_for_logprob
-    return SyncRow(n, m, batch.can_run_graph, mode.is_extend_like(), int(mode), shutdown)
+    return SyncRow(n, m, graph, mode.is_extend_like(), int(mode), shutdown)
 
 
 def decide(rows: list[SyncRow], dp_size: int, skip_all_gather: bool) -> SyncDecision:
@@ -109,10 +122,14 @@ def prepare_mlp_sync_batch(
     batch: ScheduleBatch | None,
     skip_all_gather: bool | None = None,
     shutdown: bool = False,
+    graph_vote: GraphVote | None = None,
 ) -> tuple[ScheduleBatch | None, SyncDecision]:
-    """Returns the batch to run (None: no forward on any rank this iteration) and the decision."""
+    """Returns the batch to run (None: no forward on any rank this iteration) and the decision.
+
+    The decision's can_run_graph is the min of the ranks' votes: one rank that cannot replay
+    (an extend, a batch or sequence larger than its graphs) makes every rank run eagerly."""
     skip = ps.dp_size == 1 if skip_all_gather is None else skip_all_gather
-    row = local_row(batch, shutdown)
+    row = local_row(batch, shutdown, graph_vote)
     if skip:
         decision = decide([row], ps.dp_size, skip)
     else:

@@ -77,7 +77,9 @@ class Scheduler:
         start = time.perf_counter()
         batch = self._next_batch()
         t0 = time.perf_counter()
-        batch, decision = prepare_mlp_sync_batch(self.ps, batch, self.cfg.skip_all_gather, shutdown)
+        batch, decision = prepare_mlp_sync_batch(
+            self.ps, batch, self.cfg.skip_all_gather, shutdown, self.runner.graph_vote
+        )
         sync_s = time.perf_counter() - t0
         ran: dict[str, Any] = {}
         if batch is not None and decision.run_forward:
