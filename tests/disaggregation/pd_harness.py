@@ -5,6 +5,7 @@ prefill ranks register with a real bootstrap service. Also the colocated referen
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ class Spec:
     abort_prefill_at: int | None = None  # step at which the prefill side aborts it
     abort_decode_at: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    # Decode side: arrival counts from the step `after` (a rid) was first running on any rank.
+    after: str | None = None
 
     def req(self, port: int | None, prefill: bool = False) -> Req:
         params = SamplingParams(
@@ -79,7 +82,9 @@ class SideRun:
     queues: list[tuple[Any, ...]]  # per step: the rids of every queue of this rank
     kv: tuple[int, int]  # (free after, initial)
     rows: tuple[int, int]
-    prebuilt_steps: list[tuple[str, bool]] = field(default_factory=list)  # (forward_mode, idle)
+    # steps whose batch was PREBUILT: (forward_mode run, idle batch, global_num_tokens)
+    prebuilt_steps: list[tuple[str, bool, tuple[int, ...]]] = field(default_factory=list)
+    local_states: list[dict[str, int]] = field(default_factory=list)  # per step (wrapped only)
     failures: dict[str, str] = field(default_factory=dict)
 
 
@@ -101,15 +106,23 @@ def free_slots(sched: Scheduler) -> int:
     return sched.runner.kv_pool.available_size()
 
 
+Wrap = Callable[[ParallelState, Any], Any]
+
+
 def drive_side(
     ps: ParallelState,
     cfg: EngineConfig,
     specs: tuple[Spec, ...],
     port: int | None,
     side: str,
+    wrap: Wrap | None = None,
 ) -> SideRun:
+    if cfg.scheduler.debug_lockstep:
+        ps.set_lockstep(True)
     runner = ModelRunner(cfg.runner, ps)
     sched = build_scheduler(cfg, runner, eos_ids=set())
+    if wrap is not None:  # a test's view of (or delay on) the real transfer
+        sched.transfer = wrap(ps, sched.transfer)  # type: ignore[attr-defined]
     kv0, rows0 = runner.kv_pool.available_size(), runner.req_to_token.available_size()
     dp = ps.dp_size
 
@@ -119,22 +132,36 @@ def drive_side(
 
     outputs: dict[str, Result] = {}
     queues: list[tuple[Any, ...]] = []
-    prebuilt: list[tuple[str, bool]] = []
+    prebuilt: list[tuple[str, bool, tuple[int, ...]]] = []
+    local_states: list[dict[str, int]] = []
     last = max(s.arrival for s in specs) + 8
+    gates = {s.after for s in specs if s.after is not None and side == "decode"}
+    opened: dict[str, int] = {}  # gate rid -> the step it was first seen running
+
+    def arrives(s: Spec, step: int) -> bool:
+        if s.after is None or side != "decode":
+            return s.arrival == step
+        return s.after in opened and s.arrival == step - opened[s.after]
+
     try:
         for step in range(MAX_STEPS):
+            if gates - set(opened):  # harness only: a world-wide look at who runs
+                seen = ps.world_cpu.all_gather_object([r.rid for r in sched.running])
+                for rid in gates & {rid for rids in seen for rid in rids}:
+                    opened.setdefault(rid, step)
             for s in specs:
-                if mine(s) and s.arrival == step:
+                if mine(s) and arrives(s, step):
                     sched.add_request(s.req(port, side == "prefill"))
                     outputs[s.rid] = Result()
                 abort_at = s.abort_prefill_at if side == "prefill" else s.abort_decode_at
                 if mine(s) and abort_at == step:
                     sched.abort_request(s.rid)
-            had_prebuilt = isinstance(sched, DecodeScheduler) and bool(sched.transfer_queue)
             sched.step()
             stats = sched.last_stats
-            if had_prebuilt:
-                prebuilt.append((stats.forward_mode, stats.idle_batch))
+            if isinstance(sched, DecodeScheduler) and sched.last_prebuilt:
+                prebuilt.append((stats.forward_mode, stats.idle_batch, stats.global_num_tokens))
+            if wrap is not None:
+                local_states.append(dict(getattr(sched.transfer, "last", {})))  # type: ignore[attr-defined]
             queues.append(_queues(sched))
             for o in sched.take_outputs():
                 res = outputs[o.rid]
@@ -143,7 +170,8 @@ def drive_side(
                 res.logprobs += o.new_logprobs
                 res.finish_reason = o.finish_reason
             if step >= last:
-                busy = ps.world_cpu.all_gather_object(sched.has_work)
+                to_come = any(mine(s) and s.rid not in outputs for s in specs)
+                busy = ps.world_cpu.all_gather_object(sched.has_work or to_come)
                 if not any(busy):
                     break
         else:
@@ -160,6 +188,7 @@ def drive_side(
         kv,
         (runner.req_to_token.available_size(), rows0),
         prebuilt,
+        local_states,
         dict(failures),
     )
 
@@ -185,6 +214,7 @@ def run_pd(
     prefill_kw: dict[str, Any] | None = None,
     decode_kw: dict[str, Any] | None = None,
     start_prefill: bool = True,
+    wrap_decode: Wrap | None = None,
 ) -> tuple[list[SideRun], list[SideRun]]:
     """Both worlds at once; returns (prefill runs, decode runs) in rank order."""
     server = BootstrapServer(0, prefill[0], host="127.0.0.1")
@@ -197,8 +227,12 @@ def run_pd(
         for side, (tp, dp), kw in sides:
             cfg = side_config(model, tp, dp, side, port, **(kw or {}))
 
-            def fn(ps: ParallelState, cfg: EngineConfig = cfg, side: str = side) -> SideRun:
-                return drive_side(ps, cfg, specs, port, side)
+            wrap = wrap_decode if side == "decode" else None
+
+            def fn(
+                ps: ParallelState, cfg: EngineConfig = cfg, side: str = side, wrap: Any = wrap
+            ) -> SideRun:
+                return drive_side(ps, cfg, specs, port, side, wrap)
 
             groups.append(RankGroup(fn, Layout(tp, dp), "thread", timeout_s=60))
         results = [g.wait() for g in groups]

@@ -55,6 +55,7 @@ class DecodeScheduler(Scheduler):
         self._since: dict[str, float] = {}
         self._first_top: dict[str, list[tuple[float, int]]] = {}
         self.failures: dict[str, str] = {}  # rid -> why it failed (recent ones; tests, logs)
+        self.last_prebuilt = 0  # requests the last step's PREBUILT batch turned into running
 
     @property
     def has_work(self) -> bool:
@@ -83,6 +84,7 @@ class DecodeScheduler(Scheduler):
 
     # ---- queues ----
     def _next_batch(self) -> ScheduleBatch | None:
+        self.last_prebuilt = 0
         self._prealloc()
         ready = self._poll_transfer()
         if ready:
@@ -184,6 +186,7 @@ class DecodeScheduler(Scheduler):
 
     # ---- PREBUILT ----
     def _process_prebuilt(self, batch: ScheduleBatch) -> None:
+        self.last_prebuilt = len(batch.reqs)
         start = []
         for req in batch.reqs:
             if req.row is None or not req.output_ids:
