@@ -351,6 +351,7 @@ def _run(args: argparse.Namespace) -> int:
             dp_padding_mode=args.dp_padding_mode,
             dtype=args.dtype,
             backend=args.backend,
+            device=args.device,
             num_prompts=args.num_prompts,
             decode_steps=args.decode_steps,
             seed=args.seed,

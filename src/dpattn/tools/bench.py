@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dpattn.entrypoints.engine import Delta, Engine
+from dpattn.executor.graph_plan import graph_unavailable_reason
 from dpattn.executor.model_runner import DTYPES
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.messages import StepStats
@@ -140,6 +141,20 @@ def _step_over_forward(stats: Iterable[StepStats]) -> float | None:
     return sum(s.step_s for s in decode) / sum(s.forward_s for s in decode)
 
 
+def _graphs_on(engine: Engine) -> bool:
+    """Whether the engine's ranks replay decode CUDA graphs (the runner's own rule)."""
+    cfg = engine.cfg
+    return (
+        graph_unavailable_reason(
+            cfg.device or "cpu",
+            cfg.backend == "nccl",
+            cfg.runner.disable_cuda_graph,
+            cfg.tp_size,
+        )
+        is None
+    )
+
+
 def _params(max_new_tokens: int) -> Any:
 
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
@@ -159,7 +174,8 @@ def compare_with_transformers(
 
     model_path = engine.cfg.model_path
     dtype = DTYPES[engine.cfg.runner.dtype]
-    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    device = engine.cfg.device or "cpu"  # transformers runs where the engine's ranks run
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     rng = random.Random(seed)
     vocab = int(hf.config.get_text_config().vocab_size)
     rows = []
@@ -177,17 +193,21 @@ def compare_with_transformers(
         with torch.inference_mode():
             t0 = time.perf_counter()
             hf.generate(
-                torch.tensor(prompts),
+                torch.tensor(prompts, device=device),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=0,
             )
+            if device == "cuda":
+                torch.cuda.synchronize()
             theirs = time.perf_counter() - t0
         tokens = b * new_tokens
         rows.append(
             {
                 "dtype": engine.cfg.runner.dtype,
+                "device": device,
+                "cuda_graph": _graphs_on(engine),
                 "batch": b,
                 "new_tokens": new_tokens,
                 "dpattn_tokens_per_s": tokens / ours,

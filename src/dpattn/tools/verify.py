@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dpattn.config import RunnerConfig
+from dpattn.config import RunnerConfig, resolve_backend, resolve_device
 from dpattn.distributed.parallel_state import Layout, ParallelState
 from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
 from dpattn.executor.model_runner import DTYPES, ModelRunner
@@ -33,7 +33,8 @@ class VerifyConfig:
     moe_dense_tp_size: int | None = None
     dp_padding_mode: str = "auto"
     dtype: str = "float32"
-    backend: str = "gloo"
+    backend: str | None = None  # None: nccl on cuda, gloo on cpu (config.resolve_backend)
+    device: str | None = None  # None: cuda when available (config.resolve_device)
     num_prompts: int = 5
     decode_steps: int = 4
     seed: int = 0
@@ -101,7 +102,14 @@ def _build_batch(reqs: list[Request], step: int) -> ForwardBatch:
 
 def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
     runner = ModelRunner(
-        RunnerConfig(cfg.model_path, cfg.dtype, cfg.ep, cfg.moe_dense_tp_size, cfg.dp_padding_mode),
+        RunnerConfig(
+            cfg.model_path,
+            cfg.dtype,
+            cfg.ep,
+            cfg.moe_dense_tp_size,
+            cfg.dp_padding_mode,
+            disable_cuda_graph=True,  # no scheduler, no graph vote: every step runs eagerly
+        ),
         ps,
     )
     kv_free0, rows_free0 = runner.kv_pool.available_size(), runner.req_to_token.available_size()
@@ -158,13 +166,18 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
 
 
 def reference_logits(
-    model_path: str, dtype: str, sequences: dict[int, list[int]]
+    model_path: str, dtype: str, sequences: dict[int, list[int]], device: str = "cpu"
 ) -> dict[int, torch.Tensor]:
+    """transformers' logits for each sequence, on `device` (the layout's own), returned on CPU."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+    model = model.to(device).eval()
     with torch.inference_mode():
-        return {rid: model(torch.tensor([seq])).logits[0].float() for rid, seq in sequences.items()}
+        return {
+            rid: model(torch.tensor([seq], device=device)).logits[0].float().cpu()
+            for rid, seq in sequences.items()
+        }
 
 
 def tolerance(cfg: VerifyConfig) -> Tolerance:
@@ -182,7 +195,11 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         raise ValueError("verify needs at least one prompt")
     tol = tolerance(cfg)
     layout = Layout(cfg.tp, cfg.dp)
-    results = run_ranks(functools.partial(rank_main, cfg=cfg), layout, cfg.backend)
+    cfg.device = resolve_device(cfg.device)
+    cfg.backend = resolve_backend(cfg.backend, cfg.device)
+    results = run_ranks(
+        functools.partial(rank_main, cfg=cfg), layout, cfg.backend, device=cfg.device
+    )
     # Ranks of one DP group must agree exactly; then compare the leaders with the reference.
     for r, res in enumerate(results):
         lead = results[layout.dp_rank(r) * layout.attn_tp_size]
@@ -195,7 +212,9 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         merged_tokens.update(res["tokens"])
         merged_logits.update(res["logits"])
         merged_steps.update(res["row_steps"])
-    ref = reference_logits(cfg.reference_model_path or cfg.model_path, cfg.dtype, merged_tokens)
+    ref = reference_logits(
+        cfg.reference_model_path or cfg.model_path, cfg.dtype, merged_tokens, cfg.device
+    )
     per_request: dict[int, dict[str, Any]] = {}
     by_step: dict[int, list[RowCheck]] = {}
     for rid, rows in merged_logits.items():
