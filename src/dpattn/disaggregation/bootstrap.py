@@ -76,6 +76,7 @@ class BootstrapServer:
         except OSError as e:
             raise RuntimeError(f"bootstrap service cannot listen on {host}:{port}: {e}") from None
         self.port = int(self._server.server_address[1])
+        self._closed = False
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
@@ -85,6 +86,9 @@ class BootstrapServer:
             return dict(self._server.ranks)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._server.shutdown()
         self._server.server_close()
 

@@ -21,9 +21,9 @@ class KVLayout:
     num_kv_heads: int  # of the whole model (not this rank's share)
 
     def mismatch(self, other: KVLayout) -> str | None:
-        """Why KV of `other` cannot be written into a pool of this layout (None: it can)."""
+        """Why KV of this (prefill) layout cannot go into a pool of `other` (None: it can)."""
         diffs = [
-            f"{name} {getattr(other, name)} vs {getattr(self, name)}"
+            f"{name} {getattr(self, name)} vs {getattr(other, name)}"
             for name in ("dtype", "head_dim", "num_layers", "num_kv_heads", "page_size")
             if getattr(self, name) != getattr(other, name)
         ]

@@ -8,7 +8,6 @@ KVInit naming, per decode rank, the endpoint and the global KV heads to send the
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -38,7 +37,7 @@ from dpattn.distributed.parallel_state import ParallelState
 from dpattn.kvcache.memory_pool import KVPool
 from dpattn.messages import BootstrapInfo
 
-log = logging.getLogger(__name__)
+GONE_MEMORY = 10_000  # aborted rooms a prefill rank remembers for a late handshake
 
 
 class _Sockets:
@@ -82,6 +81,8 @@ class ZmqPrefillTransfer(PrefillTransfer):
         self.inits: dict[int, KVInit] = {}
         self.failed: dict[int, str] = {}
         self.sent: set[int] = set()
+        # Rooms given up here before the decode side's handshake came: answered with KVAbort.
+        self.gone: dict[int, str] = {}
 
     def info(self) -> RankInfo:
         ps = self.ps
@@ -98,10 +99,12 @@ class ZmqPrefillTransfer(PrefillTransfer):
         for frames in self.sock.incoming():
             msg = decode(frames[0])
             if isinstance(msg, KVInit):
-                why = self.layout.mismatch(msg.decode_kv)
+                gone = self.gone.pop(msg.room, None)
+                why = gone or self.layout.mismatch(msg.decode_kv)
                 if why:
-                    self.failed[msg.room] = why
                     self._notify(msg.targets, KVAbort(msg.room, why))
+                    if gone is None:  # the request is still here: it fails too
+                        self.failed[msg.room] = why
                 else:
                     self.inits[msg.room] = msg
             elif isinstance(msg, KVAbort):
@@ -168,6 +171,10 @@ class ZmqPrefillTransfer(PrefillTransfer):
         init = self.inits.get(room)
         if init is not None:
             self._notify(init.targets, KVAbort(room, reason))
+        elif room not in self.failed:  # the handshake may still come: answer it then
+            self.gone[room] = reason
+            if len(self.gone) > GONE_MEMORY:
+                self.gone.pop(next(iter(self.gone)))
         self.release(room)
 
     def release(self, room: int) -> None:

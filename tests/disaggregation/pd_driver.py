@@ -1,0 +1,243 @@
+"""One rank of one side (prefill, decode or colocated) of the disaggregation tests: adds its
+requests when they arrive, aborts them on cue, steps the real scheduler, and records queues,
+outputs and pools. Cross-side cues are threading events (both worlds run in this process);
+every decision that changes a queue is taken from world-gathered values, so the ranks of a
+group stay in lock-step."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpattn.config import EngineConfig
+from dpattn.disaggregation.decode import DecodeScheduler
+from dpattn.disaggregation.factory import build_scheduler
+from dpattn.disaggregation.prefill import PrefillScheduler
+from dpattn.distributed.parallel_state import ParallelState
+from dpattn.executor.model_runner import ModelRunner
+from dpattn.executor.sampling_params import SamplingParams
+from dpattn.messages import BootstrapInfo
+from dpattn.scheduler.schedule_batch import Req
+from dpattn.scheduler.scheduler import Scheduler
+
+TIME_LIMIT_S = 90.0  # a side still busy then is stuck: fail, never hang
+Wrap = Callable[[ParallelState, Any], Any]
+Events = dict[str, threading.Event]
+
+
+@dataclass(frozen=True)
+class Spec:
+    rid: str
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    room: int
+    arrival: int = 0  # step (on each side) at whose start the request arrives
+    decode_group: int = 0  # decode DP group key (% dp)
+    stop_token_ids: tuple[int, ...] = ()
+    # Decode side: arrival counts from the step `after` (a rid) was first running on any rank.
+    after: str | None = None
+    # Arrival counts from the step this side first saw the event (set by the other side:
+    # "decode-added:RID", "decode-aborted:RID", "prefill-aborted:RID", ...).
+    prefill_waits_for: str | None = None
+    decode_waits_for: str | None = None
+    # Aborts: steps after arrival (0: before its first step), after leaving the prefill's
+    # bootstrap queue, or once the decode side sent that many tokens.
+    abort_prefill_at: int | None = None
+    abort_prefill_after_bootstrap: int | None = None
+    abort_decode_at: int | None = None
+    abort_decode_after_tokens: int | None = None
+    only_decode: bool = False  # the prefill server never hears of it
+
+    def req(self, port: int | None, prefill: bool = False) -> Req:
+        params = SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=0,
+            ignore_eos=True,
+            stop_token_ids=list(self.stop_token_ids),
+        )
+        boot = None if port is None else BootstrapInfo("127.0.0.1", port, self.room)
+        return Req(self.rid, list(self.prompt), params, 0, True, bootstrap=boot)
+
+
+@dataclass
+class Result:
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class SideRun:
+    rank: int
+    dp_rank: int
+    outputs: dict[str, Result]
+    queues: list[tuple[Any, ...]]  # per step: the rids of every queue of this rank
+    kv: tuple[int, int]  # (free after, initial)
+    rows: tuple[int, int]
+    # steps whose batch was PREBUILT: (forward_mode run, idle batch, global_num_tokens)
+    prebuilt_steps: list[tuple[str, bool, tuple[int, ...]]] = field(default_factory=list)
+    local_states: list[dict[str, int]] = field(default_factory=list)  # per step (wrapped only)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def _queues(sched: Scheduler) -> tuple[Any, ...]:
+    base = ([r.rid for r in sched.waiting], [r.rid for r in sched.running])
+    if isinstance(sched, PrefillScheduler):
+        extra = (sched.bootstrap_queue, sched.inflight_queue)
+    elif isinstance(sched, DecodeScheduler):
+        extra = (sched.prealloc_queue, sched.transfer_queue)
+    else:
+        extra = ()
+    return (*base, *([r.rid for r in q] for q in extra))
+
+
+def free_slots(sched: Scheduler) -> int:
+    sched.flush_cache()  # a prefix cache keeps finished prompts: drop them to count
+    return sched.runner.kv_pool.available_size()
+
+
+class Driver:
+    def __init__(
+        self, ps: ParallelState, sched: Scheduler, specs: tuple[Spec, ...], port: int | None,
+        side: str, events: Events,
+    ) -> None:  # fmt: skip
+        self.ps, self.sched, self.side, self.port, self.events = ps, sched, side, port, events
+        group = (lambda s: s.room) if side == "prefill" else (lambda s: s.decode_group)
+        self.specs = [
+            s
+            for s in specs
+            if group(s) % ps.dp_size == ps.dp_rank and not (s.only_decode and side == "prefill")
+        ]
+        self.all_specs = specs
+        self.outputs: dict[str, Result] = {}
+        self.added: dict[str, int] = {}
+        self.left_bootstrap: dict[str, int] = {}
+        self.gate_step: dict[str, int] = {}  # rid -> step its waits_for event / `after` fired
+
+    def waits(self, s: Spec) -> str | None:
+        if self.side == "prefill":
+            return s.prefill_waits_for
+        if self.side == "decode":
+            return s.decode_waits_for or (s.after and f"running:{s.after}")
+        return None
+
+    def open_gates(self, step: int) -> None:
+        """Which awaited events fired, as rank 0 of the world saw them: every rank of the
+        world agrees (gate_step covers all specs), so the queues stay in lock-step."""
+        pending = [s for s in self.all_specs if self.waits(s) and s.rid not in self.gate_step]
+        if not pending:
+            return
+        seen = sorted(s.rid for s in pending if self.events[self.waits(s) or ""].is_set())
+        for rid in self.ps.world_cpu.all_gather_object(seen)[0]:
+            self.gate_step.setdefault(rid, step)
+
+    def arrives(self, s: Spec, step: int) -> bool:
+        if self.waits(s) is None:
+            return s.arrival == step
+        return s.rid in self.gate_step and step == self.gate_step[s.rid] + s.arrival
+
+    def aborts(self, s: Spec, step: int) -> bool:
+        if s.rid not in self.added or self.outputs[s.rid].finish_reason is not None:
+            return False
+        since = step - self.added[s.rid]
+        if self.side == "prefill":
+            left = self.left_bootstrap.get(s.rid)
+            return s.abort_prefill_at == since or (
+                left is not None and s.abort_prefill_after_bootstrap == step - left
+            )
+        if self.side == "decode":
+            n = s.abort_decode_after_tokens
+            return s.abort_decode_at == since or (
+                n is not None and len(self.outputs[s.rid].ids) >= n
+            )
+        return False
+
+    def before_step(self, step: int) -> None:
+        self.open_gates(step)
+        for s in self.specs:
+            if self.arrives(s, step):
+                self.sched.add_request(s.req(self.port))
+                self.outputs[s.rid] = Result()
+                self.added[s.rid] = step
+                self.events[f"{self.side}-added:{s.rid}"].set()
+            if self.aborts(s, step):
+                self.sched.abort_request(s.rid)
+                self.events[f"{self.side}-aborted:{s.rid}"].set()
+
+    def after_step(self, step: int) -> None:
+        sched = self.sched
+        if isinstance(sched, PrefillScheduler):
+            queued = {r.rid for r in sched.bootstrap_queue}
+            for rid in self.added:
+                if rid not in queued:
+                    self.left_bootstrap.setdefault(rid, step)
+        for r in sched.running:
+            self.events[f"running:{r.rid}"].set()
+        for o in sched.take_outputs():
+            res = self.outputs[o.rid]
+            assert res.finish_reason is None, f"{o.rid}: output after it finished"
+            res.ids += o.new_ids
+            res.logprobs += o.new_logprobs
+            res.finish_reason = o.finish_reason
+            if o.finish_reason is not None:
+                self.events[f"{self.side}-done:{o.rid}"].set()
+
+    def done(self) -> bool:
+        """Every rank of the world: nothing queued, nothing still to arrive."""
+        to_come = any(s.rid not in self.outputs for s in self.specs)
+        busy = self.ps.world_cpu.all_gather_object(self.sched.has_work or to_come)
+        return not any(busy)
+
+
+def drive_side(
+    ps: ParallelState,
+    cfg: EngineConfig,
+    specs: tuple[Spec, ...],
+    port: int | None,
+    side: str,
+    wrap: Wrap | None = None,
+    events: Events | None = None,
+    stop_at: int | None = None,
+) -> SideRun:
+    """Runs until every request of the world ended (or `stop_at` steps: the side "dies")."""
+    if cfg.scheduler.debug_lockstep:
+        ps.set_lockstep(True)
+    runner = ModelRunner(cfg.runner, ps)
+    sched = build_scheduler(cfg, runner, eos_ids=set())
+    if wrap is not None:  # a test's view of (or delay on) the real transfer
+        sched.transfer = wrap(ps, sched.transfer)  # type: ignore[attr-defined]
+    kv0, rows0 = runner.kv_pool.available_size(), runner.req_to_token.available_size()
+    events = events if events is not None else defaultdict(threading.Event)
+    drv = Driver(ps, sched, specs, port, side, events)
+    run = SideRun(ps.rank, ps.dp_rank, drv.outputs, [], (0, kv0), (0, rows0))
+    try:
+        deadline = time.monotonic() + TIME_LIMIT_S
+        for step in itertools.count():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{side} rank {ps.rank}: not done in {TIME_LIMIT_S} s")
+            if stop_at is not None and step >= stop_at:
+                return run
+            drv.before_step(step)
+            sched.step()
+            stats = sched.last_stats
+            if isinstance(sched, DecodeScheduler) and sched.last_prebuilt:
+                run.prebuilt_steps.append(
+                    (stats.forward_mode, stats.idle_batch, stats.global_num_tokens)
+                )
+            if wrap is not None:
+                run.local_states.append(dict(getattr(sched.transfer, "last", {})))
+            run.queues.append(_queues(sched))
+            drv.after_step(step)
+            if step % 8 == 0 and drv.done():
+                break
+        run.kv = (free_slots(sched), kv0)
+        run.rows = (runner.req_to_token.available_size(), rows0)
+        run.failures = dict(getattr(sched, "failures", {}))
+        return run
+    finally:
+        sched.close()

@@ -1,0 +1,91 @@
+"""Faults on either side of a disaggregated pair (rank threads, real zmq transfer): aborts at
+every queue stage, a prefill server that dies, timeouts, a KV layout mismatch. Every request
+ends (never a hang), failures name their reason, and both sides' pools and rows come back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pd_harness import Spec, check_groups, merged, run_colocated, run_pd
+from test_pd_protocol import assert_same
+
+from dpattn.distributed.parallel_state import Layout
+
+FAST = dict(disaggregation_bootstrap_timeout_s=2.0, disaggregation_transfer_timeout_s=3.0)
+
+
+def spec(rid: str, n: int = 6, new: int = 8, room: int = 0, **kw: object) -> Spec:
+    prompt = tuple(range(7, 7 + n))
+    return Spec(rid, prompt, new, room=room or abs(hash(rid)) % 2**62, **kw)  # type: ignore[arg-type]
+
+
+def test_aborts_at_every_stage_free_both_sides(tiny_models: dict[str, Path]) -> None:
+    model = tiny_models["llama"]
+    specs = (
+        # prefill: aborted in the bootstrap queue, before the decode side's handshake
+        spec("p-bootstrap", abort_prefill_at=0, decode_waits_for="prefill-aborted:p-bootstrap"),
+        # prefill: aborted mid chunked prefill (60 tokens, 8 a step)
+        spec("p-chunk", n=60, abort_prefill_after_bootstrap=2),
+        # decode: aborted in the prealloc queue (the prefill side times its handshake out)
+        spec("d-prealloc", abort_decode_at=0, prefill_waits_for="decode-aborted:d-prealloc"),
+        # decode: aborted in the transfer queue, before the prefill side has the request
+        spec("d-transfer", abort_decode_at=3, prefill_waits_for="decode-aborted:d-transfer"),
+        # decode: aborted while running
+        spec("d-running", new=40, abort_decode_after_tokens=2),
+        spec("ok", n=11),
+    )
+    p_runs, d_runs = run_pd(model, (1, 1), (2, 1), specs, prefill_kw=FAST, decode_kw=FAST)
+    check_groups(p_runs, Layout(1, 1))  # pools and rows back on both sides, lock-step queues
+    check_groups(d_runs, Layout(2, 1))
+    got = merged(d_runs)
+    for s in specs[:-1]:
+        assert got[s.rid].finish_reason == "abort", s.rid
+    assert len(got["d-running"].ids) >= 2
+    assert_same({"ok": got["ok"]}, run_colocated(model, specs[-1:]), specs[-1:])
+    assert all(r.finish_reason is not None for r in merged(p_runs).values())
+    reasons = d_runs[0].failures
+    assert "aborted on the prefill server" in reasons["p-bootstrap"]
+
+
+def test_dead_prefill_server_fails_its_decode_requests(tiny_models: dict[str, Path]) -> None:
+    specs = tuple(spec(f"r{i}", prefill_waits_for="never") for i in range(3))
+    _, d_runs = run_pd(
+        tiny_models["llama"], (1, 1), (2, 2), specs, prefill_stop_at=20, decode_kw=FAST
+    )
+    check_groups(d_runs, Layout(2, 2))
+    for s in specs:
+        assert merged(d_runs)[s.rid].finish_reason == "abort"
+    reasons = {**d_runs[0].failures, **d_runs[1].failures}
+    assert all("prefill server 127.0.0.1:" in r and "is gone" in r for r in reasons.values())
+    assert set(reasons) == {s.rid for s in specs}
+
+
+def test_bootstrap_and_transfer_timeouts(tiny_models: dict[str, Path]) -> None:
+    model = tiny_models["llama"]
+    # No prefill rank ever registers: the decode side gives up after the bootstrap timeout.
+    _, d_runs = run_pd(
+        model, (1, 1), (1, 1), (spec("lonely"),), decode_kw=FAST, start_prefill=False
+    )
+    check_groups(d_runs, Layout(1, 1))
+    assert "timed out" in d_runs[0].failures["lonely"]
+    # The prefill server lives but never gets the request: the transfer timeout ends it.
+    specs = (spec("orphan", only_decode=True), spec("fine"))
+    p_runs, d_runs = run_pd(model, (1, 1), (1, 1), specs, prefill_kw=FAST, decode_kw=FAST)
+    check_groups(p_runs, Layout(1, 1))
+    check_groups(d_runs, Layout(1, 1))
+    got = merged(d_runs)
+    assert got["orphan"].finish_reason == "abort" and got["fine"].finish_reason == "length"
+    assert "timed out" in d_runs[0].failures["orphan"]
+
+
+def test_kv_layout_mismatch_is_refused(tiny_models: dict[str, Path]) -> None:
+    specs = (spec("x"),)
+    p_runs, d_runs = run_pd(
+        tiny_models["llama"], (1, 1), (1, 1), specs, prefill_kw={"dtype": "bfloat16", **FAST},
+        decode_kw=FAST,
+    )  # fmt: skip
+    check_groups(p_runs, Layout(1, 1))
+    check_groups(d_runs, Layout(1, 1))
+    reason = d_runs[0].failures["x"]
+    assert "KV layout mismatch" in reason and "dtype bfloat16 vs float32" in reason, reason
+    assert merged(p_runs)["x"].finish_reason == "abort"
