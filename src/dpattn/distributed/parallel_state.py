@@ -56,6 +56,9 @@ class ParallelState:
     world_cpu: Group
     attn_tp_cpu: Group
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Ranks whose tensors share this rank's device memory (thread ranks on one GPU): the KV
+    # pool sizing divides the free memory among them.
+    ranks_per_device: int = 1
 
     @property
     def tp_size(self) -> int:
@@ -99,7 +102,7 @@ def thread_parallel_state(
     d = layout.dp_rank(rank)
     w = world.group("world", list(range(layout.tp_size)), rank, trace)
     a = world.group(f"attn_tp{d}", layout.attn_tp_ranks(d), rank, trace)
-    return ParallelState(layout, rank, w, a, w, a, torch.device(device))
+    return ParallelState(layout, rank, w, a, w, a, torch.device(device), layout.tp_size)
 
 
 def torch_parallel_state(

@@ -48,11 +48,19 @@ class ForwardBatch:
         """The token tensors on the model's device (host -> device copies: no GPU sync)."""
         if self.input_ids.device == device and self.out_cache_loc.device == device:
             return self
+        prompt = self.prompt_logprobs
+        if prompt is not None:
+            prompt = replace(
+                prompt,
+                rows=prompt.rows.to(device, non_blocking=True),
+                targets=prompt.targets.to(device, non_blocking=True),
+            )
         return replace(
             self,
             input_ids=self.input_ids.to(device, non_blocking=True),
             positions=self.positions.to(device, non_blocking=True),
             out_cache_loc=self.out_cache_loc.to(device, non_blocking=True),
+            prompt_logprobs=prompt,
         )
 
     @classmethod

@@ -108,8 +108,9 @@ class ModelRunner:
     ) -> KVBudget:
         cfg, ps = self.cfg, self.ps
         per_token = bytes_per_token(self.hf_config.num_hidden_layers, num_kv_heads, head_dim, dtype)
-        # On CPU every rank of the host shares its memory (multi-node CPU: conservative).
-        sharing = ps.tp_size if ps.device.type == "cpu" else 1
+        # On CPU every rank of the host shares its memory (multi-node CPU: conservative); on
+        # CUDA a rank process owns its GPU, thread ranks share one.
+        sharing = ps.tp_size if ps.device.type == "cpu" else ps.ranks_per_device
         useful = cfg.max_running_requests * context
         budget = kv_budget(
             cfg.kv_pool_tokens, cfg.mem_fraction_static, per_token, ps.device, sharing, useful
