@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from dpattn.models.tiny import ARCHS, MOE_ARCHS, make_tiny_model
+
+# The suite runs on CPU, also on a GPU host (as in CI; subprocesses inherit it). tests/gpu asks
+# for --device cuda explicitly.
+os.environ.setdefault("DPATTN_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

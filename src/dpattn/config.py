@@ -8,6 +8,7 @@ from dpattn: every part of the system may read its own config without import cyc
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,7 +108,8 @@ class EngineConfig:
     # None: resolved by from_options (resolve_device, resolve_backend), before any rank starts.
     device: str | None = option(
         None,
-        "cpu or cuda (default: cuda when available); on cuda each rank owns cuda:<local rank>",
+        "cpu or cuda (default: $DPATTN_DEVICE, else cuda when available); on cuda each rank "
+        "owns cuda:<local rank>",
         group=LAYOUT,
         choices=DEVICES,
     )
@@ -198,7 +200,12 @@ class EngineConfig:
 
 
 def resolve_device(requested: str | None, has_cuda: bool | None = None) -> str:
-    """`--device`: cuda when available unless asked otherwise; cuda without CUDA is an error."""
+    """`--device`: cuda when available unless asked otherwise; cuda without CUDA is an error.
+
+    Not given, $DPATTN_DEVICE decides when set (the CPU test suite pins cpu with it, so that a
+    GPU host runs it as it runs in CI)."""
+    if requested is None:
+        requested = os.environ.get("DPATTN_DEVICE") or None
     if has_cuda is None:
         import torch  # here, not at the top: reading a config needs no torch
 

@@ -22,8 +22,20 @@ NO_CUDA = not torch.cuda.is_available()
     "requested,has_cuda,expected",
     [(None, True, "cuda"), (None, False, "cpu"), ("cpu", True, "cpu"), ("cuda", True, "cuda")],
 )
-def test_resolve_device(requested: str | None, has_cuda: bool, expected: str) -> None:
+def test_resolve_device(
+    requested: str | None, has_cuda: bool, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DPATTN_DEVICE", raising=False)
     assert resolve_device(requested, has_cuda) == expected
+
+
+def test_dpattn_device_sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DPATTN_DEVICE", "cpu")  # what tests/conftest.py pins for the suite
+    assert resolve_device(None, has_cuda=True) == "cpu"
+    assert resolve_device("cuda", has_cuda=True) == "cuda"  # the flag wins
+    monkeypatch.setenv("DPATTN_DEVICE", "cuda")
+    with pytest.raises(ValueError, match="--device cuda"):
+        resolve_device(None, has_cuda=False)
 
 
 def test_cuda_without_cuda_is_a_one_line_error() -> None:
@@ -51,7 +63,8 @@ def test_backend_device_mismatches_are_refused() -> None:
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="the default is cuda where CUDA is available")
-def test_engine_config_defaults_on_a_cpu_host() -> None:
+def test_engine_config_defaults_on_a_cpu_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DPATTN_DEVICE", raising=False)
     cfg = EngineConfig.from_options("m", 2, 1)
     assert (cfg.device, cfg.backend) == ("cpu", "gloo")
     cfg = EngineConfig.from_options("m", 2, 2, backend="thread")
