@@ -92,6 +92,8 @@ def test_graph_unavailable_reason() -> None:
     assert "NCCL" in str(graph_unavailable_reason("cuda", False, False, 2))  # thread backend
     assert "--device cuda" in str(graph_unavailable_reason("cpu", False, False, 1))
     assert graph_unavailable_reason("cuda", True, True, 1) == "--disable-cuda-graph"
+    assert "MAX_LEN" in str(graph_unavailable_reason("cuda", True, False, 4, "sum_len"))
+    assert graph_unavailable_reason("cuda", True, False, 4, "max_len") is None
 
 
 # --------------------------------------------------------------- the vote over ranks (MLP sync)

@@ -69,13 +69,19 @@ def graph_batch_size(global_num_tokens: list[int], batch_sizes: list[int]) -> in
 
 
 def graph_unavailable_reason(
-    device_type: str, collectives_capturable: bool, disabled: bool, world_size: int
+    device_type: str,
+    collectives_capturable: bool,
+    disabled: bool,
+    world_size: int,
+    dp_padding_mode: str = "auto",
 ) -> str | None:
     """Why this rank captures no graphs (None: it captures them)."""
     if disabled:
         return "--disable-cuda-graph"
     if device_type != "cuda":
         return "CUDA graphs need --device cuda"
+    if dp_padding_mode == "sum_len":  # a replay's collectives were recorded with MAX_LEN slots
+        return "--dp-padding-mode sum_len: a graph replay pads with MAX_LEN"
     if world_size > 1 and not collectives_capturable:
         # A graph replays kernels, not Python: the thread rendezvous (and gloo) would be skipped.
         return "the model's collectives are not NCCL ones (thread backend): they cannot be captured"

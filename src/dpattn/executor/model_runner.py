@@ -83,6 +83,7 @@ class ModelRunner:
             ps.world.capturable and ps.attn_tp.capturable,
             cfg.disable_cuda_graph,
             ps.tp_size,
+            cfg.dp_padding_mode,
         )
         if reason is not None:
             if ps.device.type == "cuda" and ps.rank == 0:

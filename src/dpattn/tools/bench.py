@@ -150,6 +150,7 @@ def _graphs_on(engine: Engine) -> bool:
             cfg.backend == "nccl",
             cfg.runner.disable_cuda_graph,
             cfg.tp_size,
+            cfg.runner.dp_padding_mode,
         )
         is None
     )
