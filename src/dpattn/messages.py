@@ -72,6 +72,7 @@ class RequestOutput:
     new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     input_logprobs: list[float] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    error: str = ""  # why an aborted request ended, when the engine knows (disaggregation)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (with the first news)
 
 

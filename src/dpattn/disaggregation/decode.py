@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dpattn.config import SchedulerConfig
-from dpattn.disaggregation.states import KVPoll, consensus
+from dpattn.disaggregation.states import KVPoll, aborted, consensus
 from dpattn.disaggregation.transfer import DecodeTransfer
 from dpattn.executor.forward_batch import ForwardMode
 from dpattn.executor.model_runner import ModelRunner
@@ -182,7 +182,8 @@ class DecodeScheduler(Scheduler):
         self.failures[req.rid] = reason
         if len(self.failures) > 1000:
             self.failures.pop(next(iter(self.failures)))
-        self._finish(req, FinishReason.ABORT)
+        self._finish(req, FinishReason.ABORT, emit=False)
+        self.outputs.append(aborted(req, reason))
 
     # ---- PREBUILT ----
     def _process_prebuilt(self, batch: ScheduleBatch) -> None:

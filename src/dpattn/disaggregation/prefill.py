@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dpattn.config import SchedulerConfig
-from dpattn.disaggregation.states import KVPoll, consensus
+from dpattn.disaggregation.states import KVPoll, aborted, consensus
 from dpattn.disaggregation.transfer import PrefillTransfer
 from dpattn.disaggregation.wire import KVAux
 from dpattn.executor.model_runner import ModelRunner
@@ -158,7 +158,8 @@ class PrefillScheduler(Scheduler):
         assert req.bootstrap is not None
         self._since.pop(req.rid, None)
         self.transfer.abort(req.bootstrap.room, reason)
-        super()._finish(req, FinishReason.ABORT)
+        super()._finish(req, FinishReason.ABORT, emit=False)
+        self.outputs.append(aborted(req, reason))
 
     def _release(self, req: Req, reason: str) -> None:
         """An inflight request given up: its client already has the first token and the end."""

@@ -13,6 +13,8 @@ from enum import IntEnum
 import torch
 
 from dpattn.distributed.parallel_state import ParallelState
+from dpattn.messages import RequestOutput
+from dpattn.scheduler.schedule_batch import FinishReason, Req
 
 
 class KVPoll(IntEnum):
@@ -43,3 +45,10 @@ def consensus(ps: ParallelState, states: list[KVPoll]) -> list[KVPoll]:
     row = torch.tensor([[int(s) for s in states]], dtype=torch.int64)
     grid = ps.attn_tp_cpu.all_gather(row)
     return [KVPoll(int(v)) for v in grid.min(dim=0).values.tolist()]
+
+
+def aborted(req: Req, reason: str) -> RequestOutput:
+    """The end of a request that disaggregation gave up, with the reason for its client."""
+    return RequestOutput(
+        req.rid, [], [], FinishReason.ABORT.value, prompt_tokens=len(req.input_ids), error=reason
+    )

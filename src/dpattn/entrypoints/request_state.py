@@ -25,6 +25,7 @@ class Delta:
     # the prompt's logprobs (from logprob_start_len) and alternatives, in the first delta
     input_logprobs: list[float] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    error: str = ""  # with finish_reason "abort": why, when the engine says
 
 
 @dataclass
@@ -62,6 +63,7 @@ class RequestState:
             o.new_top_logprobs,
             o.input_logprobs,
             o.input_top_logprobs,
+            error=o.error,
         )
 
     def so_far(self, rid: str) -> Delta:

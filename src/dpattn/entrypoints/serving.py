@@ -133,6 +133,7 @@ class Choice:
         self.echoed = False  # completions echo: the prompt went out in front of the first chunk
         self.finish_reason: str | None = None
         self.matched_stop: str | int | None = None
+        self.error = ""  # why the engine aborted it, when it says
         self.t_start = t0  # when the HTTP request was accepted
         self.t_last: float | None = None
 
@@ -245,6 +246,7 @@ class Submission:
         text = c.detok.add(list(delta.new_ids))
         if delta.finish_reason is not None:
             c.finish_reason, c.matched_stop = delta.finish_reason, delta.matched_stop
+            c.error = delta.error
             text += c.detok.finish(delta.matched_stop)
             st.unreserve(1)
             st.engine.release(c.rid)
@@ -316,10 +318,9 @@ class Submission:
                 msg = self.state.engine.failure or "engine failed"
                 return ApiError(503, msg, code="engine_failed")
             if c.finish_reason == "abort":
+                why = c.error or "it cannot fit the KV cache"
                 return ApiError(
-                    503,
-                    "the engine aborted the request (it cannot fit the KV cache)",
-                    code="request_aborted",
+                    503, f"the engine aborted the request ({why})", code="request_aborted"
                 )
         return None
 
