@@ -8,7 +8,6 @@ from typing import Any
 
 from dpattn.config import EngineConfig
 from dpattn.disaggregation.bootstrap import BootstrapServer
-from dpattn.entrypoints.openai_protocol import bad
 from dpattn.messages import BootstrapInfo
 
 
@@ -36,12 +35,11 @@ def disaggregation_dp_rank(
 
 
 def bootstrap_of(req: Any) -> BootstrapInfo | None:
-    """The bootstrap fields of an HTTP request body (all three or none)."""
+    """The bootstrap fields of an HTTP request body; None unless all three are there (a
+    disaggregated server then refuses the request, a colocated one never reads them)."""
     fields = (req.bootstrap_host, req.bootstrap_port, req.bootstrap_room)
-    if all(f is None for f in fields):
-        return None
     if any(f is None for f in fields):
-        raise bad("bootstrap_host, bootstrap_port and bootstrap_room go together", "bootstrap_room")
+        return None
     return BootstrapInfo(req.bootstrap_host, req.bootstrap_port, req.bootstrap_room)
 
 
