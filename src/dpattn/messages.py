@@ -54,7 +54,12 @@ class Shutdown:
     """Every rank leaves its loop in the same iteration (the flag rides on the MLP sync)."""
 
 
-RankInput = TokenizedGenerateReq | AbortReq | Wake | Shutdown
+@dataclass(frozen=True)
+class FlushCache:
+    """Drop the DP group's cached prefixes that no request holds (SGLang's /flush_cache)."""
+
+
+RankInput = TokenizedGenerateReq | AbortReq | Wake | Shutdown | FlushCache
 
 
 @dataclass(frozen=True)
@@ -111,4 +116,5 @@ class BatchOutput:
     dp_rank: int
     outputs: list[RequestOutput]
     stats: StepStats
-    kv_free: int
+    kv_free: int  # slots a request can get: free ones and cached ones no request holds
+    flushed: bool = False  # this step carried out a FlushCache

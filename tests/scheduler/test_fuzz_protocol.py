@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cache_invariants import check_cache_invariants
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -63,16 +64,22 @@ class Case:
     dense_tp1: bool
     ep: bool
     force_gather: bool
+    radix_cache: bool = True
 
 
 @st.composite
 def cases(draw: st.DrawFn) -> Case:
     t, d = draw(st.sampled_from(LAYOUTS))
     n = draw(st.integers(1, 6))
+    # Prompts share prefixes (a system prompt; n > 1 copies) so that the prefix cache matches.
+    shared = [(), tuple(range(7, 7 + draw(st.integers(1, 10)))), (400, 401, 402)]
     specs = tuple(
         Spec(
             f"r{i}",
-            tuple(draw(st.lists(st.integers(3, 500), min_size=1, max_size=12))),
+            (
+                draw(st.sampled_from(shared))
+                + tuple(draw(st.lists(st.integers(3, 500), min_size=1, max_size=12)))
+            )[:12],  # + 6 new tokens: fits the smallest pool (its context length is 20)
             draw(st.integers(1, 6)),
             draw(st.integers(0, 4)),
             draw(st.integers(0, d - 1)),
@@ -91,6 +98,7 @@ def cases(draw: st.DrawFn) -> Case:
         dense_tp1=draw(st.booleans()),
         ep=draw(st.booleans()) and 8 % t == 0,
         force_gather=draw(st.booleans()) and d == 1,
+        radix_cache=draw(st.booleans()),
     )
 
 
@@ -107,9 +115,12 @@ def _rank(ps: ParallelState, case: Case) -> dict[str, Any]:
         ps,
     )
     skip = False if case.force_gather else None
-    sched = Scheduler(
-        runner, SchedulerConfig(chunked_prefill_size=case.chunk, skip_all_gather=skip), set()
+    cfg = SchedulerConfig(
+        chunked_prefill_size=case.chunk,
+        skip_all_gather=skip,
+        disable_radix_cache=not case.radix_cache,
     )
+    sched = Scheduler(runner, cfg, set())
     free0 = (runner.kv_pool.available_size(), runner.req_to_token.available_size())
     mine = [s for s in case.specs if s.group == ps.dp_rank]
     last_event = max(max(s.arrival, s.abort_at or 0) for s in case.specs)
@@ -133,8 +144,10 @@ def _rank(ps: ParallelState, case: Case) -> dict[str, Any]:
                 "forward": stats.forward_mode != "none",
                 "mode": stats.padding_mode,
                 "buffer": stats.padded_tokens,
+                "cache": hash(str(sched.cache.digest())),  # equal across a group's ranks
             }
         )
+        check_cache_invariants(sched)
         for o in sched.take_outputs():
             out = outputs.setdefault(o.rid, {"ids": [], "finish": None})
             out["ids"] += o.new_ids
@@ -168,6 +181,7 @@ def _check(case: Case, results: list[dict[str, Any]]) -> dict[str, list[int]]:
             assert row["attn_tp"] == rows[rank // a * a]["attn_tp"], (
                 f"step {i} rank {rank}: attn_tp trace"
             )
+            assert row["cache"] == rows[rank // a * a]["cache"], f"step {i} rank {rank}: tree"
             for key in ("gnt", "extend", "forward", "mode", "buffer"):
                 assert row[key] == first[key], (
                     f"step {i} rank {rank}: {key} {row[key]} != {first[key]}"
@@ -228,7 +242,8 @@ def test_protocol_invariants_random_seeds() -> None:
 
 def check_invariants(case: Case) -> None:
     outputs = _check(case, _run(case))
-    # Outputs do not depend on the layout: the same requests at T = D = 1, no aborts.
+    # Outputs depend on neither the layout nor the cache: the same requests at T = D = 1, no
+    # aborts, no prefix cache.
     ref_case = Case(
         (1, 1),
         tuple(Spec(s.rid, s.prompt, s.max_new, s.arrival, 0, None) for s in case.specs),
@@ -238,6 +253,7 @@ def check_invariants(case: Case) -> None:
         False,
         False,
         False,
+        radix_cache=False,
     )
     ref = _check(ref_case, _run(ref_case))
     for rid, ids in outputs.items():

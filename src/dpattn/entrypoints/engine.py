@@ -26,6 +26,7 @@ from dpattn.messages import (
     AbortReq,
     BatchOutput,
     BootstrapInfo,
+    FlushCache,
     RankInput,
     RankReady,
     Shutdown,
@@ -77,6 +78,7 @@ class Engine:
         self.step_listeners: list[Callable[[int, StepStats, int], None]] = []
         self.kv_free: list[int] = [0] * dp_size
         self.kv_total: list[int] = [0] * dp_size
+        self.flushes: list[int] = [0] * dp_size  # FlushCache messages each group carried out
         # Disaggregated prefill: the bootstrap service its ranks register with (started first).
         self.bootstrap = start_bootstrap(self.cfg)
         self.ranks = start_ranks(self.cfg, addrs)
@@ -194,6 +196,7 @@ class Engine:
             d, outputs, stats, kv_free = msg.dp_rank, msg.outputs, msg.stats, msg.kv_free
             with self._lock:
                 self.kv_free[d] = kv_free
+                self.flushes[d] += msg.flushed
                 self.step_stats.append((d, stats))
                 for listener in self.step_listeners:
                     listener(d, stats, kv_free)
@@ -243,7 +246,7 @@ class Engine:
         rid = uuid.uuid4().hex
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         with self._lock:
-            d = self.router.route(len(input_ids), dp_rank)
+            d = self.router.route(input_ids, dp_rank)
             self._pending[rid] = RequestState(
                 len(input_ids),
                 d,
@@ -326,6 +329,20 @@ class Engine:
             p = self._pending.get(rid)
             if p is not None and not p.done.is_set():
                 self._send(p.dp_rank, AbortReq(rid))
+
+    def flush_cache(self, timeout_s: float = 30.0) -> None:
+        """Every DP group drops the cached prefixes no request holds; returns once all did."""
+        with self._lock:
+            target = [n + 1 for n in self.flushes]
+            for d in range(self.layout.dp_size):
+                self._send(d, FlushCache())
+        deadline = time.monotonic() + timeout_s
+        while any(n < t for n, t in zip(self.flushes, target)):
+            if self.failure:
+                raise RuntimeError(self.failure)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flush_cache: no answer in {timeout_s}s")
+            time.sleep(0.005)
 
     def release(self, rid: str) -> None:
         """Forget a finished request consumed through listen() (result() does this itself)."""

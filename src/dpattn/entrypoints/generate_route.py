@@ -48,6 +48,7 @@ def _result(
         finish_reason=c.finish_reason,
         matched_stop=c.matched_stop,
         dp_rank=c.dp_rank,
+        cached_tokens=c.cached_tokens,
     )
     start = req.logprob_start_len
     if delta is None:

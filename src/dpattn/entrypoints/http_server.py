@@ -8,6 +8,7 @@ OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import uuid
@@ -51,9 +52,13 @@ from dpattn.entrypoints.tokenize_route import add_tokenize_routes
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions; chat: up to the context
 
 
-def _usage(sub: Submission, n: int) -> dict[str, int]:
-    prompt = sum(c.prompt_tokens for c in sub.choices if c.index % n == 0)  # once per prompt
-    return usage(prompt, sum(len(c.ids) for c in sub.choices))
+def _usage(sub: Submission, n: int) -> dict[str, Any]:
+    firsts = [c for c in sub.choices if c.index % n == 0]  # once per prompt
+    return usage(
+        sum(c.prompt_tokens for c in firsts),
+        sum(len(c.ids) for c in sub.choices),
+        sum(c.cached_tokens for c in firsts),
+    )
 
 
 def model_card(st: ServerState, created: int) -> dict[str, Any]:
@@ -281,6 +286,15 @@ def create_app(
         if engine.failure or engine._closed:
             raise ApiError(503, engine.failure or "engine is shut down", code="engine_unavailable")
         return JSONResponse({"status": "ok"})
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> Response:
+        # SGLang's route: cached prefixes no running request holds go back to the KV pools.
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, engine.flush_cache)
+        except (RuntimeError, TimeoutError) as e:
+            raise ApiError(503, str(e), code="engine_unavailable") from None
+        return JSONResponse({"status": "ok", "message": "Cache flushed."})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -54,6 +54,10 @@ class ServerMetrics:
         self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of the KV cache pool in use")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests")
         self.generation_tokens = counter("generation_tokens", "Generated tokens")
+        # hit rate = rate(cached_tokens) / rate(prompt_tokens)
+        self.cached_tokens = counter(
+            "cached_tokens", "Prompt tokens served from the DP group's prefix cache"
+        )
         self.finished = counter(
             "requests_finished", "Finished requests by reason", [*rank, "finish_reason"]
         )

@@ -25,6 +25,7 @@ class Delta:
     # the prompt's logprobs (from logprob_start_len) and alternatives, in the first delta
     input_logprobs: list[float] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (in the first delta)
     error: str = ""  # with finish_reason "abort": why, when the engine says
 
 
@@ -42,6 +43,7 @@ class RequestState:
     input_ids: list[int] = field(default_factory=list)
     logprob_start_len: int = -1
     skip_special_tokens: bool = True
+    cached_tokens: int = 0
     finish_reason: str | None = None
     matched_stop: str | int | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -54,6 +56,7 @@ class RequestState:
         self.top_logprobs += o.new_top_logprobs
         self.input_logprobs += o.input_logprobs
         self.input_top_logprobs += o.input_top_logprobs
+        self.cached_tokens += o.cached_tokens
         return Delta(
             o.rid,
             o.new_ids,
@@ -63,6 +66,7 @@ class RequestState:
             o.new_top_logprobs,
             o.input_logprobs,
             o.input_top_logprobs,
+            o.cached_tokens,
             error=o.error,
         )
 
@@ -77,6 +81,7 @@ class RequestState:
             list(self.top_logprobs),
             list(self.input_logprobs),
             list(self.input_top_logprobs),
+            self.cached_tokens,
         )
 
     def meta_info(self, rid: str) -> dict[str, Any]:
@@ -88,6 +93,7 @@ class RequestState:
             "finish_reason": self.finish_reason,
             "matched_stop": self.matched_stop,
             "dp_rank": self.dp_rank,
+            "cached_tokens": self.cached_tokens,
         }
         return meta | logprob_meta(
             self.output_ids,

@@ -128,6 +128,7 @@ class Choice:
         self.top_logprobs: list[list[tuple[float, int]]] = []
         self.input_logprobs: list[float] = []  # prompt logprobs (echo, logprob_start_len)
         self.input_top_logprobs: list[list[tuple[float, int]]] = []
+        self.cached_tokens = 0  # of the prompt, served from the DP group's prefix cache
         self.text = ""
         self.text_offset = 0  # of the next token (completions logprobs)
         self.echoed = False  # completions echo: the prompt went out in front of the first chunk
@@ -165,6 +166,10 @@ class Submission:
         st.reserve(len(items))
         try:
             for i, (ids, params, dp_rank) in enumerate(items):
+                if dp_rank is None and i and ids == items[i - 1][0]:
+                    # n > 1: the choices of one prompt share a DP group, where the prompt is
+                    # prefilled once and its cached prefix serves the others
+                    dp_rank = self.choices[-1].dp_rank
                 submit = functools.partial(
                     st.engine.submit,
                     ids,
@@ -243,6 +248,9 @@ class Submission:
         c.top_logprobs += delta.new_top_logprobs
         c.input_logprobs += delta.input_logprobs
         c.input_top_logprobs += delta.input_top_logprobs
+        if delta.cached_tokens:
+            c.cached_tokens += delta.cached_tokens
+            m.cached_tokens.labels(*lbl).inc(delta.cached_tokens)
         text = c.detok.add(list(delta.new_ids))
         if delta.finish_reason is not None:
             c.finish_reason, c.matched_stop = delta.finish_reason, delta.matched_stop

@@ -21,6 +21,7 @@ from dpattn.logs import RankLogger, configure_logging, rank_logger
 from dpattn.messages import (
     AbortReq,
     BatchOutput,
+    FlushCache,
     RankInput,
     RankReady,
     Shutdown,
@@ -109,7 +110,7 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
     step_log = StepLog(runner.kv_pool.size, cfg.log_interval) if leader else None
     log.debug("ready: %d KV slots", runner.kv_pool.size)
     collectives: dict[str, dict[str, int]] = {}
-    backoff_ms, shutdown, steps = 0, False, 0
+    backoff_ms, shutdown, flushed, steps = 0, False, False, 0
     try:
         while True:
             msgs: list[RankInput] = []
@@ -136,6 +137,9 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
                     sched.abort_request(msg.rid)
                 elif isinstance(msg, Shutdown):
                     shutdown = True
+                elif isinstance(msg, FlushCache):
+                    sched.flush_cache()
+                    flushed = True
             if cfg.fault is not None:
                 cfg.fault.before_step(ps, steps)
             if os.getppid() != parent:  # the engine died without shutting us down
@@ -143,7 +147,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
             decision = sched.step(shutdown)
             calls = ps.trace.take()  # emptied every step: a serving loop must not let it grow
             stats = sched.last_stats
-            if step_log is not None and (line := step_log.update(stats, _free(runner), _now())):
+            kv_free = sched.cache.available_size()
+            if step_log is not None and (line := step_log.update(stats, kv_free, _now())):
                 log.info(line)
             key = f"{stats.forward_mode}/{stats.padding_mode}"
             if stats.forward_mode != "none" and key not in collectives:
@@ -151,9 +156,9 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
                 collectives[key] = dict(Counter(f"{g}.{op}" for g, op, _ in calls))
             steps += 1
             outputs = sched.take_outputs()
-            if push is not None and (outputs or decision.run_forward):
-                kv_free = runner.kv_pool.available_size()
-                push.send_pyobj(BatchOutput(ps.dp_rank, outputs, stats, kv_free))
+            if push is not None and (outputs or decision.run_forward or flushed):
+                push.send_pyobj(BatchOutput(ps.dp_rank, outputs, stats, kv_free, flushed))
+            flushed = False
             if decision.shutdown:
                 break
             idle = not decision.run_forward and not sched.has_work
@@ -169,7 +174,9 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
         "num_layers": len(runner.model.layers),
         "collectives_per_forward": collectives,  # per step, MLP sync included
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "kv_free": runner.kv_pool.available_size(),
+        "kv_free": sched.cache.available_size(),
+        "kv_cached": sched.cache.flush(),  # and the pool whole again: what leaked shows below
+        "kv_free_after_flush": runner.kv_pool.available_size(),
         "kv_total": runner.kv_pool.size,
         "bare_all_gather_s": bare_all_gather_seconds(ps),
     }
@@ -189,10 +196,6 @@ def bare_all_gather_seconds(ps: ParallelState, iters: int = 100) -> float:
     for _ in range(iters):
         ps.world_cpu.all_gather(row)
     return (time.perf_counter() - t0) / iters
-
-
-def _free(runner: ModelRunner) -> int:
-    return runner.kv_pool.available_size()
 
 
 def _now() -> float:
