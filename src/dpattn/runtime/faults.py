@@ -19,4 +19,4 @@ class DivergeAt:
 
     def before_step(self, ps: ParallelState, step: int) -> None:
         if ps.rank == self.rank and step == self.step:
-            ps.world.all_reduce(torch.zeros(1))
+            ps.world.all_reduce(torch.zeros(1, device=ps.device))
