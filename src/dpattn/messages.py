@@ -99,6 +99,9 @@ class StepStats:
     step_s: float = 0.0  # the whole iteration: batch, sync, forward, sampling, outputs
     running: int = 0
     queued: int = 0
+    # Disaggregated servers: requests per queue stage, cumulative transfer figures
+    # (disaggregation/metrics.py).
+    disaggregation: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 from pd_servers import PDStack, Uvicorn, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from dpattn.entrypoints.engine import Engine
 from dpattn.entrypoints.http_server import create_app
@@ -45,6 +46,16 @@ def generate(url: str, ids: list[int], max_new: int, **sp: object) -> dict:
     resp = httpx.post(url + "/generate", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
     return resp.json()
+
+
+def metrics(url: str) -> dict[tuple[str, str], float]:
+    """Samples summed over DP groups, keyed by (name, outcome label)."""
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            key = (sample.name, sample.labels.get("outcome", ""))
+            out[key] = out.get(key, 0.0) + sample.value
+    return out
 
 
 def same(a: dict, b: dict) -> None:
@@ -94,5 +105,10 @@ def test_router_matches_colocated(
         assert a_chat.choices[0].message.content == b_chat.choices[0].message.content
         for engine in stack.engines:
             assert wait_for(lambda e=engine: e.kv_pools_full()), "KV slots leaked"
+        for srv in (stack.prefill, stack.decode):  # every request's KV, counted on both sides
+            m = metrics(srv.url)
+            assert m[("dpattn_disagg_transfers_total", "success")] >= 6
+            assert m[("dpattn_disagg_transfer_bytes_total", "")] > 0
+            assert m[("dpattn_disagg_transfers_total", "failed")] == 0
     finally:
         stack.close()

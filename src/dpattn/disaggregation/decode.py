@@ -16,11 +16,18 @@ from collections.abc import Callable
 from typing import Any
 
 from dpattn.config import SchedulerConfig
-from dpattn.disaggregation.states import KVPoll, aborted, consensus
+from dpattn.disaggregation.states import (
+    KVPoll,
+    aborted,
+    agreed_reasons,
+    consensus,
+    stats_with,
+)
 from dpattn.disaggregation.transfer import DecodeTransfer
 from dpattn.executor.forward_batch import ForwardMode
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.messages import RequestOutput
+from dpattn.scheduler.mlp_sync import SyncDecision
 from dpattn.scheduler.schedule_batch import FinishReason, Req, ScheduleBatch
 from dpattn.scheduler.scheduler import Scheduler
 
@@ -79,6 +86,12 @@ class DecodeScheduler(Scheduler):
         self.transfer_queue = [r for r in self.transfer_queue if not r.finished]
         super().abort_request(rid)
 
+    def step(self, shutdown: bool = False) -> SyncDecision:
+        decision = super().step(shutdown)
+        queues = dict(prealloc=len(self.prealloc_queue), transfer=len(self.transfer_queue))
+        self.last_stats = stats_with(self.last_stats, queues, self.transfer.stats)
+        return decision
+
     def close(self) -> None:
         self.transfer.close()
 
@@ -136,8 +149,11 @@ class DecodeScheduler(Scheduler):
                 else self.timeouts.transfer_s
             )
             states.append(KVPoll.Failed if state < KVPoll.Success and waited > limit else state)
+        agreed = consensus(self.ps, states)
+        failed = [room for room, state in zip(rooms, agreed) if state is KVPoll.Failed]
+        why = dict(zip(failed, agreed_reasons(self.ps, [self.transfer.reason(r) for r in failed])))
         ready, keep = [], []
-        for req, state, room in zip(self.transfer_queue, consensus(self.ps, states), rooms):
+        for req, state, room in zip(self.transfer_queue, agreed, rooms):
             if state is KVPoll.Success:
                 aux = self.transfer.aux(room)
                 if aux.room != room:  # never another request's first token
@@ -152,7 +168,7 @@ class DecodeScheduler(Scheduler):
                 self._since.pop(req.rid, None)
                 ready.append(req)
             elif state is KVPoll.Failed:
-                reason = self.transfer.reason(room) or (
+                reason = why[room] or (
                     "the KV transfer failed or timed out (bootstrap "
                     f"{self.timeouts.bootstrap_s} s, transfer {self.timeouts.transfer_s} s)"
                 )

@@ -16,7 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 from dpattn.config import SchedulerConfig
-from dpattn.disaggregation.states import KVPoll, aborted, consensus
+from dpattn.disaggregation.states import (
+    KVPoll,
+    aborted,
+    agreed_reasons,
+    consensus,
+    stats_with,
+)
 from dpattn.disaggregation.transfer import PrefillTransfer
 from dpattn.disaggregation.wire import KVAux
 from dpattn.executor.model_runner import ModelRunner
@@ -73,6 +79,12 @@ class PrefillScheduler(Scheduler):
         decision = super().step(shutdown)
         self._send()
         self._poll_inflight()
+        queues = dict(
+            bootstrap=len(self.bootstrap_queue),
+            waiting=len(self.waiting),
+            inflight=len(self.inflight_queue),
+        )
+        self.last_stats = stats_with(self.last_stats, queues, self.transfer.stats)
         return decision
 
     def close(self) -> None:
@@ -90,11 +102,14 @@ class PrefillScheduler(Scheduler):
             else s
             for r, s in zip(self.bootstrap_queue, states)
         ]
+        agreed = consensus(self.ps, states)
+        failed = [r for r, s in zip(self.bootstrap_queue, agreed) if s is KVPoll.Failed]
+        local = [self.transfer.reason(room) for room in _rooms(failed)]
+        why = dict(zip([r.rid for r in failed], agreed_reasons(self.ps, local)))
         keep = []
-        for req, state in zip(self.bootstrap_queue, consensus(self.ps, states)):
+        for req, state in zip(self.bootstrap_queue, agreed):
             if state is KVPoll.Failed:
-                room = req.bootstrap.room  # type: ignore[union-attr]
-                reason = self.transfer.reason(room) or (
+                reason = why[req.rid] or (
                     f"no handshake from the decode server within {self.bootstrap_timeout_s} s"
                 )
                 self._fail(req, reason)

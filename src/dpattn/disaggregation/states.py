@@ -8,13 +8,18 @@ keeps the queues identical across the ranks of a group (otherwise the next MLP s
 
 from __future__ import annotations
 
+import dataclasses
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import torch
 
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.messages import RequestOutput
+from dpattn.messages import RequestOutput, StepStats
 from dpattn.scheduler.schedule_batch import FinishReason, Req
+
+if TYPE_CHECKING:  # transfer.py imports this module
+    from dpattn.disaggregation.transfer import TransferStats
 
 
 class KVPoll(IntEnum):
@@ -52,3 +57,21 @@ def aborted(req: Req, reason: str) -> RequestOutput:
     return RequestOutput(
         req.rid, [], [], FinishReason.ABORT.value, prompt_tokens=len(req.input_ids), error=reason
     )
+
+
+def stats_with(stats: StepStats, queues: dict[str, int], moved: TransferStats) -> StepStats:
+    """The step's stats with the disaggregation queues and the cumulative transfer figures."""
+    figures = {k: float(v) for k, v in queues.items()}
+    figures.update(bytes=float(moved.bytes), done=float(moved.done), failed=float(moved.failed))
+    figures["seconds"] = moved.seconds
+    return dataclasses.replace(stats, disaggregation=figures)
+
+
+def agreed_reasons(ps: ParallelState, reasons: list[str]) -> list[str]:
+    """For requests the group agreed failed: the first rank's non-empty reason, for every rank
+    (a rank that saw no failure itself would otherwise tell its client nothing useful). Called
+    by every rank of a group with the same number of reasons."""
+    if not reasons or ps.attn_tp_size == 1:
+        return reasons
+    per_rank = ps.attn_tp_cpu.all_gather_object(reasons)
+    return [next((r[i] for r in per_rank if r[i]), "") for i in range(len(reasons))]

@@ -10,6 +10,7 @@ on them over the attention-TP group before acting (states.consensus).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +20,19 @@ from dpattn.kvcache.memory_pool import KVPool
 from dpattn.messages import BootstrapInfo
 
 
+@dataclass
+class TransferStats:
+    """Cumulative, per rank: what the transfer moved (metrics take differences)."""
+
+    bytes: int = 0
+    done: int = 0  # rooms completed (sent / received whole)
+    failed: int = 0
+    seconds: float = 0.0  # decode side: from the receiver's start to its Success, summed
+
+
 class PrefillTransfer(ABC):
+    stats: TransferStats
+
     @abstractmethod
     def poll_bootstrap(self, rooms: list[int]) -> list[KVPoll]:
         """WaitingForInput once the decode side's handshake for the room arrived."""
@@ -47,6 +60,8 @@ class PrefillTransfer(ABC):
 
 
 class DecodeTransfer(ABC):
+    stats: TransferStats
+
     @abstractmethod
     def start(self, bootstrap: BootstrapInfo, slots: torch.Tensor) -> None:
         """A receiver for the room, writing into `slots` (reserved in prealloc)."""
@@ -74,6 +89,9 @@ class DecodeTransfer(ABC):
 class FakePrefillTransfer(PrefillTransfer):
     """Moves nothing: every handshake is there at once, every send succeeds."""
 
+    def __init__(self) -> None:
+        self.stats = TransferStats()
+
     def poll_bootstrap(self, rooms: list[int]) -> list[KVPoll]:
         return [KVPoll.WaitingForInput] * len(rooms)
 
@@ -98,6 +116,9 @@ class FakeDecodeTransfer(DecodeTransfer):
     FAKE_FIRST_TOKEN. For warm-up and decode-only benchmarks, never for real outputs."""
 
     FAKE_FIRST_TOKEN = 0
+
+    def __init__(self) -> None:
+        self.stats = TransferStats()
 
     def start(self, bootstrap: BootstrapInfo, slots: torch.Tensor) -> None:
         pass

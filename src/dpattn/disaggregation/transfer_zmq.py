@@ -8,6 +8,7 @@ KVInit naming, per decode rank, the endpoint and the global KV heads to send the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -22,7 +23,7 @@ from dpattn.disaggregation.layout import (
 )
 from dpattn.disaggregation.liveness import PrefillLiveness
 from dpattn.disaggregation.states import KVPoll, advance
-from dpattn.disaggregation.transfer import DecodeTransfer, PrefillTransfer
+from dpattn.disaggregation.transfer import DecodeTransfer, PrefillTransfer, TransferStats
 from dpattn.disaggregation.wire import (
     KVAbort,
     KVAux,
@@ -77,6 +78,7 @@ class ZmqPrefillTransfer(PrefillTransfer):
         self.ps = ps
         self.layout = layout
         self.sock = _Sockets(host)
+        self.stats = TransferStats()
         self.heads = kv_heads_of(layout.num_kv_heads, ps.attn_tp_size, ps.attn_tp_rank)
         self.inits: dict[int, KVInit] = {}
         self.failed: dict[int, str] = {}
@@ -141,13 +143,17 @@ class ZmqPrefillTransfer(PrefillTransfer):
                     v = pool.v[layer][slots][:, idx]
                     dtype = str(k.dtype).removeprefix("torch.")
                     head = KVChunk(room, layer, heads, self.ps.attn_tp_rank, tuple(k.shape), dtype)
-                    push.send_multipart([encode(head), tensor_bytes(k), tensor_bytes(v)])
+                    kb, vb = tensor_bytes(k), tensor_bytes(v)
+                    push.send_multipart([encode(head), kb, vb])
+                    self.stats.bytes += len(kb) + len(vb)
                 done = replace(aux, source=self.ps.attn_tp_rank, num_chunks=len(pool.k))
                 push.send_multipart([encode(done)])
         except zmq.ZMQError as e:
             self.failed[room] = f"KV send failed: {e}"
+            self.stats.failed += 1
             return
         self.sent.add(room)
+        self.stats.done += 1
 
     def poll_sent(self, rooms: list[int]) -> list[KVPoll]:
         self._drain()
@@ -191,6 +197,7 @@ class _Receiver:
     bootstrap: BootstrapInfo
     slots: torch.Tensor
     state: KVPoll = KVPoll.Bootstrapping
+    started: float = field(default_factory=time.monotonic)
     sources: set[int] | None = None  # prefill attention-TP ranks that send to us (once known)
     chunks: dict[int, int] = field(default_factory=dict)
     aux: dict[int, KVAux] = field(default_factory=dict)
@@ -209,6 +216,7 @@ class ZmqDecodeTransfer(DecodeTransfer):
         self.pool = pool
         self.layout = layout
         self.sock = _Sockets(host)
+        self.stats = TransferStats()
         # Every rank of the group builds this in lock-step: the leader names them all in KVInit.
         self.group_endpoints: list[str] = ps.attn_tp_cpu.all_gather_object(self.sock.endpoint)
         self.heads = kv_heads_of(layout.num_kv_heads, ps.attn_tp_size, ps.attn_tp_rank)
@@ -223,6 +231,7 @@ class ZmqDecodeTransfer(DecodeTransfer):
         if recv.state is not KVPoll.Failed:
             recv.reason = reason
             recv.state = KVPoll.Failed
+            self.stats.failed += 1
 
     def _group(self, recv: _Receiver) -> list[RankInfo] | None:
         ranks = self.liveness.ranks(recv.addr)
@@ -264,6 +273,7 @@ class ZmqDecodeTransfer(DecodeTransfer):
             self.pool.k[msg.layer][rows, idx[None, :]] = k
             self.pool.v[msg.layer][rows, idx[None, :]] = v
             recv.chunks[msg.source] = recv.chunks.get(msg.source, 0) + 1
+            self.stats.bytes += len(frames[1]) + len(frames[2])
             recv.state = advance(recv.state, KVPoll.Transferring)
         elif isinstance(msg, KVAux):
             if recv.chunks.get(msg.source, 0) != msg.num_chunks:
@@ -284,6 +294,9 @@ class ZmqDecodeTransfer(DecodeTransfer):
             if recv.state is KVPoll.Bootstrapping:
                 self._handshake(room, recv)
             if recv.sources is not None and recv.sources <= set(recv.aux):
+                if recv.state is not KVPoll.Success and recv.state is not KVPoll.Failed:
+                    self.stats.done += 1
+                    self.stats.seconds += time.monotonic() - recv.started
                 recv.state = advance(recv.state, KVPoll.Success)
             out.append(recv.state)
         return out

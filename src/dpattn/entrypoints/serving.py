@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
 from dpattn.disaggregation.frontend import nth_room
+from dpattn.disaggregation.metrics import DisaggMetrics
 from dpattn.entrypoints.detokenizer import IncrementalDetokenizer
 from dpattn.entrypoints.engine import Delta, Engine
 from dpattn.entrypoints.metrics import ServerMetrics
@@ -50,6 +51,8 @@ class ServerState:
         self.vocab_size = engine.limits.vocab_size if engine.limits is not None else None
         self.metrics = ServerMetrics(self.dp_size)
         engine.step_listeners.append(self.metrics.on_step)
+        if engine.cfg.disaggregation_mode != "null":
+            engine.step_listeners.append(DisaggMetrics(self.metrics.registry).on_step)
         per_group = engine.cfg.scheduler.max_running_requests
         capacity = self.dp_size * per_group
         self.max_in_flight = None if max_queued_requests is None else capacity + max_queued_requests
