@@ -52,16 +52,18 @@ class Spec:
     abort_decode_at: int | None = None
     abort_decode_after_tokens: int | None = None
     only_decode: bool = False  # the prefill server never hears of it
+    temperature: float = 0.0
+    seed: int = 0
 
     def req(self, port: int | None, prefill: bool = False) -> Req:
         params = SamplingParams(
             max_new_tokens=self.max_new_tokens,
-            temperature=0,
+            temperature=self.temperature,
             ignore_eos=True,
             stop_token_ids=list(self.stop_token_ids),
         )
         boot = None if port is None else BootstrapInfo("127.0.0.1", port, self.room)
-        return Req(self.rid, list(self.prompt), params, 0, True, bootstrap=boot)
+        return Req(self.rid, list(self.prompt), params, self.seed, True, bootstrap=boot)
 
 
 @dataclass

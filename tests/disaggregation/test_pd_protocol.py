@@ -20,7 +20,7 @@ def assert_same(got: dict, ref: dict, specs: tuple[Spec, ...]) -> None:
     for s in specs:
         g, r = got[s.rid], ref[s.rid]
         assert g.finish_reason == r.finish_reason, s.rid
-        assert g.ids == r.ids, f"{s.rid}: greedy tokens differ from the colocated run"
+        assert g.ids == r.ids, f"{s.rid}: tokens differ from the colocated run"
         torch.testing.assert_close(
             torch.tensor(g.logprobs), torch.tensor(r.logprobs), atol=LOGPROB_TOL, rtol=0
         )
@@ -39,7 +39,12 @@ def test_outputs_equal_colocated(
 ) -> None:
     model = tiny_models["llama"]
     specs = workload(seed=1, n=6)
-    specs = (*specs, replace(specs[0], rid="one-token", max_new_tokens=1, room=12345))
+    specs = (
+        *specs,
+        replace(specs[0], rid="one-token", max_new_tokens=1, room=12345),
+        # seeded sampling: the decode side continues the generator the prefill side drew from
+        replace(specs[1], rid="sampled", temperature=0.9, seed=4242, room=777, max_new_tokens=8),
+    )
     assert any(len(s.prompt) > 8 for s in specs)  # chunked prefill on the prefill side
     p_runs, d_runs = run_pd(model, prefill, decode, specs)
     check_groups(p_runs, Layout(*prefill))

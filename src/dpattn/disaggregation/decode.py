@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from dpattn.config import SchedulerConfig
 from dpattn.disaggregation.states import (
     KVPoll,
@@ -77,6 +79,7 @@ class DecodeScheduler(Scheduler):
     def abort_request(self, rid: str) -> None:
         for req in self.prealloc_queue:
             if req.rid == rid:
+                self.transfer.cancel(req.bootstrap, "aborted on the decode server")  # type: ignore[arg-type]
                 self._finish(req, FinishReason.ABORT)
         for req in self.transfer_queue:
             if req.rid == rid:
@@ -119,7 +122,9 @@ class DecodeScheduler(Scheduler):
             n = len(req.input_ids)
             if n + 1 > min(pool.size, self.runner.context_length):
                 self.prealloc_queue.pop(0)
-                self._fail(req, f"a {n}-token prompt does not fit this server's KV cache")
+                reason = f"a {n}-token prompt does not fit the decode server's KV cache"
+                self.transfer.cancel(req.bootstrap, reason)  # type: ignore[arg-type]
+                self._fail(req, reason)
                 continue
             need = n + min(req.params.max_new_tokens, RESERVED_DECODE_TOKENS)
             free = self.cache.available_size() - self._reserved()
@@ -164,6 +169,8 @@ class DecodeScheduler(Scheduler):
                 req.input_logprobs = list(aux.input_logprobs)
                 req.input_top_logprobs = list(aux.input_top_logprobs)
                 self._first_top[req.rid] = list(aux.top_logprobs)
+                if not req.params.greedy:  # the prefill side drew the first token's uniform
+                    torch.rand(1, dtype=torch.float64, generator=req.rng())
                 self.transfer.release(room)
                 self._since.pop(req.rid, None)
                 ready.append(req)

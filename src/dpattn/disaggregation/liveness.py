@@ -84,6 +84,7 @@ class PrefillLiveness:
                 return
             self._misses[addr] = self._misses.get(addr, 0) + 1
             if self._misses[addr] >= MISSES_TO_DIE:
+                self._ranks.pop(addr, None)  # a restarted server registers anew
                 self._dead[addr] = (
                     f"prefill server {host}:{port} is gone (its bootstrap service missed "
                     f"{self._misses[addr]} heartbeats){': ' + error if error else ''}"

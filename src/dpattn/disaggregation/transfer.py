@@ -66,6 +66,9 @@ class DecodeTransfer(ABC):
     def start(self, bootstrap: BootstrapInfo, slots: torch.Tensor) -> None:
         """A receiver for the room, writing into `slots` (reserved in prealloc)."""
 
+    def cancel(self, bootstrap: BootstrapInfo, reason: str) -> None:  # noqa: B027 - optional
+        """A request given up before its receiver started: tell its prefill server, if known."""
+
     @abstractmethod
     def poll(self, rooms: list[int]) -> list[KVPoll]: ...
 

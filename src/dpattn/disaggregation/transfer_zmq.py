@@ -98,6 +98,11 @@ class ZmqPrefillTransfer(PrefillTransfer):
         )
 
     def _drain(self) -> None:
+        # Handshakes / aborts of rooms this rank never sees (the request went elsewhere or
+        # never came): the oldest are forgotten past GONE_MEMORY.
+        for table in (self.inits, self.failed):
+            while len(table) > GONE_MEMORY:
+                table.pop(next(iter(table)))
         for frames in self.sock.incoming():
             msg = decode(frames[0])
             if isinstance(msg, KVInit):
@@ -317,6 +322,16 @@ class ZmqDecodeTransfer(DecodeTransfer):
             for info in self._group(recv) or []:  # no look-up yet: the prefill never heard of it
                 self.sock.push(info.endpoint).send_multipart([encode(KVAbort(room, reason))])
         self.release(room)
+
+    def cancel(self, bootstrap: BootstrapInfo, reason: str) -> None:
+        if self.ps.attn_tp_rank != 0:
+            return
+        ranks = self.liveness.ranks((bootstrap.host, bootstrap.port))
+        for info in ranks or []:
+            if info.dp_rank == bootstrap.room % info.dp_size:
+                self.sock.push(info.endpoint).send_multipart(
+                    [encode(KVAbort(bootstrap.room, reason))]
+                )
 
     def release(self, room: int) -> None:
         recv = self.receivers.pop(room, None)
