@@ -22,6 +22,7 @@ def bench_model(tiny_models: dict[str, Path]) -> Path:
     return path if is_converted(path) or (path / "config.json").is_file() else tiny_models["llama"]
 
 
+@pytest.mark.timeout(450)  # three engines and transformers twice, in one subprocess
 @pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graph", "eager"])
 def test_bench_compare_transformers(bench_model: Path, graphs: bool) -> None:
     args = ["bench", "--model-path", str(bench_model), "--device", "cuda", "--compare-transformers"]
