@@ -104,6 +104,9 @@ def _batch(kind: str) -> ScheduleBatch | None:
         return None
     if kind == "idle":
         return ScheduleBatch.idle()
+    if kind == "prebuilt":  # its requests' KV arrived; it runs no rows itself (inner idle)
+        reqs = [Req("p", [5] * 900, SamplingParams(), seed=0, kv_len=899)]
+        return ScheduleBatch(ForwardMode.PREBUILT, reqs=reqs)
     n = {"decode": 3, "big": 20, "extend": 5}[kind]
     mode = EXTEND if kind == "extend" else DECODE
     reqs = [
@@ -122,6 +125,7 @@ def _vote(mode: ForwardMode | None, n: int, longest: int) -> bool:
         (["decode", "decode"], True, 4),
         (["decode", "idle"], True, 4),
         (["decode", "none"], True, 4),  # the idle group gets an IDLE batch that replays too
+        (["decode", "prebuilt"], True, 4),  # its inner idle batch replays with the others
         (["decode", "extend"], False, None),  # one group cannot: nobody replays
         (["decode", "big"], False, None),  # 20 tokens: larger than every graph
     ],
@@ -131,7 +135,9 @@ def test_vote_is_the_min_over_ranks(kinds: list[str], replay: bool, size: int | 
 
     def fn(ps: ParallelState) -> tuple[bool, bool, int | None, int]:
         batch, decision = prepare_mlp_sync_batch(ps, _batch(kinds[ps.dp_rank]), graph_vote=_vote)
-        assert batch is not None and batch.can_run_graph == decision.can_run_graph  # rule 5
+        assert batch is not None
+        run = batch.inner_idle_batch if batch.forward_mode is ForwardMode.PREBUILT else batch
+        assert run is not None and run.can_run_graph == decision.can_run_graph  # rule 5
         gnt = decision.global_num_tokens
         bs = graph_batch_size(gnt, SIZES) if decision.can_run_graph else None
         plan = GatherPlan.build(gnt, ps.attn_tp_size, graph=decision.can_run_graph, graph_bs=bs)

@@ -74,12 +74,15 @@ def local_row(
     """This rank's row. can_run_graph is the runner's vote when given, else the batch's flag."""
     if batch is None:
         return SyncRow(0, 0, graph_vote(None, 0, 0) if graph_vote else False, shutdown=shutdown)
-    graph = batch.can_run_graph
-    if graph_vote is not None:
-        longest = max((r.kv_len + r.extend_len for r in batch.reqs), default=0)
-        graph = graph_vote(batch.forward_mode, batch.num_tokens, longest)
     mode = batch.forward_mode
-    if mode in (ForwardMode.IDLE, ForwardMode.PREBUILT):
+    no_forward = mode in (ForwardMode.IDLE, ForwardMode.PREBUILT)  # runs 0 rows (or an idle)
+    graph = batch.can_run_graph
+    if graph_vote is not None and no_forward:
+        graph = graph_vote(mode, 0, 0)
+    elif graph_vote is not None:
+        longest = max((r.kv_len + r.extend_len for r in batch.reqs), default=0)
+        graph = graph_vote(mode, batch.num_tokens, longest)
+    if no_forward:
         return SyncRow(0, 0, graph, False, int(mode), shutdown)
     n = batch.num_tokens
     m = batch.num_tokens_for_logprob
