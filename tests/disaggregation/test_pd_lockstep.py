@@ -60,9 +60,10 @@ def test_nobody_moves_a_request_until_all_ranks_agree(tiny_models: dict[str, Pat
 def test_prebuilt_joins_other_groups_forward_with_an_idle_batch(
     tiny_models: dict[str, Path],
 ) -> None:
-    """Decode (2, 2): group 0 decodes a long request while group 1's requests arrive. Group 1's
-    PREBUILT steps run the inner idle batch (never a forward of their own) when group 0 runs a
-    forward, and nothing when no group has tokens; --debug-lockstep checks every collective."""
+    """Decode (4, 4): group 0 decodes a long request while group 1's requests arrive, groups 2
+    and 3 stay idle. Group 1's PREBUILT steps run the inner idle batch (never a forward of their
+    own) when group 0 runs a forward, and nothing when no group has tokens; the idle groups run
+    idle batches alongside; --debug-lockstep checks every collective."""
     model = tiny_models["llama"]
     long = Spec("long", (5, 6, 7, 8), 120, room=1000, arrival=0, decode_group=0)
     late = [  # arrive at the decode server once "long" runs there
@@ -71,8 +72,8 @@ def test_prebuilt_joins_other_groups_forward_with_an_idle_batch(
         for i in range(3)
     ]  # fmt: skip
     specs = (long, *late)
-    p_runs, d_runs = run_pd(model, (1, 1), (2, 2), specs, decode_kw={"debug_lockstep": True})
-    check_groups(d_runs, Layout(2, 2))
+    p_runs, d_runs = run_pd(model, (1, 1), (4, 4), specs, decode_kw={"debug_lockstep": True})
+    check_groups(d_runs, Layout(4, 4))
     group1 = d_runs[1]
     assert group1.prebuilt_steps, "no PREBUILT step ran"
     for mode, idle, gnt in group1.prebuilt_steps:
@@ -82,4 +83,6 @@ def test_prebuilt_joins_other_groups_forward_with_an_idle_batch(
         else:
             assert mode == "none", "a forward ran with no tokens anywhere"
     assert any(g[0] > 0 for _, _, g in group1.prebuilt_steps), "group 0 never overlapped"
+    for idle_group in d_runs[2:]:
+        assert not idle_group.outputs and not idle_group.prebuilt_steps
     assert_same(merged(d_runs), run_colocated(model, specs), specs)
