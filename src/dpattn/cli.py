@@ -151,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
         "transformers' generate on the same prompts",
     )
     bench.add_argument(
+        "--compare-prefix-cache",
+        action="store_true",
+        help="prefix cache on vs off: --num-prompts requests sharing a --shared-prefix-len "
+        "token system prompt, --input-len token questions; prefill throughput of each",
+    )
+    bench.add_argument(
+        "--compare-routing",
+        action="store_true",
+        help="cache_aware vs round_robin DP routing: --num-prompts conversations of "
+        "--num-turns turns (first turn --shared-prefix-len tokens, then --input-len per turn)",
+    )
+    bench.add_argument("--shared-prefix-len", type=int, default=1024)
+    bench.add_argument("--num-turns", type=int, default=4)
+    bench.add_argument(
         "--base-url", help="online mode: benchmark a running server (http://HOST:PORT)"
     )
     bench.add_argument("--request-rate", type=float, help="online: Poisson arrivals per second")
@@ -281,6 +295,25 @@ def _bench(args: argparse.Namespace) -> int:
             args.seed,
         )
         report = run_online(online, args.plot)
+    elif args.compare_prefix_cache or args.compare_routing:
+        from dpattn.tools.bench_prefix import PrefixBenchConfig, multi_turn, shared_prefix
+
+        prefix = PrefixBenchConfig(
+            args.num_prompts,
+            args.shared_prefix_len,
+            args.input_len,
+            args.output_len,
+            args.num_turns,
+            args.seed,
+        )
+        model_path = resolve_model_path(args.model_path)
+        options = engine_options(args)
+
+        def make_engine(**overrides: Any) -> Engine:
+            return Engine(model_path, **{**options, **overrides})
+
+        bench = shared_prefix if args.compare_prefix_cache else multi_turn
+        report = bench(make_engine, prefix)
     else:
         cfg = BenchConfig(
             args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed
