@@ -10,7 +10,11 @@ receives both and generates the rest. Each side keeps its own (T, D) layout and 
 | `bootstrap.py` | the prefill server's HTTP bootstrap service; registration and look-up |
 | `wire.py` | the messages between prefill and decode ranks |
 | `transfer.py` | transfer backend interfaces and the `fake` backend |
-| `transfer_zmq.py` | the `zmq` backend (KV per layer, then the aux data, on one ordered channel) |
+| `zmq_sockets.py` | a rank's bound PULL socket and its PUSH sockets to peers |
+| `transfer_zmq_prefill.py` | `zmq` backend, prefill side: KV heads per layer, then the aux data |
+| `transfer_zmq_decode.py` | `zmq` backend, decode side: receivers writing into reserved slots |
+| `metrics.py` | Prometheus metrics: queue stages, bytes, transfers, latency |
+| `frontend.py` | the Engine's share: bootstrap service start, DP group of a request |
 | `liveness.py` | decode side: prefill look-ups and heartbeats off the rank loop |
 | `prefill.py` | PrefillScheduler: bootstrap -> waiting -> forward -> inflight queues |
 | `decode.py` | DecodeScheduler: prealloc -> transfer -> PREBUILT batch -> running |

@@ -19,6 +19,7 @@ import torch
 
 from dpattn.config import SchedulerConfig
 from dpattn.disaggregation.states import (
+    NETWORK_WAIT_S,
     KVPoll,
     aborted,
     agreed_reasons,
@@ -93,6 +94,8 @@ class DecodeScheduler(Scheduler):
         decision = super().step(shutdown)
         queues = dict(prealloc=len(self.prealloc_queue), transfer=len(self.transfer_queue))
         self.last_stats = stats_with(self.last_stats, queues, self.transfer.stats)
+        if not decision.run_forward and not super().has_work and self.transfer_queue:
+            time.sleep(NETWORK_WAIT_S)
         return decision
 
     def close(self) -> None:

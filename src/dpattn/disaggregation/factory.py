@@ -11,7 +11,8 @@ from dpattn.disaggregation.decode import DecodeScheduler, DecodeTimeouts
 from dpattn.disaggregation.layout import KVLayout
 from dpattn.disaggregation.prefill import PrefillScheduler
 from dpattn.disaggregation.transfer import FakeDecodeTransfer, FakePrefillTransfer
-from dpattn.disaggregation.transfer_zmq import ZmqDecodeTransfer, ZmqPrefillTransfer
+from dpattn.disaggregation.transfer_zmq_decode import ZmqDecodeTransfer
+from dpattn.disaggregation.transfer_zmq_prefill import ZmqPrefillTransfer
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.scheduler.scheduler import Scheduler
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from dpattn.config import SchedulerConfig
 from dpattn.disaggregation.states import (
+    NETWORK_WAIT_S,
     KVPoll,
     aborted,
     agreed_reasons,
@@ -85,6 +86,8 @@ class PrefillScheduler(Scheduler):
             inflight=len(self.inflight_queue),
         )
         self.last_stats = stats_with(self.last_stats, queues, self.transfer.stats)
+        if not decision.run_forward and not super().has_work and self.bootstrap_queue:
+            time.sleep(NETWORK_WAIT_S)
         return decision
 
     def close(self) -> None:

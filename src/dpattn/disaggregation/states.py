@@ -22,6 +22,12 @@ if TYPE_CHECKING:  # transfer.py imports this module
     from dpattn.disaggregation.transfer import TransferStats
 
 
+# A step that ran nothing while requests wait only on the other server (handshake, KV): the
+# rank loop would spin at full speed; this short nap frees the core and costs a transfer at
+# most this much latency.
+NETWORK_WAIT_S = 0.0005
+
+
 class KVPoll(IntEnum):
     Failed = 0
     Bootstrapping = 1

@@ -1,0 +1,144 @@
+"""The `zmq` transfer backend, prefill side: a rank learns from the decode group's leader
+(KVInit) which decode endpoint gets which of its KV heads, then sends the request's KV per layer
+and, after it on the same PUSH/PULL connection, the aux data (first token, logprobs, room)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import zmq
+
+from dpattn.disaggregation.layout import KVLayout, RankInfo, kv_heads_of
+from dpattn.disaggregation.states import KVPoll
+from dpattn.disaggregation.transfer import PrefillTransfer, TransferStats
+from dpattn.disaggregation.wire import KVAbort, KVAux, KVChunk, KVInit, decode, encode, tensor_bytes
+from dpattn.disaggregation.zmq_sockets import Sockets
+from dpattn.distributed.parallel_state import ParallelState
+from dpattn.kvcache.memory_pool import KVPool
+
+GONE_MEMORY = 10_000  # aborted rooms a prefill rank remembers for a late handshake
+
+
+class ZmqPrefillTransfer(PrefillTransfer):
+    def __init__(self, ps: ParallelState, layout: KVLayout, host: str) -> None:
+        self.ps = ps
+        self.layout = layout
+        self.sock = Sockets(host)
+        self.stats = TransferStats()
+        self.heads = kv_heads_of(layout.num_kv_heads, ps.attn_tp_size, ps.attn_tp_rank)
+        self.inits: dict[int, KVInit] = {}
+        self.failed: dict[int, str] = {}
+        self.sent: set[int] = set()
+        # Rooms given up here before the decode side's handshake came: answered with KVAbort.
+        self.gone: dict[int, str] = {}
+
+    def info(self) -> RankInfo:
+        ps = self.ps
+        return RankInfo(
+            ps.dp_rank,
+            ps.dp_size,
+            ps.attn_tp_rank,
+            ps.attn_tp_size,
+            self.sock.endpoint,
+            self.layout,
+        )
+
+    def _drain(self) -> None:
+        # Handshakes / aborts of rooms this rank never sees (the request went elsewhere or
+        # never came): the oldest are forgotten past GONE_MEMORY.
+        for table in (self.inits, self.failed):
+            while len(table) > GONE_MEMORY:
+                table.pop(next(iter(table)))
+        for frames in self.sock.incoming():
+            msg = decode(frames[0])
+            if isinstance(msg, KVInit):
+                gone = self.gone.pop(msg.room, None)
+                why = gone or self.layout.mismatch(msg.decode_kv)
+                if why:
+                    self._notify(msg.targets, KVAbort(msg.room, why))
+                    if gone is None:  # the request is still here: it fails too
+                        self.failed[msg.room] = why
+                else:
+                    self.inits[msg.room] = msg
+            elif isinstance(msg, KVAbort):
+                self.failed[msg.room] = f"the decode server gave the request up: {msg.reason}"
+
+    def poll_bootstrap(self, rooms: list[int]) -> list[KVPoll]:
+        self._drain()
+        return [
+            KVPoll.Failed
+            if r in self.failed
+            else KVPoll.WaitingForInput
+            if r in self.inits
+            else KVPoll.Bootstrapping
+            for r in rooms
+        ]
+
+    def send(self, room: int, pool: KVPool, slots: torch.Tensor, aux: KVAux) -> None:
+        init = self.inits.get(room)
+        if init is None or room in self.failed:
+            self.failed.setdefault(room, "no handshake from the decode server")
+            return
+        if init.num_tokens != slots.numel():
+            self.failed[room] = (
+                f"decode reserved {init.num_tokens} slots, prefill has {slots.numel()}"
+            )
+            self._notify(init.targets, KVAbort(room, self.failed[room]))
+            return
+        try:
+            for endpoint, heads in init.targets:
+                push = self.sock.push(endpoint)
+                idx = torch.tensor([self.heads.index(h) for h in heads], device=slots.device)
+                for layer in range(len(pool.k)):
+                    k = pool.k[layer][slots][:, idx]
+                    v = pool.v[layer][slots][:, idx]
+                    dtype = str(k.dtype).removeprefix("torch.")
+                    head = KVChunk(room, layer, heads, self.ps.attn_tp_rank, tuple(k.shape), dtype)
+                    kb, vb = tensor_bytes(k), tensor_bytes(v)
+                    push.send_multipart([encode(head), kb, vb])
+                    self.stats.bytes += len(kb) + len(vb)
+                done = replace(aux, source=self.ps.attn_tp_rank, num_chunks=len(pool.k))
+                push.send_multipart([encode(done)])
+        except zmq.ZMQError as e:
+            self.failed[room] = f"KV send failed: {e}"
+            self.stats.failed += 1
+            return
+        self.sent.add(room)
+        self.stats.done += 1
+
+    def poll_sent(self, rooms: list[int]) -> list[KVPoll]:
+        self._drain()
+        return [
+            KVPoll.Failed
+            if r in self.failed
+            else KVPoll.Success
+            if r in self.sent
+            else KVPoll.Transferring
+            for r in rooms
+        ]
+
+    def reason(self, room: int) -> str:
+        return self.failed.get(room, "")
+
+    def _notify(self, targets: list[tuple[str, list[int]]], msg: KVAbort) -> None:
+        for endpoint, _ in targets:
+            self.sock.push(endpoint).send_multipart([encode(msg)])
+
+    def abort(self, room: int, reason: str) -> None:
+        init = self.inits.get(room)
+        if init is not None:
+            self._notify(init.targets, KVAbort(room, reason))
+        elif room not in self.failed:  # the handshake may still come: answer it then
+            self.gone[room] = reason
+            if len(self.gone) > GONE_MEMORY:
+                self.gone.pop(next(iter(self.gone)))
+        self.release(room)
+
+    def release(self, room: int) -> None:
+        self.inits.pop(room, None)
+        self.failed.pop(room, None)
+        self.sent.discard(room)
+
+    def close(self) -> None:
+        self.sock.close()
