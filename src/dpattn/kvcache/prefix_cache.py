@@ -72,7 +72,7 @@ class PrefixCache:
         return 0
 
     def cached_slots(self) -> torch.Tensor:
-        return torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(0, dtype=torch.int64, device=self.pool.device)
 
     def digest(self) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
         return []
@@ -153,7 +153,7 @@ class RadixCache(PrefixCache):
 
     def cached_slots(self) -> torch.Tensor:
         values = [n.value for n in self.tree.nodes() if n.value is not None]
-        return torch.cat([torch.zeros(0, dtype=torch.int64), *values])
+        return torch.cat([torch.zeros(0, dtype=torch.int64, device=self.pool.device), *values])
 
     def digest(self) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
         return self.tree.digest()
