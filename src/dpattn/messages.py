@@ -121,3 +121,4 @@ class BatchOutput:
     stats: StepStats
     kv_free: int  # slots a request can get: free ones and cached ones no request holds
     flushed: bool = False  # this step carried out a FlushCache
+    kv_cached: int = 0  # slots the prefix cache holds (locked or not)

@@ -21,6 +21,7 @@ from dpattn.tools.bench_online import OnlineBenchConfig, run_online
 
 NUM_REQUESTS = 2000
 CONCURRENCY = 64
+SYSTEMS = ["You answer in French.", "Be brief. " * 8, "Count the words of the question: " * 3]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,9 @@ async def _one(client: httpx.AsyncClient, i: int, rng: random.Random) -> tuple[s
     """-> (outcome, completion tokens, max_tokens); outcome: finish reason or 'client-abort'."""
     max_tokens = rng.randint(1, 6)
     abort_after = rng.randint(0, max_tokens) if rng.random() < 0.1 else None
-    body = {"model": "tiny-qwen3-moe", "prompt": f"request {i} says", "max_tokens": max_tokens}
+    # a few shared "system prompts": the prefix cache hits, evicts and is aborted into
+    prompt = SYSTEMS[i % len(SYSTEMS)] + f" request {i} says"
+    body = {"model": "tiny-qwen3-moe", "prompt": prompt, "max_tokens": max_tokens}
     body |= {"stream": True, "temperature": 0, "ignore_eos": True}
     body["stream_options"] = {"include_usage": True}
     chunks, finish, completion_tokens = 0, None, -1
@@ -94,6 +97,11 @@ def soak(server: ServerThread, n: int, rng: random.Random, first: int = 0) -> in
     deadline = asyncio.run(_settle(server))
     assert deadline, f"KV pools not full: {engine.kv_free} of {engine.kv_total}"
     assert server.state.in_flight == 0
+    assert any(engine.kv_cached), "the prefix cache was never used"
+    httpx.post(server.url + "/flush_cache").raise_for_status()
+    # nothing cached and every slot free: no request kept a lock or a slot
+    assert engine.kv_cached == [0] * len(engine.kv_cached)
+    assert engine.kv_free == engine.kv_total
     return aborts
 
 

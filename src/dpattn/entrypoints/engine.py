@@ -79,6 +79,7 @@ class Engine:
         self.kv_free: list[int] = [0] * dp_size
         self.kv_total: list[int] = [0] * dp_size
         self.flushes: list[int] = [0] * dp_size  # FlushCache messages each group carried out
+        self.kv_cached: list[int] = [0] * dp_size  # slots in each group's prefix cache
         # Disaggregated prefill: the bootstrap service its ranks register with (started first).
         self.bootstrap = start_bootstrap(self.cfg)
         self.ranks = start_ranks(self.cfg, addrs)
@@ -197,6 +198,7 @@ class Engine:
             with self._lock:
                 self.kv_free[d] = kv_free
                 self.flushes[d] += msg.flushed
+                self.kv_cached[d] = msg.kv_cached
                 self.step_stats.append((d, stats))
                 for listener in self.step_listeners:
                     listener(d, stats, kv_free)

@@ -298,7 +298,7 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        st.metrics.set_kv(list(engine.kv_free), list(engine.kv_total))
+        st.metrics.set_kv(list(engine.kv_free), list(engine.kv_total), list(engine.kv_cached))
         return Response(st.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")

@@ -52,6 +52,9 @@ class ServerMetrics:
         self.queued = gauge("num_requests_queued", "Requests waiting in the DP group's scheduler")
         self.kv_used = gauge("kv_cache_used_tokens", "KV cache slots in use")
         self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of the KV cache pool in use")
+        self.kv_cached = gauge(
+            "prefix_cache_tokens", "KV slots in the prefix cache (evictable unless in use)"
+        )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests")
         self.generation_tokens = counter("generation_tokens", "Generated tokens")
         # hit rate = rate(cached_tokens) / rate(prompt_tokens)
@@ -122,9 +125,10 @@ class ServerMetrics:
         if padding_mode:
             self.padding_mode.labels(*lbl, str(padding_mode)).inc()
 
-    def set_kv(self, kv_free: list[int], kv_total: list[int]) -> None:
-        for d, (free, total) in enumerate(zip(kv_free, kv_total)):
+    def set_kv(self, kv_free: list[int], kv_total: list[int], kv_cached: list[int]) -> None:
+        for d, (free, total, cached) in enumerate(zip(kv_free, kv_total, kv_cached)):
             lbl = self.labels(d)
+            self.kv_cached.labels(*lbl).set(cached)
             self.kv_used.labels(*lbl).set(total - free)
             self.kv_usage.labels(*lbl).set((total - free) / total if total else 0.0)
 

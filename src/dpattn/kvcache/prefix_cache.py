@@ -71,6 +71,9 @@ class PrefixCache:
         """Drop every cached prefix no request holds; returns how many slots came free."""
         return 0
 
+    def cached_size(self) -> int:
+        return 0
+
     def cached_slots(self) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int64, device=self.pool.device)
 
@@ -150,6 +153,9 @@ class RadixCache(PrefixCache):
 
     def flush(self) -> int:
         return self.tree.evict(self.tree.evictable_size, self._free_value)
+
+    def cached_size(self) -> int:
+        return self.tree.total_size()
 
     def cached_slots(self) -> torch.Tensor:
         values = [n.value for n in self.tree.nodes() if n.value is not None]

@@ -157,7 +157,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
             steps += 1
             outputs = sched.take_outputs()
             if push is not None and (outputs or decision.run_forward or flushed):
-                push.send_pyobj(BatchOutput(ps.dp_rank, outputs, stats, kv_free, flushed))
+                cached = sched.cache.cached_size()
+                push.send_pyobj(BatchOutput(ps.dp_rank, outputs, stats, kv_free, flushed, cached))
             flushed = False
             if decision.shutdown:
                 break
