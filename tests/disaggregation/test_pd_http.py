@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from pd_servers import PDStack, Uvicorn, wait_for
+from pd_servers import PDStack, Uvicorn, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from dpattn.disaggregation.pd_router import PDRouter, PrefillServer, create_router_app
 from dpattn.entrypoints.engine import Engine
 from dpattn.entrypoints.http_server import create_app
 
@@ -111,4 +112,32 @@ def test_router_matches_colocated(
             assert m[("dpattn_disagg_transfer_bytes_total", "")] > 0
             assert m[("dpattn_disagg_transfers_total", "failed")] == 0
     finally:
+        stack.close()
+
+
+def test_router_faults_and_refusals(tiny_models: dict[str, Path]) -> None:
+    """A prefill server that does not answer ends the request (502, or an error event in a
+    stream) and the decode side frees it; a disaggregated server refuses a request that did not
+    come through the router (400)."""
+    stack = PDStack(tiny_models["llama"], (1, 1), (1, 1))
+    dead = Uvicorn(
+        create_router_app(
+            PDRouter([PrefillServer(f"http://127.0.0.1:{free_port()}")], [stack.decode.url])
+        )
+    )
+    try:
+        resp = httpx.post(stack.decode.url + "/generate", json={"input_ids": [5, 6]}, timeout=30)
+        assert resp.status_code == 400 and "pd-disaggregation" in resp.text
+        body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+        resp = httpx.post(dead.url + "/v1/completions", json=body, timeout=30)
+        assert resp.status_code == 502 and "prefill server did not answer" in resp.text
+        with httpx.stream(
+            "POST", dead.url + "/v1/completions", json={**body, "stream": True}, timeout=30
+        ) as stream:
+            text = "".join(stream.iter_text())
+        assert "prefill server did not answer" in text and text.rstrip().endswith("[DONE]")
+        assert wait_for(stack.decode_engine.kv_pools_full), "the decode side kept the KV"
+        assert wait_for(lambda: not stack.decode_engine._pending), "requests never ended"
+    finally:
+        dead.stop()
         stack.close()

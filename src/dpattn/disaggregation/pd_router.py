@@ -128,28 +128,33 @@ class PDRouter:
             return failed if failed is not None else _answer(resp)
 
         async def relay() -> AsyncIterator[bytes]:
+            """The decode server's events, unless the prefill server fails first."""
             chunks = resp.aiter_raw()
             nxt: asyncio.Future[bytes] | None = None
+            checked = False  # the prefill server's answer was looked at
             try:
                 while True:
-                    nxt = asyncio.ensure_future(chunks.__anext__())
-                    nxt.add_done_callback(_consume)
-                    waits = {nxt} if p_task.done() else {nxt, p_task}
-                    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    if nxt not in done:  # the prefill answered first: did it fail?
+                    if nxt is None:
+                        nxt = asyncio.ensure_future(chunks.__anext__())
+                        nxt.add_done_callback(_consume)
+                    waits = {nxt} if checked else {nxt, p_task}
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    if not checked and p_task.done():
+                        checked = True
                         failed = await _prefill_failure(p_task)
                         if failed is not None:
-                            nxt.cancel()
                             yield b"data: " + bytes(failed.body) + b"\n\ndata: [DONE]\n\n"
                             return
-                        await asyncio.wait({nxt})
-                    try:
-                        yield nxt.result()
-                    except StopAsyncIteration:
-                        return
+                    if nxt.done():
+                        try:
+                            chunk = nxt.result()
+                        except StopAsyncIteration:
+                            return
+                        nxt = None
+                        yield chunk
             finally:
                 if nxt is not None:
-                    nxt.cancel()  # the client went away mid-stream
+                    nxt.cancel()  # the client went away mid-stream, or the prefill failed
                 await resp.aclose()
 
         return StreamingResponse(relay(), media_type="text/event-stream")
