@@ -176,8 +176,9 @@ class Driver:
         if isinstance(sched, PrefillScheduler):
             queued = {r.rid for r in sched.bootstrap_queue}
             for rid in self.added:
-                if rid not in queued:
-                    self.left_bootstrap.setdefault(rid, step)
+                if rid not in queued and rid not in self.left_bootstrap:
+                    self.left_bootstrap[rid] = step
+                    self.events[f"prefill-left-bootstrap:{rid}"].set()
         for r in sched.running:
             self.events[f"running:{r.rid}"].set()
         for o in sched.take_outputs():

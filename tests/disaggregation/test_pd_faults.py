@@ -26,6 +26,13 @@ def test_aborts_at_every_stage_free_both_sides(tiny_models: dict[str, Path]) -> 
         spec("p-bootstrap", abort_prefill_at=0, decode_waits_for="prefill-aborted:p-bootstrap"),
         # prefill: aborted mid chunked prefill (60 tokens, 8 a step)
         spec("p-chunk", n=60, abort_prefill_after_bootstrap=2),
+        # prefill: aborted in the waiting queue, behind a long prompt's chunks
+        spec("p-long", n=60, new=3),
+        spec(
+            "p-waiting",
+            prefill_waits_for="prefill-left-bootstrap:p-long",
+            abort_prefill_after_bootstrap=1,
+        ),
         # decode: aborted in the prealloc queue (the prefill side times its handshake out)
         spec("d-prealloc", abort_decode_at=0, prefill_waits_for="decode-aborted:d-prealloc"),
         # decode: aborted in the transfer queue, before the prefill side has the request
@@ -38,13 +45,16 @@ def test_aborts_at_every_stage_free_both_sides(tiny_models: dict[str, Path]) -> 
     check_groups(p_runs, Layout(1, 1))  # pools and rows back on both sides, lock-step queues
     check_groups(d_runs, Layout(2, 1))
     got = merged(d_runs)
-    for s in specs[:-1]:
-        assert got[s.rid].finish_reason == "abort", s.rid
+    normal = tuple(s for s in specs if s.rid in ("ok", "p-long"))
+    for s in specs:
+        if s not in normal:
+            assert got[s.rid].finish_reason == "abort", s.rid
     assert len(got["d-running"].ids) >= 2
-    assert_same({"ok": got["ok"]}, run_colocated(model, specs[-1:]), specs[-1:])
+    assert_same(got, run_colocated(model, normal), normal)
     assert all(r.finish_reason is not None for r in merged(p_runs).values())
     reasons = d_runs[0].failures
     assert "aborted on the prefill server" in reasons["p-bootstrap"]
+    assert "aborted on the prefill server" in reasons["p-waiting"]
 
 
 def test_dead_prefill_server_fails_its_decode_requests(tiny_models: dict[str, Path]) -> None:
