@@ -126,3 +126,10 @@ def test_retraction_keeps_the_prefix_cached(tiny_models: dict[str, Path]) -> Non
     assert runs[0]["retractions"] > 0
     small, big = _merged(runs), _merged(_run(model, 1, 1, False))
     assert {r: v["ids"] for r, v in small.items()} == {r: v["ids"] for r, v in big.items()}
+
+
+def test_pages_of_two_tokens(tiny_models: dict[str, Path]) -> None:
+    model = tiny_models["qwen3_moe"]
+    on, off = _merged(_run(model, 2, 2, True, page_size=2)), _merged(_run(model, 2, 2, False))
+    assert {r: v["ids"] for r, v in on.items()} == {r: v["ids"] for r, v in off.items()}
+    assert on["d"]["cached"] == len(SYSTEM) and on["d"]["cached"] % 2 == 0  # whole pages only
