@@ -152,7 +152,7 @@ class EngineConfig:
         8998, "prefill server: port of the bootstrap service its ranks register with"
     )
     disaggregation_host: str = option(
-        "127.0.0.1", "address this server's ranks advertise for the KV transfer"
+        "127.0.0.1", "address of the KV transfer and the prefill's bootstrap service"
     )
     disaggregation_bootstrap_timeout_s: float = option(
         60.0,

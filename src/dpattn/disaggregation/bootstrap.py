@@ -70,7 +70,7 @@ class _Server(ThreadingHTTPServer):
 class BootstrapServer:
     """Serves until close(); `expected` is the prefill server's number of ranks (T)."""
 
-    def __init__(self, port: int, expected: int, host: str = "0.0.0.0") -> None:
+    def __init__(self, port: int, expected: int, host: str = "127.0.0.1") -> None:
         try:
             self._server = _Server((host, port), expected)
         except OSError as e:

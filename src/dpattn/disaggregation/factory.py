@@ -33,7 +33,7 @@ def bootstrap_host(cfg: EngineConfig) -> str:
     """Where this server's ranks reach its bootstrap service (the frontend, on node 0)."""
     if cfg.nnodes > 1 and cfg.dist_init_addr:
         return cfg.dist_init_addr.rsplit(":", 1)[0]
-    return "127.0.0.1"
+    return cfg.disaggregation_host
 
 
 def build_scheduler(

@@ -14,7 +14,10 @@ from dpattn.messages import BootstrapInfo
 def start_bootstrap(cfg: EngineConfig) -> BootstrapServer | None:
     if cfg.disaggregation_mode != "prefill" or cfg.disaggregation_transfer_backend == "fake":
         return None
-    return BootstrapServer(cfg.disaggregation_bootstrap_port, cfg.tp_size)
+    # One host: the advertised address only (as the API binds 127.0.0.1 by default); several:
+    # every interface, for the other nodes' ranks to register.
+    host = "0.0.0.0" if cfg.nnodes > 1 else cfg.disaggregation_host
+    return BootstrapServer(cfg.disaggregation_bootstrap_port, cfg.tp_size, host)
 
 
 def disaggregation_dp_rank(
