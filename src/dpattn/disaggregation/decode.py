@@ -48,6 +48,10 @@ class DecodeTimeouts:
 
 
 class DecodeScheduler(Scheduler):
+    # At D > 1 a group waiting on a transfer steps only as often as every other group enters
+    # the MLP sync; an idle group napping up to 50 ms would pace its polls (and add to TTFT).
+    max_idle_backoff_ms = 2
+
     def __init__(
         self,
         runner: ModelRunner,

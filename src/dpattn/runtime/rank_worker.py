@@ -163,7 +163,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
             if decision.shutdown:
                 break
             idle = not decision.run_forward and not sched.has_work
-            backoff_ms = min(max(1, 2 * backoff_ms), IDLE_BACKOFF_MAX_MS) if idle else 0
+            cap = min(IDLE_BACKOFF_MAX_MS, sched.max_idle_backoff_ms)
+            backoff_ms = min(max(1, 2 * backoff_ms), cap) if idle else 0
     finally:
         sched.close()
         for sock in (pull, push):

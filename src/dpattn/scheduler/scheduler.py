@@ -25,6 +25,9 @@ LPM_MAX_QUEUE = 128
 
 
 class Scheduler:
+    # The rank loop's longest idle nap (ms); a disaggregated decode server lowers it (decode.py).
+    max_idle_backoff_ms = 50
+
     def __init__(
         self,
         runner: ModelRunner,
