@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 
 class PrefillScheduler(Scheduler):
+    # At D > 1 a group waiting for handshakes steps only as often as every other group enters
+    # the MLP sync: idle groups nap at most this long (decode.py says the same).
+    max_idle_backoff_ms = 2
+
     def __init__(
         self,
         runner: ModelRunner,
