@@ -97,6 +97,15 @@ def test_router_matches_colocated(
         assert a.choices[0].logprobs.token_logprobs == pytest.approx(
             b.choices[0].logprobs.token_logprobs, abs=1e-4
         )
+        # Scoring only (echo, logprobs, max_tokens 0): the prompt's logprobs, no token.
+        score = dict(model=None, prompt=PROMPTS[1], max_tokens=0, echo=True, logprobs=1)
+        a_score = client.completions.create(**score)  # type: ignore[call-overload]
+        b_score = ref.completions.create(**score)  # type: ignore[call-overload]
+        assert a_score.choices[0].text == b_score.choices[0].text
+        assert a_score.usage.completion_tokens == 0
+        assert a_score.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+            b_score.choices[0].logprobs.token_logprobs[1:], abs=1e-4
+        )
         chunks = client.completions.create(**kw, stream=True)  # type: ignore[call-overload]
         assert "".join(c.choices[0].text for c in chunks if c.choices) == b.choices[0].text
         msgs = [{"role": "user", "content": "Hello there"}]

@@ -223,6 +223,10 @@ class DecodeScheduler(Scheduler):
             if req.row is None or not req.output_ids:
                 start.append(req)  # the base aborts it: nothing reserved or nothing arrived
                 continue
+            if req.params.max_new_tokens == 0:  # scoring only: the prompt's logprobs, no token
+                req.output_ids, req.output_logprobs = [], []
+                self._finish_scored(req)
+                continue
             token = req.output_ids[-1]
             reason = self._stop_reason(req, token)
             top = self._first_top.pop(req.rid, [])
