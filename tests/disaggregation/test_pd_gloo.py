@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 from pd_servers import free_port, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from dpattn.entrypoints.engine import Engine
 
@@ -59,6 +60,16 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _kv_used(url: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "dpattn_kv_cache_used_tokens"
+    )
 
 
 def _generate(url: str, max_new: int = 6) -> httpx.Response:
@@ -123,6 +134,7 @@ def test_three_command_recipe_and_a_killed_prefill(tiny_models: dict[str, Path])
         assert resp.status_code >= 400 and f"127.0.0.1:{boot}" in resp.text, resp.text
         assert wait_for(lambda: not any(_alive(r) for r in ranks), 10), "orphan prefill ranks"
         assert httpx.get(d_url + "/health").status_code == 200  # the decode server lives on
+        assert wait_for(lambda: _kv_used(d_url) == 0), "the decode side kept KV slots"
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
