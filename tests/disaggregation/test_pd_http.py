@@ -97,6 +97,9 @@ def test_router_matches_colocated(
         assert a.choices[0].logprobs.token_logprobs == pytest.approx(
             b.choices[0].logprobs.token_logprobs, abs=1e-4
         )
+        # n = 2: one room per choice (room + i), derived alike on both servers.
+        two = client.completions.create(**kw, n=2)  # type: ignore[call-overload]
+        assert [c.text for c in two.choices] == [b.choices[0].text] * 2
         # Scoring only (echo, logprobs, max_tokens 0): the prompt's logprobs, no token.
         score = dict(model=None, prompt=PROMPTS[1], max_tokens=0, echo=True, logprobs=1)
         a_score = client.completions.create(**score)  # type: ignore[call-overload]
