@@ -69,7 +69,7 @@ def test_random_transfer_times_keep_lockstep(
         (1, 1),
         decode,
         specs,
-        prefill_kw=dict(disaggregation_bootstrap_timeout_s=2.0),
+        prefill_kw=dict(disaggregation_bootstrap_timeout_s=6.0),
         wrap_decode=lambda ps, inner: RandomHold(seed, ps, inner),
     )
     check_groups(p_runs, Layout(1, 1))

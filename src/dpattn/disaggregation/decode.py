@@ -108,6 +108,7 @@ class DecodeScheduler(Scheduler):
     # ---- queues ----
     def _next_batch(self) -> ScheduleBatch | None:
         self.last_prebuilt = 0
+        self.transfer.flush()
         self._prealloc()
         ready = self._poll_transfer()
         if ready:

@@ -67,7 +67,10 @@ class DecodeTransfer(ABC):
         """A receiver for the room, writing into `slots` (reserved in prealloc)."""
 
     def cancel(self, bootstrap: BootstrapInfo, reason: str) -> None:  # noqa: B027 - optional
-        """A request given up before its receiver started: tell its prefill server, if known."""
+        """A request given up before its receiver started: tell its prefill server."""
+
+    def flush(self) -> None:  # noqa: B027 - optional
+        """Called every step: deliver what could not be delivered before (cancels)."""
 
     @abstractmethod
     def poll(self, rooms: list[int]) -> list[KVPoll]: ...

@@ -25,6 +25,8 @@ from dpattn.distributed.parallel_state import ParallelState
 from dpattn.kvcache.memory_pool import KVPool
 from dpattn.messages import BootstrapInfo
 
+CANCEL_TTL_S = 60.0  # an abort waits this long for its prefill server's ranks to be known
+
 
 @dataclass
 class _Receiver:
@@ -56,6 +58,7 @@ class ZmqDecodeTransfer(DecodeTransfer):
         self.heads = kv_heads_of(layout.num_kv_heads, ps.attn_tp_size, ps.attn_tp_rank)
         self.liveness = PrefillLiveness(heartbeat_s)
         self.receivers: dict[int, _Receiver] = {}
+        self.cancels: dict[int, tuple[BootstrapInfo, str, float]] = {}  # room -> until sent
 
     def start(self, bootstrap: BootstrapInfo, slots: torch.Tensor) -> None:
         self.receivers[bootstrap.room] = _Receiver(bootstrap, slots)
@@ -147,20 +150,31 @@ class ZmqDecodeTransfer(DecodeTransfer):
 
     def abort(self, room: int, reason: str) -> None:
         recv = self.receivers.get(room)
-        if recv is not None and self.ps.attn_tp_rank == 0:
-            for info in self._group(recv) or []:  # no look-up yet: the prefill never heard of it
-                self.sock.push(info.endpoint).send_multipart([encode(KVAbort(room, reason))])
+        if recv is not None:
+            self.cancel(recv.bootstrap, reason)
         self.release(room)
 
     def cancel(self, bootstrap: BootstrapInfo, reason: str) -> None:
+        """Tell the prefill group of the room (the leader does); before its ranks are known,
+        once they are (the address stays watched until then, CANCEL_TTL_S at most)."""
         if self.ps.attn_tp_rank != 0:
             return
-        ranks = self.liveness.ranks((bootstrap.host, bootstrap.port))
-        for info in ranks or []:
-            if info.dp_rank == bootstrap.room % info.dp_size:
-                self.sock.push(info.endpoint).send_multipart(
-                    [encode(KVAbort(bootstrap.room, reason))]
-                )
+        addr = (bootstrap.host, bootstrap.port)
+        self.liveness.watch(addr)
+        self.cancels[bootstrap.room] = (bootstrap, reason, time.monotonic() + CANCEL_TTL_S)
+        self.flush()
+
+    def flush(self) -> None:
+        for room, (bootstrap, reason, until) in list(self.cancels.items()):
+            addr = (bootstrap.host, bootstrap.port)
+            ranks = self.liveness.ranks(addr)
+            if ranks is None and not self.liveness.dead(addr) and time.monotonic() < until:
+                continue
+            for info in ranks or []:
+                if info.dp_rank == room % info.dp_size:
+                    self.sock.push(info.endpoint).send_multipart([encode(KVAbort(room, reason))])
+            del self.cancels[room]
+            self.liveness.unwatch(addr)
 
     def release(self, room: int) -> None:
         recv = self.receivers.pop(room, None)
