@@ -30,6 +30,8 @@ LAYOUTS = [
     ((1, 1), (1, 1)),
     ((2, 1), (2, 2)),  # attention-TP 2 -> 1: the decode ranks join the heads' slices
     ((2, 2), (2, 1)),  # attention-TP 1 -> 2: each decode rank takes one prefill rank's slice
+    ((4, 1), (4, 2)),  # 4 -> 2 with 2 KV heads: prefill ranks hold copies, one copy is sent
+    ((1, 1), (4, 1)),  # 1 -> 4: decode ranks hold copies of the 2 heads, each gets its own
 ]
 
 
