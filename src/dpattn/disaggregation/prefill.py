@@ -55,6 +55,7 @@ class PrefillScheduler(Scheduler):
         self.inflight_queue: list[Req] = []
         self._to_send: list[Req] = []  # finished by this step's forward: sent after it
         self._since: dict[str, float] = {}
+        self._sent_upto: dict[str, int] = {}  # rid -> prompt positions whose KV went out
 
     @property
     def has_work(self) -> bool:
@@ -128,10 +129,14 @@ class PrefillScheduler(Scheduler):
         self.bootstrap_queue = keep
 
     def _send(self) -> None:
-        """KV + aux of the requests whose first token this step sampled."""
+        """KV computed this step goes out now (a chunked prompt's too, overlapping its next
+        chunks); a request whose first token this step sampled then gets its aux data."""
+        if self.chunked is not None:
+            self._send_kv(self.chunked)
         tops = {o.rid: o.new_top_logprobs for o in self.outputs if o.new_ids}
         for req in self._to_send:
-            assert req.row is not None and req.bootstrap is not None
+            assert req.bootstrap is not None
+            self._send_kv(req)
             top = tops.get(req.rid) or [[]]
             aux = KVAux(
                 req.bootstrap.room,
@@ -143,10 +148,19 @@ class PrefillScheduler(Scheduler):
                 list(req.input_logprobs),
                 list(req.input_top_logprobs),
             )
-            slots = self.runner.req_to_token.table[req.row, : len(req.input_ids)].clone()
-            self.transfer.send(req.bootstrap.room, self.runner.kv_pool, slots, aux)
+            self.transfer.send_aux(req.bootstrap.room, aux)
+            self._sent_upto.pop(req.rid, None)
             self.inflight_queue.append(req)
         self._to_send = []
+
+    def _send_kv(self, req: Req) -> None:
+        start = self._sent_upto.get(req.rid, 0)
+        end = min(req.kv_len, len(req.input_ids))
+        if req.row is None or req.bootstrap is None or end <= start:
+            return
+        slots = self.runner.req_to_token.table[req.row, start:end].clone()
+        self.transfer.send_kv(req.bootstrap.room, self.runner.kv_pool, slots, start)
+        self._sent_upto[req.rid] = end
 
     def _poll_inflight(self) -> None:
         if not self.inflight_queue:
@@ -173,6 +187,7 @@ class PrefillScheduler(Scheduler):
             return
         if req.bootstrap is not None:
             self.transfer.abort(req.bootstrap.room, "aborted on the prefill server")
+        self._sent_upto.pop(req.rid, None)
         super()._finish(req, reason, emit)
 
     def _fail(self, req: Req, reason: str) -> None:

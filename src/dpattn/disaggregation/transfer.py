@@ -38,8 +38,13 @@ class PrefillTransfer(ABC):
         """WaitingForInput once the decode side's handshake for the room arrived."""
 
     @abstractmethod
-    def send(self, room: int, pool: KVPool, slots: torch.Tensor, aux: KVAux) -> None:
-        """The request's KV (all layers) and then its aux data, to the handshake's targets."""
+    def send_kv(self, room: int, pool: KVPool, slots: torch.Tensor, start: int) -> None:
+        """KV (all layers) of prompt positions [start, start + len(slots)), to the handshake's
+        targets: called after each prefill chunk, so the transfer overlaps the next chunks."""
+
+    @abstractmethod
+    def send_aux(self, room: int, aux: KVAux) -> None:
+        """After the whole prompt's KV: the first token and its logprobs."""
 
     @abstractmethod
     def poll_sent(self, rooms: list[int]) -> list[KVPoll]: ...
@@ -101,7 +106,10 @@ class FakePrefillTransfer(PrefillTransfer):
     def poll_bootstrap(self, rooms: list[int]) -> list[KVPoll]:
         return [KVPoll.WaitingForInput] * len(rooms)
 
-    def send(self, room: int, pool: KVPool, slots: torch.Tensor, aux: KVAux) -> None:
+    def send_kv(self, room: int, pool: KVPool, slots: torch.Tensor, start: int) -> None:
+        pass
+
+    def send_aux(self, room: int, aux: KVAux) -> None:
         pass
 
     def poll_sent(self, rooms: list[int]) -> list[KVPoll]:

@@ -103,8 +103,11 @@ class ZmqDecodeTransfer(DecodeTransfer):
         if recv is None or recv.state is KVPoll.Failed:
             return  # aborted or released: its slots may belong to another request now
         if isinstance(msg, KVChunk):
+            if msg.start < 0 or msg.start + msg.shape[0] > recv.slots.numel():
+                self._fail(recv, f"KV for positions beyond the {recv.slots.numel()} reserved")
+                return
             idx = torch.tensor([self.heads.index(h) for h in msg.heads], device=self.pool.device)
-            rows = recv.slots[:, None]
+            rows = recv.slots[msg.start : msg.start + msg.shape[0], None]
             k = tensor_from(frames[1], msg.shape, msg.dtype).to(self.pool.device)
             v = tensor_from(frames[2], msg.shape, msg.dtype).to(self.pool.device)
             self.pool.k[msg.layer][rows, idx[None, :]] = k

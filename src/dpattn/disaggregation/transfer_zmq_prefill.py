@@ -30,6 +30,8 @@ class ZmqPrefillTransfer(PrefillTransfer):
         self.inits: dict[int, KVInit] = {}
         self.failed: dict[int, str] = {}
         self.sent: set[int] = set()
+        self.tokens: dict[int, int] = {}  # room -> prompt positions sent so far
+        self.chunks: dict[tuple[int, str], int] = {}  # (room, endpoint) -> KVChunks sent
         # Rooms given up here before the decode side's handshake came: answered with KVAbort.
         self.gone: dict[int, str] = {}
 
@@ -75,16 +77,27 @@ class ZmqPrefillTransfer(PrefillTransfer):
             for r in rooms
         ]
 
-    def send(self, room: int, pool: KVPool, slots: torch.Tensor, aux: KVAux) -> None:
+    def _ready(self, room: int) -> KVInit | None:
         init = self.inits.get(room)
         if init is None or room in self.failed:
             self.failed.setdefault(room, "no handshake from the decode server")
+            return None
+        return init
+
+    def _error(self, room: int, init: KVInit, reason: str) -> None:
+        self.failed[room] = reason
+        self.stats.failed += 1
+        try:
+            self._notify(init.targets, KVAbort(room, reason))
+        except zmq.ZMQError:
+            pass
+
+    def send_kv(self, room: int, pool: KVPool, slots: torch.Tensor, start: int) -> None:
+        init = self._ready(room)
+        if init is None:
             return
-        if init.num_tokens != slots.numel():
-            self.failed[room] = (
-                f"decode reserved {init.num_tokens} slots, prefill has {slots.numel()}"
-            )
-            self._notify(init.targets, KVAbort(room, self.failed[room]))
+        if start != self.tokens.get(room, 0) or start + slots.numel() > init.num_tokens:
+            self._error(room, init, f"KV positions {start}+{slots.numel()} out of order")
             return
         try:
             for endpoint, heads in init.targets:
@@ -94,15 +107,32 @@ class ZmqPrefillTransfer(PrefillTransfer):
                     k = pool.k[layer][slots][:, idx]
                     v = pool.v[layer][slots][:, idx]
                     dtype = str(k.dtype).removeprefix("torch.")
-                    head = KVChunk(room, layer, heads, self.ps.attn_tp_rank, tuple(k.shape), dtype)
+                    me = self.ps.attn_tp_rank
+                    head = KVChunk(room, start, layer, heads, me, tuple(k.shape), dtype)
                     kb, vb = tensor_bytes(k), tensor_bytes(v)
                     push.send_multipart([encode(head), kb, vb])
                     self.stats.bytes += len(kb) + len(vb)
-                done = replace(aux, source=self.ps.attn_tp_rank, num_chunks=len(pool.k))
-                push.send_multipart([encode(done)])
+                    self.chunks[(room, endpoint)] = self.chunks.get((room, endpoint), 0) + 1
         except zmq.ZMQError as e:
-            self.failed[room] = f"KV send failed: {e}"
-            self.stats.failed += 1
+            self._error(room, init, f"KV send failed: {e}")
+            return
+        self.tokens[room] = start + slots.numel()
+
+    def send_aux(self, room: int, aux: KVAux) -> None:
+        init = self._ready(room)
+        if init is None:
+            return
+        if self.tokens.get(room, 0) != init.num_tokens:
+            have = self.tokens.get(room, 0)
+            self._error(room, init, f"decode reserved {init.num_tokens} slots, prefill sent {have}")
+            return
+        try:
+            for endpoint, _ in init.targets:
+                n = self.chunks.get((room, endpoint), 0)
+                done = replace(aux, source=self.ps.attn_tp_rank, num_chunks=n)
+                self.sock.push(endpoint).send_multipart([encode(done)])
+        except zmq.ZMQError as e:
+            self._error(room, init, f"KV send failed: {e}")
             return
         self.sent.add(room)
         self.stats.done += 1
@@ -136,9 +166,12 @@ class ZmqPrefillTransfer(PrefillTransfer):
         self.release(room)
 
     def release(self, room: int) -> None:
-        self.inits.pop(room, None)
+        init = self.inits.pop(room, None)
         self.failed.pop(room, None)
         self.sent.discard(room)
+        self.tokens.pop(room, None)
+        for endpoint, _ in init.targets if init is not None else []:
+            self.chunks.pop((room, endpoint), None)
 
     def close(self) -> None:
         self.sock.close()

@@ -2,8 +2,8 @@
 
 decode leader -> each prefill rank of the request's group: `KVInit` (the handshake: where to
 send which heads). prefill rank -> decode rank, in this order on one PUSH/PULL connection:
-one `KVChunk` per layer (header + K bytes + V bytes), then `KVAux` (first token, logprobs,
-the room as a check). Either way: `KVAbort` (the other side gave the request up).
+one `KVChunk` per layer and prefill chunk (header + K bytes + V bytes), then `KVAux` (first
+token, logprobs, the room as a check). Either way: `KVAbort` (the other side gave the request up).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class KVAbort:
 @dataclass(frozen=True)
 class KVChunk:
     room: int
+    start: int  # first prompt position of these tokens (chunked prefill sends as it goes)
     layer: int
     heads: list[int]  # global KV heads, in the order of the tensors' head dimension
     source: int  # prefill attention-TP rank
