@@ -32,9 +32,16 @@ WORKLOAD = [
 
 
 def _drive(
-    ps: ParallelState, model: str, cache: bool, kv_pool_tokens: int = 512, **kw: Any
+    ps: ParallelState,
+    model: str,
+    cache: bool,
+    kv_pool_tokens: int = 512,
+    runner_kw: dict[str, Any] | None = None,
+    **kw: Any,
 ) -> dict[str, Any]:
-    runner = ModelRunner(RunnerConfig(model, kv_pool_tokens=kv_pool_tokens), ps)
+    runner = ModelRunner(
+        RunnerConfig(model, kv_pool_tokens=kv_pool_tokens, **(runner_kw or {})), ps
+    )
     cfg = SchedulerConfig(chunked_prefill_size=16, disable_radix_cache=not cache, **kw)
     sched = Scheduler(runner, cfg, set())
     out: dict[str, dict[str, Any]] = {}
@@ -74,10 +81,23 @@ def _merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("tp,dp", [(1, 1), (2, 1), (2, 2), (4, 2)])
-def test_cache_on_equals_cache_off(tiny_models: dict[str, Path], tp: int, dp: int) -> None:
-    model = tiny_models["qwen3_moe"]
-    on, off = _merged(_run(model, tp, dp, True)), _merged(_run(model, tp, dp, False))
+# verify's layouts: plain, expert parallel, the scattered dense layout
+LAYOUTS = [
+    (1, 1, {}),
+    (2, 1, {}),
+    (2, 2, {}),
+    (4, 2, {"ep": True}),
+    (2, 1, {"moe_dense_tp_size": 1}),
+]
+
+
+@pytest.mark.parametrize("tp,dp,runner_kw", LAYOUTS, ids=str)
+def test_cache_on_equals_cache_off(
+    all_models: dict[str, Path], tp: int, dp: int, runner_kw: dict[str, Any]
+) -> None:
+    model = all_models["qwen3_moe_mixed"]  # a dense layer (scattered layout) and a MoE one
+    on = _merged(_run(model, tp, dp, True, runner_kw=runner_kw))
+    off = _merged(_run(model, tp, dp, False, runner_kw=runner_kw))
     assert on.keys() == off.keys() == {w[0] for w in WORKLOAD}
     for rid in on:
         assert on[rid]["ids"] == off[rid]["ids"], rid
