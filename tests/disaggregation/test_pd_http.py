@@ -67,17 +67,25 @@ def same(a: dict, b: dict) -> None:
     assert la == pytest.approx(lb, abs=1e-4)
 
 
-# (1,1)->(2,2) by default; the other two (also covered over the schedulers in
-# test_pd_protocol.py) with DPATTN_PD_FULL=1.
+# (1,1)->(2,2) on thread ranks by default; the other two (also covered over the schedulers in
+# test_pd_protocol.py) with DPATTN_PD_FULL=1; all three on gloo rank processes with
+# DPATTN_PD_GLOO=1 (~2 min).
 FULL = os.environ.get("DPATTN_PD_FULL") == "1"
-LAYOUTS = [((1, 1), (2, 2))] + ([((2, 2), (2, 1)), ((2, 1), (2, 2))] if FULL else [])
+GLOO = os.environ.get("DPATTN_PD_GLOO") == "1"
+PAIRS = [((1, 1), (2, 2)), ((2, 2), (2, 1)), ((2, 1), (2, 2))]
+LAYOUTS = [(*PAIRS[0], "thread")] + [(*p, "thread") for p in PAIRS[1:] if FULL]
+LAYOUTS += [(*p, "gloo") for p in PAIRS if GLOO]
 
 
-@pytest.mark.parametrize("prefill,decode", LAYOUTS, ids=str)
+@pytest.mark.parametrize("prefill,decode,backend", LAYOUTS, ids=str)
 def test_router_matches_colocated(
-    tiny_models: dict[str, Path], colocated: str, prefill: tuple[int, int], decode: tuple[int, int]
+    tiny_models: dict[str, Path],
+    colocated: str,
+    prefill: tuple[int, int],
+    decode: tuple[int, int],
+    backend: str,
 ) -> None:
-    stack = PDStack(tiny_models["llama"], prefill, decode)
+    stack = PDStack(tiny_models["llama"], prefill, decode, backend=backend)
     try:
         url = stack.router.url
         for ids in PROMPTS:
