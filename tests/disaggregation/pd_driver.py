@@ -85,6 +85,7 @@ class SideRun:
     prebuilt_steps: list[tuple[str, bool, tuple[int, ...]]] = field(default_factory=list)
     local_states: list[dict[str, int]] = field(default_factory=list)  # per step (wrapped only)
     failures: dict[str, str] = field(default_factory=dict)
+    retractions: int = 0  # running requests sent back to wait for lack of KV slots
 
 
 def _queues(sched: Scheduler) -> tuple[Any, ...]:
@@ -241,6 +242,7 @@ def drive_side(
         run.kv = (free_slots(sched), kv0)
         run.rows = (runner.req_to_token.available_size(), rows0)
         run.failures = dict(getattr(sched, "failures", {}))
+        run.retractions = sched.num_retractions
         return run
     finally:
         sched.close()

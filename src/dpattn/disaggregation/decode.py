@@ -120,6 +120,10 @@ class DecodeScheduler(Scheduler):
         left = (r.params.max_new_tokens - len(r.output_ids) for r in reqs)
         return sum(min(n, RESERVED_DECODE_TOKENS) for n in left)
 
+    def _kv_held_elsewhere(self) -> bool:
+        # Requests in transfer hold their prompts' slots until they run (and finish).
+        return bool(self.transfer_queue)
+
     def _prealloc(self) -> None:
         """Row + prompt slots for the queue's head, in order, while they fit (identical on every
         rank of the group: same queue, same pool)."""

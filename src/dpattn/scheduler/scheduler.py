@@ -173,7 +173,7 @@ class Scheduler:
             req.extend_len = n
             budget -= n
         if not batch.reqs:
-            if self.chunked is not None and not self.running:
+            if self.chunked is not None and not self.running and not self._kv_held_elsewhere():
                 # The partly prefilled prompt holds every free KV slot and nothing else can free
                 # one: it is longer than the pool and would block the queue forever.
                 self._finish(self.chunked, FinishReason.ABORT)
@@ -225,12 +225,20 @@ class Scheduler:
             req = self.running.pop()
             # Alone and still too big: it cannot ever fit. A partly prefilled prompt holds slots
             # too, so with one the request is not alone: retracting it lets that prompt finish.
-            if not self.running and not self.waiting and self.chunked is None:
+            alone = self.chunked is None and not self._kv_held_elsewhere()
+            if not self.running and not self.waiting and alone:
                 self._finish(req, FinishReason.ABORT)
                 return
             self._free_kv(req)
             self.waiting.appendleft(req)
             self.num_retractions += 1
+
+    def _kv_held_elsewhere(self) -> bool:
+        """Whether requests outside the running batch and the partly prefilled prompt hold KV
+        slots that will come back (then a request short of slots is not alone in the pool:
+        waiting for them, it can still fit). None here; a disaggregated decode server's
+        requests in transfer do."""
+        return False
 
     # ---- results ----
     def _process(
