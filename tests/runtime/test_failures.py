@@ -113,7 +113,8 @@ def test_signal_to_cli_stops_all_ranks(
         ranks: list[int] = []
         while time.monotonic() < deadline and len(ranks) < 2:
             time.sleep(0.5)
-            ranks = [c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)]
+            # spawned ranks rename themselves (dpattn::scheduler_DP0_TP0) once they start
+            ranks = [c for c in _children(proc.pid) if _is_rank(_cmdline(c))]
         assert len(ranks) == 2, "rank processes did not start"
         time.sleep(1.0)
         # Ctrl-C in a terminal reaches the whole process group; SIGTERM only the main process.
@@ -131,6 +132,10 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     except OSError:
         return ""
+
+
+def _is_rank(cmdline: str) -> bool:
+    return "spawn_main" in cmdline or "dpattn::scheduler" in cmdline
 
 
 def _alive(pid: int) -> bool:

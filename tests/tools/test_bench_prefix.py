@@ -18,8 +18,9 @@ def test_shared_prefix_and_multi_turn_benchmarks(tiny_models: dict[str, Path]) -
     shared = shared_prefix(make(1, 1), PrefixBenchConfig(6, 64, 4, 2))
     assert shared["same_greedy_outputs"]
     assert shared["no_cache"]["cached_tokens"] == 0
-    # every request after the first finds the whole system prompt cached
-    assert shared["radix_cache"]["cached_tokens"] >= 5 * 64
+    # All six arrive at once: the first step (256 tokens) computes the system prompt for up to
+    # four; every later-admitted one finds it cached (how many depends on arrival timing)
+    assert shared["radix_cache"]["cached_tokens"] >= 2 * 64
     turns = multi_turn(make(2, 2), PrefixBenchConfig(5, 32, 8, 4, num_turns=3))
     assert turns["round_robin"]["prompt_tokens"] == turns["cache_aware"]["prompt_tokens"]
     # cache_aware keeps a conversation on one group: a later turn misses only its new question
