@@ -105,9 +105,9 @@ def test_signal_to_cli_stops_all_ranks(
         "--output-len",
         "400",
     ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
+    # stderr to a file, never an unread pipe: the ranks' step logs would fill it and block them
+    log = (tmp_path / "stderr.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         ranks: list[int] = []
@@ -119,12 +119,17 @@ def test_signal_to_cli_stops_all_ranks(
         time.sleep(1.0)
         # Ctrl-C in a terminal reaches the whole process group; SIGTERM only the main process.
         os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            tail = (tmp_path / "stderr.log").read_text()[-3000:]
+            raise AssertionError(f"the CLI did not exit after {sig.name}:\n{tail}") from None
         time.sleep(0.5)
         assert [r for r in ranks if _alive(r)] == []
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
 
 
 def _cmdline(pid: int) -> str:
