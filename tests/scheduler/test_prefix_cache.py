@@ -153,3 +153,30 @@ def test_pages_of_two_tokens(tiny_models: dict[str, Path]) -> None:
     on, off = _merged(_run(model, 2, 2, True, page_size=2)), _merged(_run(model, 2, 2, False))
     assert {r: v["ids"] for r, v in on.items()} == {r: v["ids"] for r, v in off.items()}
     assert on["d"]["cached"] == len(SYSTEM) and on["d"]["cached"] % 2 == 0  # whole pages only
+
+
+def test_lpm_admits_the_longest_cached_prefix_first(tiny_models: dict[str, Path]) -> None:
+    def drive(ps: ParallelState, policy: str) -> list[str]:
+        runner = ModelRunner(RunnerConfig(str(tiny_models["llama"]), kv_pool_tokens=256), ps)
+        cfg = SchedulerConfig(schedule_policy=policy, max_running_requests=1)
+        sched = Scheduler(runner, cfg, set())
+        params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+        sched.add_request(Req("warm", SYSTEM + [1], params, 0))
+        while sched.has_work:
+            sched.step()
+        sched.take_outputs()
+        for rid, ids in (
+            ("none", [300, 301, 302]),
+            ("short", SYSTEM[:4] + [9]),
+            ("long", SYSTEM + [2]),
+        ):
+            sched.add_request(Req(rid, ids, params, 0))
+        done = []
+        while sched.has_work:
+            sched.step()
+            done += [o.rid for o in sched.take_outputs() if o.finish_reason]
+        return done
+
+    [fcfs] = run_ranks(lambda ps: drive(ps, "fcfs"), Layout(1, 1), "thread")
+    [lpm] = run_ranks(lambda ps: drive(ps, "lpm"), Layout(1, 1), "thread")
+    assert fcfs == ["none", "short", "long"] and lpm == ["long", "short", "none"]
