@@ -45,6 +45,7 @@ class Req:
     prefix_len: int = 0  # leading tokens whose slots the prefix cache holds for us
     last_node: TreeNode | None = None  # where that prefix ends in the tree (we hold its lock)
     cached_tokens: int = -1  # prompt tokens found in the cache at first admission (-1: not yet)
+    retracted: bool = False  # sent back to wait once: re-admitted only with room to finish
     generator: torch.Generator | None = None
     bootstrap: BootstrapInfo | None = None  # disaggregation: prefill's bootstrap address, room
 

@@ -156,6 +156,9 @@ class Scheduler:
                 matched = cache.match(req, self._match_limit(req))
                 if req.cached_tokens < 0:
                     req.cached_tokens = min(matched, len(req.input_ids))
+                if req.retracted and self.running and not self._room_to_finish(req):
+                    cache.release(req)  # it waits for room (no row, no lock) and so do those behind
+                    break
             # Keep one slot per running request so decode does not retract what prefill just took.
             n = min(req.seq_len - req.kv_len, budget, cache.available_size() - len(self.running))
             if n <= 0:
@@ -230,8 +233,20 @@ class Scheduler:
                 self._finish(req, FinishReason.ABORT)
                 return
             self._free_kv(req)
+            req.retracted = True
             self.waiting.appendleft(req)
             self.num_retractions += 1
+
+    def _room_to_finish(self, req: Req) -> bool:
+        """Whether a retracted request could run to its end beside the running ones' next step.
+        Re-admitted any sooner, it is retracted again a few steps later: two long requests would
+        take turns, one re-prefill per token."""
+        remaining = min(
+            req.params.max_new_tokens - len(req.output_ids),
+            self.runner.context_length - req.seq_len,
+        )
+        need = req.seq_len - req.kv_len + max(0, remaining)
+        return self.cache.available_size() - len(self.running) >= need
 
     def _kv_held_elsewhere(self) -> bool:
         """Whether requests outside the running batch and the partly prefilled prompt hold KV
