@@ -107,7 +107,15 @@ def test_signal_to_cli_stops_all_ranks(
     ]
     # stderr to a file, never an unread pipe: the ranks' step logs would fill it and block them
     log = (tmp_path / "stderr.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+        # A pytest started in the background of a script inherits SIGINT ignored, and so would
+        # the CLI (Python keeps an ignored SIGINT ignored): give it the terminal's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 60
         ranks: list[int] = []
