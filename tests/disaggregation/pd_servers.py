@@ -4,42 +4,15 @@ uvicorn in background threads)."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-from fastapi import FastAPI
+from proc_harness import Uvicorn, free_port
 
 from dpattn.disaggregation.pd_router import PDRouter, PrefillServer, create_router_app
 from dpattn.entrypoints.engine import Engine
 from dpattn.entrypoints.http_server import create_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Uvicorn:
-    def __init__(self, app: FastAPI) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 class PDStack:

@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from pd_servers import free_port, wait_for
+from pd_servers import wait_for
+from proc_harness import alive, children, free_port, wait_healthy
 from prometheus_client.parser import text_string_to_metric_families
 
 from dpattn.entrypoints.engine import Engine
@@ -28,38 +29,6 @@ PROMPT = list(range(5, 30))
 def _start(args: list[str]) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "dpattn.cli", *args, "--log-level", "warning"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _healthy(proc: subprocess.Popen[str], url: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
-        assert time.monotonic() < deadline, f"{url} did not come up"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if int((p / "stat").read_text().split(")")[-1].split()[1]) == pid:
-                    out.append(int(p.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _kv_used(url: str) -> float:
@@ -102,7 +71,7 @@ def test_three_command_recipe_and_a_killed_prefill(tiny_models: dict[str, Path])
     procs = [prefill, decode, router]
     try:
         for proc, url in ((prefill, p_url), (decode, d_url), (router, r_url)):
-            _healthy(proc, url)
+            wait_healthy(proc, url)
         with Engine(model, backend="thread", kv_pool_tokens=256) as ref:
             want = ref.generate(
                 input_ids=PROMPT, sampling_params={"max_new_tokens": 6, "temperature": 0}
@@ -126,13 +95,13 @@ def test_three_command_recipe_and_a_killed_prefill(tiny_models: dict[str, Path])
         )
         waiter.start()
         time.sleep(1.0)
-        ranks = _children(prefill.pid)
+        ranks = children(prefill.pid)
         prefill.send_signal(signal.SIGKILL)
         waiter.join(timeout=30)
         assert not waiter.is_alive(), "the decode side hung on a dead prefill server"
         resp = answer["r"]
         assert resp.status_code >= 400 and f"127.0.0.1:{boot}" in resp.text, resp.text
-        assert wait_for(lambda: not any(_alive(r) for r in ranks), 10), "orphan prefill ranks"
+        assert wait_for(lambda: not any(alive(r) for r in ranks), 10), "orphan prefill ranks"
         assert httpx.get(d_url + "/health").status_code == 200  # the decode server lives on
         assert wait_for(lambda: _kv_used(d_url) == 0), "the decode side kept KV slots"
     finally:

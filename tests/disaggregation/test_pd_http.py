@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from pd_servers import PDStack, Uvicorn, free_port, wait_for
+from pd_servers import PDStack, wait_for
+from proc_harness import Uvicorn, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from dpattn.disaggregation.pd_router import PDRouter, PrefillServer, create_router_app

@@ -3,13 +3,11 @@ in a background thread, and helpers for Prometheus metrics and OpenAI streams.""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from typing import Any
 
 import httpx
-import uvicorn
+from proc_harness import Uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from dpattn.entrypoints.engine import Engine
@@ -18,32 +16,13 @@ from dpattn.entrypoints.http_server import create_app
 MODEL = "tiny-qwen3-moe"  # the default model's directory name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerThread:
+class ServerThread(Uvicorn):
     """uvicorn serving create_app(engine) on a free loopback port, in a background thread."""
 
     def __init__(self, engine: Engine, **kwargs: Any) -> None:
         self.app = create_app(engine, **kwargs)
         self.state = self.app.state.dpattn
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        super().__init__(self.app)
 
 
 def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -86,16 +65,3 @@ def _stream_texts(stream: Any, chat: bool = False) -> tuple[dict[int, str], dict
             if ch.finish_reason:
                 reasons[ch.index] = ch.finish_reason
     return texts, reasons, usage
-
-
-def wait_healthy(proc: Any, url: str, timeout: float = 120.0) -> None:
-    """Until a `dpattn serve` subprocess answers /health (fails with its output if it exits)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
-        assert time.monotonic() < deadline, "server did not come up"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.3)

@@ -6,48 +6,27 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from proc_harness import alive, children, free_port, wait_healthy
 from server_harness import (
     MODEL,
-    _free_port,
     _m,
     _metrics,
     _rank,
     _stream_texts,
     _wait_for,
-    wait_healthy,
 )
 
 from dpattn.models.tiny import ensure_default_model
 
 
 # ---- the real CLI with gloo rank processes ----
-def _children(pid: int) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if int((p / "stat").read_text().split(")")[-1].split()[1]) == pid:
-                    out.append(int(p.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return (Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]) != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.gloo
 def test_cli_serve_gloo_dp2_and_clean_shutdown() -> None:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "dpattn.cli", "serve", "--tp", "2", "--dp", "2"]
     cmd += ["--model-path", str(ensure_default_model())]  # the real default may be installed
     cmd += ["--port", str(port), "--log-level", "warning", "--max-queued-requests", "8"]
@@ -55,7 +34,7 @@ def test_cli_serve_gloo_dp2_and_clean_shutdown() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, url)
-        ranks = _children(proc.pid)
+        ranks = children(proc.pid)
         assert len(ranks) >= 2
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         kw: dict[str, Any] = dict(model=MODEL, prompt="A small model", max_tokens=12, seed=1)
@@ -73,7 +52,7 @@ def test_cli_serve_gloo_dp2_and_clean_shutdown() -> None:
         )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) in (0, 128 + signal.SIGTERM, -signal.SIGTERM)
-        assert _wait_for(lambda: not any(_alive(r) for r in ranks), 5), "orphan rank processes"
+        assert _wait_for(lambda: not any(alive(r) for r in ranks), 5), "orphan rank processes"
     finally:
         if proc.poll() is None:
             proc.kill()

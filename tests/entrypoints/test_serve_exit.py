@@ -12,8 +12,8 @@ import time
 
 import httpx
 import pytest
-from server_harness import _free_port, _wait_for, wait_healthy
-from test_serve_cli import _alive, _children
+from proc_harness import alive, children, free_port, wait_healthy
+from server_harness import _wait_for
 
 from dpattn.models.tiny import ensure_default_model
 
@@ -21,7 +21,7 @@ EXIT_DEADLINE_S = 30  # the requirement is 10 s; a loaded CI machine gets slack 
 
 
 def _start(*extra: str) -> tuple[subprocess.Popen[str], str, list[int]]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "dpattn.cli", "serve", "--tp", "2", "--dp", "2"]
     cmd += ["--model-path", str(ensure_default_model()), "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -37,7 +37,7 @@ def _start(*extra: str) -> tuple[subprocess.Popen[str], str, list[int]]:
 def _rank_pids(parent: int) -> list[int]:
     """The rank processes in rank order, by their titles (dpattn::scheduler_DP{d}_TP{rank})."""
     found = {}
-    for pid in _children(parent):
+    for pid in children(parent):
         m = re.search(r"dpattn::scheduler_DP\d+_TP(\d+)", _cmdline(pid))
         if m:
             found[int(m.group(1))] = pid
@@ -65,7 +65,7 @@ def test_serve_exits_nonzero_when_a_rank_dies(victim: int, sig: signal.Signals) 
         out = proc.stdout.read()  # type: ignore[union-attr]
         assert code != 0, out
         assert f"rank {victim} died (killed by {sig.name})" in out, out
-        assert _wait_for(lambda: not any(_alive(r) for r in ranks), 5), "orphan rank processes"
+        assert _wait_for(lambda: not any(alive(r) for r in ranks), 5), "orphan rank processes"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -82,7 +82,7 @@ def test_keep_alive_on_engine_death_keeps_answering_503() -> None:
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-        assert _wait_for(lambda: not any(_alive(r) for r in ranks), 5), "orphan rank processes"
+        assert _wait_for(lambda: not any(alive(r) for r in ranks), 5), "orphan rank processes"
     finally:
         if proc.poll() is None:
             proc.kill()
