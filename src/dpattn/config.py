@@ -77,6 +77,9 @@ class RunnerConfig:
         4096, "longest sequence a captured decode graph attends over (longer: eager)"
     )
     disable_cuda_graph: bool = option(False, "run every decode step eagerly (no CUDA graphs)")
+    disable_weight_prepack: bool = option(
+        False, "CPU: keep projection weights plain (no oneDNN prepacking; see layers/linear.py)"
+    )
 
 
 @dataclass
@@ -84,7 +87,7 @@ class SchedulerConfig:
     """The scheduler of one rank: continuous batching limits and the MLP sync."""
 
     chunked_prefill_size: int = option(256, "prefill tokens per step and DP group")
-    max_running_requests: int = option(32, "requests a DP group runs at once")
+    max_running_requests: int = option(128, "requests a DP group runs at once")
     skip_all_gather: bool | None = None  # None: skip iff dp_size == 1
     debug_lockstep: bool = option(
         False, "ranks check every collective's (op, shape) before running it"
@@ -180,12 +183,13 @@ class EngineConfig:
         cfg = cls(model_path, tp_size, dp_size)
         cfg.runner.model_path = model_path
         for key, value in options.items():
-            # max_running_requests caps the scheduler and sizes the runner's request table.
             targets = [c for c in (cfg, cfg.runner, cfg.scheduler) if _has_field(c, key)]
             if not targets or key in ("runner", "scheduler", "model_path"):
                 raise TypeError(f"unknown engine option {key!r}")
             for target in targets:
                 setattr(target, key, value)
+        # The request table has a row for every request the scheduler may run (default too).
+        cfg.runner.max_running_requests = cfg.scheduler.max_running_requests
         if cfg.router_policy not in ROUTER_POLICIES:  # fail before any process starts
             raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}")
         if cfg.disaggregation_mode not in DISAGGREGATION_MODES:

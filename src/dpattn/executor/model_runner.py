@@ -30,6 +30,7 @@ from dpattn.kvcache.memory_pool import KVPool, ReqToTokenPool
 from dpattn.layers.attention_backend import TorchNativeBackend
 from dpattn.layers.dp_attention import GatherPlan
 from dpattn.layers.forward_context import ForwardContext, forward_context
+from dpattn.layers.linear import can_prepack, prepack
 from dpattn.models.llama import ModelOptions
 from dpattn.models.loader import load_weights
 from dpattn.models.registry import build_model, text_config
@@ -49,6 +50,8 @@ class ModelRunner:
             # .to(): buffers made from CPU tensors (rotary frequencies) follow the parameters
             self.model = build_model(self.hf_config, ps, opts).to(ps.device).eval()
         load_weights(self.model, Path(cfg.model_path))
+        if not cfg.disable_weight_prepack and can_prepack(ps.device):
+            prepack(self.model)
         hc = self.hf_config
         self.vocab_size = int(hc.vocab_size)  # the frontend checks token ids against this
         model_context = cfg.context_length or int(getattr(hc, "max_position_embeddings", 4096))

@@ -7,7 +7,7 @@ from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.forward_context import get_forward_context
-from dpattn.layers.linear import linear
+from dpattn.layers.linear import linear, pack_params
 from dpattn.layers.norm import RMSNorm
 from dpattn.layers.rotary import Rotary
 from dpattn.layers.weights import param, shard
@@ -63,6 +63,9 @@ class Attention(nn.Module):
             self.v_bias = param((kv_rows,), dtype, rows(kv_parts, kv_index))
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype, norm_offset) if qk_norm_eps else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype, norm_offset) if qk_norm_eps else None
+
+    def prepack(self) -> None:
+        pack_params(self, "q_proj", "k_proj", "v_proj", "o_proj")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]

@@ -7,13 +7,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.layers.linear import linear
+from dpattn.layers.linear import linear, pack_params, pack_weight
 from dpattn.layers.weights import param
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, ps: ParallelState, vocab_size: int, hidden: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        ps: ParallelState,
+        vocab_size: int,
+        hidden: int,
+        dtype: torch.dtype,
+        lookup: bool = True,  # False: an untied LM head (only logits)
+    ) -> None:
         super().__init__()
+        self.lookup = lookup
         self.ps = ps
         a = ps.attn_tp_size
         self.vocab_size = vocab_size
@@ -34,6 +42,13 @@ class VocabParallelEmbedding(nn.Module):
             return torch.cat([rows, full.new_zeros((pad, *full.shape[1:]))])
 
         self.weight = param((self.shard_size, hidden), dtype, load)
+        self.head: torch.Tensor | None = None  # the LM head's packed copy (see prepack)
+
+    def prepack(self) -> None:
+        if self.lookup:  # tied embeddings: a packed copy, the rows stay for the lookup
+            self.head = pack_weight(self.weight)
+        else:
+            pack_params(self, "weight")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ps.attn_tp_size == 1:
@@ -46,7 +61,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's vocab shard of the logits: token ids [lo, lo + shard_size)."""
-        return linear(hidden, self.weight)
+        return linear(hidden, self.weight if self.head is None else self.head)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: local vocab shard, then gathered over attn_tp to full-vocab logits."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,6 +26,8 @@ class ForwardContext:
     attn_backend: AttentionBackend  # holds this forward's metadata (init_forward_metadata)
     # Real rows of the global (MLP) buffer, None if it has no padding: padding rows skip MoE.
     real_rows: torch.Tensor | None = None
+    # Values the layers share within this forward, computed by the first (rotary cos / sin).
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 _ctx: ContextVar[ForwardContext | None] = ContextVar("dpattn_forward_context", default=None)

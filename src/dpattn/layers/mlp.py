@@ -8,7 +8,7 @@ from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.activation import ACTIVATIONS
-from dpattn.layers.linear import linear
+from dpattn.layers.linear import linear, pack_params
 from dpattn.layers.weights import param, shard
 
 
@@ -40,6 +40,9 @@ class DenseMLP(nn.Module):
         self.gate_up_proj = param((2 * local, hidden), dtype, gate_up_loader(index, parts, 0))
         self.down_proj = param((hidden, local), dtype, lambda full: shard(full, 1, index, parts))
         self.act = ACTIVATIONS[act]
+
+    def prepack(self) -> None:
+        pack_params(self, "gate_up_proj", "down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.gate_up_proj).chunk(2, dim=-1)

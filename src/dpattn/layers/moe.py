@@ -13,7 +13,7 @@ from torch import nn
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.activation import ACTIVATIONS
 from dpattn.layers.forward_context import get_forward_context
-from dpattn.layers.linear import linear
+from dpattn.layers.linear import linear, pack_params
 from dpattn.layers.mlp import gate_up_loader
 from dpattn.layers.weights import param, shard
 
@@ -58,6 +58,9 @@ class MoE(nn.Module):
             lambda f: shard(shard(f, 0, e_index, e_parts), 2, i_index, i_parts),
         )
         self.act = ACTIVATIONS[act]
+
+    def prepack(self) -> None:
+        pack_params(self, "gate")  # the experts run grouped GEMMs over their 3-d weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Padding rows (attention-TP padding, MAX_LEN slots) are not routed: they would cost

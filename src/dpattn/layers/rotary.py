@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpattn.layers.forward_context import get_forward_context
+
 
 def rope_inv_freq(config: object, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and attention scaling, from the HF config's rope parameters."""
@@ -29,11 +31,19 @@ class Rotary(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [n, heads, d], k: [n, kv_heads, d]; neox-style (rotate half), like HF Llama."""
+        memo = get_forward_context().memo  # every layer of a forward: the same positions
+        key = (self, q.dtype)
+        if key not in memo:
+            memo[key] = self.cos_sin(positions, q.dtype)
+        cos, sin = memo[key]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.scaling).to(q.dtype)[:, None, :]
-        sin = (emb.sin() * self.scaling).to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        cos = (emb.cos() * self.scaling).to(dtype)[:, None, :]
+        sin = (emb.sin() * self.scaling).to(dtype)[:, None, :]
+        return cos, sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

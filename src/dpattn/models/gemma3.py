@@ -165,7 +165,7 @@ class Gemma3Model(nn.Module):
         self.lm_head = (
             self.embed_tokens
             if self.tie_word_embeddings
-            else VocabParallelEmbedding(ps, cfg.vocab_size, h, opts.dtype)
+            else VocabParallelEmbedding(ps, cfg.vocab_size, h, opts.dtype, lookup=False)
         )
         self.final_logit_softcapping = getattr(cfg, "final_logit_softcapping", None)
 

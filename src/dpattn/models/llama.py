@@ -126,7 +126,9 @@ class DecoderModel(nn.Module):
         self.lm_head = (
             self.embed_tokens
             if self.tie_word_embeddings
-            else VocabParallelEmbedding(ps, cfg.vocab_size, cfg.hidden_size, opts.dtype)
+            else VocabParallelEmbedding(
+                ps, cfg.vocab_size, cfg.hidden_size, opts.dtype, lookup=False
+            )
         )
 
     @property
