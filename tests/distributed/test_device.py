@@ -131,3 +131,10 @@ def test_thread_ranks_carry_their_device() -> None:
     assert ps.device == torch.device("cpu")
     assert ps.world_cpu is ps.world and ps.attn_tp_cpu is ps.attn_tp  # one group serves both
     assert not ps.world.capturable and not ps.attn_tp.capturable
+
+
+def test_request_table_follows_the_scheduler_cap() -> None:
+    # the runner's request table needs a row per request the scheduler may run, default or not
+    default = EngineConfig.from_options("m")
+    assert default.runner.max_running_requests == default.scheduler.max_running_requests
+    assert EngineConfig.from_options("m", max_running_requests=7).runner.max_running_requests == 7

@@ -135,6 +135,28 @@ def test_without_gather_metadata_runs(
         torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("model,tp", [("llama", 1), ("qwen3_moe", 2)])
+def test_prepacked_weights_equal_plain(all_models: dict[str, Path], model: str, tp: int) -> None:
+    """oneDNN-packed projections (the CPU default) give the plain weights' logits; the plain
+    copies are gone (a packed weight replaces its parameter)."""
+    tokens = prompt(0)
+
+    def fn(ps: ParallelState) -> list[torch.Tensor]:
+        outs = []
+        for disable in (False, True):
+            runner = make_runner(ps, all_models[model], disable_weight_prepack=disable)
+            params = dict(runner.model.named_parameters())
+            assert runner.model.layers[0].self_attn.q_proj.is_mkldnn is not disable
+            assert ("layers.0.self_attn.q_proj" in params) is disable
+            assert ("lm_head.weight" in params) is disable  # untied: the head is only logits
+            batch, _, _ = extend_batch(runner, tokens)
+            outs.append(runner.forward(batch))
+        return outs
+
+    for packed, plain in run(fn, tp, 1):
+        torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     "tp,dp,gnt",
     [

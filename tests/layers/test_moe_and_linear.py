@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dpattn.layers.dp_attention import GatherPlan, PaddingMode, choose_padding_mode
 from dpattn.layers.forward_context import ForwardContext, forward_context
-from dpattn.layers.linear import SKINNY_ROWS, linear
+from dpattn.layers.linear import SKINNY_ROWS, can_prepack, linear, pack_weight
 from dpattn.layers.moe import MoE
 
 H, INTER, E, TOP_K = 16, 8, 4, 2
@@ -121,3 +121,22 @@ def test_linear_equals_f_linear(rows: int, out_features: int) -> None:
     torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
     assert linear(x, w).is_contiguous()
+
+
+@pytest.mark.skipif(not can_prepack(torch.device("cpu")), reason="torch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 16, 200])
+def test_prepacked_linear_equals_f_linear(dtype: torch.dtype, rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 48, generator=gen).to(dtype)
+    w = torch.randn(1000, 48, generator=gen).to(dtype)
+    b = torch.randn(1000, generator=gen).to(dtype)
+    packed = pack_weight(w)
+    assert packed.is_mkldnn and packed.dtype == torch.float32 and packed.shape == w.shape
+    # bf16: the products of the bf16 values accumulated in fp32, rounded once (a native kernel)
+    ref = F.linear(x.float(), w.float()).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    out = linear(x, packed)
+    assert out.dtype == dtype and out.shape == (rows, 1000)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(linear(x, packed, b), ref + b, atol=tol, rtol=tol)
