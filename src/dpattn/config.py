@@ -136,6 +136,9 @@ class EngineConfig:
     node_rank: int = option(0, "this host's index (0 runs the engine)")
     # host:port of node 0: the torch rendezvous; ZMQ uses the next ports
     dist_init_addr: str | None = option(None, "HOST:PORT of node 0 for the rendezvous")
+    disable_shm_sync: bool = option(
+        False, "MLP sync over gloo even with every rank on this host (default: shared memory)"
+    )
     # The CLI's --log-level (dpattn.logs), for the ranks too; a rank logs its DP group's step
     # line every log_interval decode steps at info level (as SGLang's decode log interval).
     log_level: str = "info"

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from dpattn.distributed.device import group_backends
 from dpattn.distributed.group import Group, TorchGroup, Trace
+from dpattn.distributed.shm_group import ShmTorchGroup, open_slots
 from dpattn.distributed.thread_backend import ThreadWorld
 
 
@@ -112,10 +113,13 @@ def torch_parallel_state(
     device: str = "cpu",
     timeout_s: float = 60.0,
     local_rank: int | None = None,
+    single_host: bool = False,
 ) -> ParallelState:
     """Initialise torch.distributed for this rank and build its groups.
 
     `init_method` is a tcp:// address; None reads torchrun's environment (MASTER_ADDR, ...).
+    With every rank on this host (`single_host`), world_cpu's small all-gathers (the MLP sync)
+    go through shared memory (shm_group.py).
     On CUDA the rank owns cuda:<local_rank> (default: LOCAL_RANK, else rank modulo the GPUs);
     the model's groups run on NCCL and the scheduler's metadata groups on gloo (group_backends).
     """
@@ -155,11 +159,21 @@ def torch_parallel_state(
     world_cpu_pg = cpu_group(world_ranks)
     d = layout.dp_rank(rank)
     tp_pg, tp_cpu_pg = tp_groups[d]
-    world = TorchGroup("world", world_ranks, rank, trace, dist.group.WORLD)
-    attn_tp = TorchGroup(f"attn_tp{d}", layout.attn_tp_ranks(d), rank, trace, tp_pg)
-    world_cpu = (
-        TorchGroup("world", world_ranks, rank, trace, world_cpu_pg) if world_cpu_pg else world
+
+    def world_group(pg: dist.ProcessGroup) -> TorchGroup:
+        if not single_host or layout.tp_size == 1:
+            return TorchGroup("world", world_ranks, rank, trace, pg)
+        slots = open_slots(pg, rank, layout.tp_size, timeout_s)
+        return ShmTorchGroup("world", world_ranks, rank, trace, pg, slots)
+
+    world_cpu = world_group(world_cpu_pg or dist.group.WORLD)
+    # On CPU world and world_cpu are one group (one sequence of collectives for --debug-lockstep)
+    world = (
+        world_cpu
+        if world_cpu_pg is None
+        else TorchGroup("world", world_ranks, rank, trace, dist.group.WORLD)
     )
+    attn_tp = TorchGroup(f"attn_tp{d}", layout.attn_tp_ranks(d), rank, trace, tp_pg)
     attn_tp_cpu = (
         TorchGroup(f"attn_tp{d}", layout.attn_tp_ranks(d), rank, trace, tp_cpu_pg)
         if tp_cpu_pg

@@ -46,6 +46,7 @@ def _process_main(
     queue: Any,
     device: str = "cpu",
     local_rank: int = 0,
+    single_host: bool = True,
 ) -> None:
     if layout.tp_size > 1:
         torch.set_num_threads(1)  # T ranks on few cores: default threads oversubscribe them
@@ -54,7 +55,13 @@ def _process_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ps = torch_parallel_state(
-            layout, rank, init_method, device, timeout_s=timeout_s, local_rank=local_rank
+            layout,
+            rank,
+            init_method,
+            device,
+            timeout_s=timeout_s,
+            local_rank=local_rank,
+            single_host=single_host,
         )
         queue.put((rank, True, fn(ps)))
     except BaseException as e:  # noqa: BLE001 - sent to the parent, which raises it
@@ -71,6 +78,11 @@ class NodeSpec:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None  # host:port of node 0; None: a free local port
+    shm_sync: bool = True  # one host: the MLP sync through shared memory (shm_group.py)
+
+    @property
+    def shared_memory(self) -> bool:
+        return self.nnodes == 1 and self.shm_sync
 
     def local_ranks(self, layout: Layout) -> list[int]:
         if layout.tp_size % self.nnodes or not 0 <= self.node_rank < self.nnodes:
@@ -125,7 +137,7 @@ class RankGroup:
         self.procs = [
             ctx.Process(
                 target=_process_main,
-                args=(fn, layout, r, init, timeout_s, self.queue, device, i),
+                args=(fn, layout, r, init, timeout_s, self.queue, device, i, node.shared_memory),
                 daemon=True,
             )
             for i, r in enumerate(self.local_ranks)

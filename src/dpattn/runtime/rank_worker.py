@@ -7,6 +7,7 @@ import os
 import resource
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import zmq
 from dpattn.config import EngineConfig
 from dpattn.disaggregation.factory import build_scheduler
 from dpattn.distributed.parallel_state import ParallelState
+from dpattn.distributed.shm_group import ShmTorchGroup
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.logs import RankLogger, configure_logging, rank_logger
 from dpattn.messages import (
@@ -180,11 +182,19 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
         "kv_cached": sched.cache.flush(),  # and the pool whole again: what leaked shows below
         "kv_free_after_flush": runner.kv_pool.available_size(),
         "kv_total": runner.kv_pool.size,
-        "bare_all_gather_s": bare_all_gather_seconds(ps),
+        "bare_all_gather_s": bare_all_gather_seconds(ps, ps.world_cpu.all_gather),
+        # the same row through gloo, where the sync uses shared memory
+        "bare_gloo_all_gather_s": (
+            bare_all_gather_seconds(ps, ps.world_cpu.pg_all_gather)
+            if isinstance(ps.world_cpu, ShmTorchGroup)
+            else None
+        ),
     }
 
 
-def bare_all_gather_seconds(ps: ParallelState, iters: int = 100) -> float:
+def bare_all_gather_seconds(
+    ps: ParallelState, all_gather: Callable[[torch.Tensor], torch.Tensor], iters: int = 100
+) -> float:
     """Mean time of a bare world all-gather of the MLP sync's row: the floor for the sync cost.
 
     Every rank calls this right after leaving the loop in the same iteration, so it stays in
@@ -193,10 +203,10 @@ def bare_all_gather_seconds(ps: ParallelState, iters: int = 100) -> float:
     if ps.dp_size == 1:
         return 0.0
     row = torch.tensor([SyncRow().as_list()], dtype=torch.int64)
-    ps.world_cpu.all_gather(row)  # warm-up
+    all_gather(row)  # warm-up
     t0 = time.perf_counter()
     for _ in range(iters):
-        ps.world_cpu.all_gather(row)
+        all_gather(row)
     return (time.perf_counter() - t0) / iters
 
 

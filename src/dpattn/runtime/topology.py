@@ -17,7 +17,7 @@ from dpattn.runtime.rank_worker import WorkerAddrs, scheduler_main
 
 
 def node_spec(cfg: EngineConfig) -> NodeSpec:
-    return NodeSpec(cfg.nnodes, cfg.node_rank, cfg.dist_init_addr)
+    return NodeSpec(cfg.nnodes, cfg.node_rank, cfg.dist_init_addr, not cfg.disable_shm_sync)
 
 
 def worker_addrs(cfg: EngineConfig, ipc_dir: str) -> WorkerAddrs:
