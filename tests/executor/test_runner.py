@@ -146,7 +146,9 @@ def test_prepacked_weights_equal_plain(all_models: dict[str, Path], model: str, 
         for disable in (False, True):
             runner = make_runner(ps, all_models[model], disable_weight_prepack=disable)
             params = dict(runner.model.named_parameters())
-            assert runner.model.layers[0].self_attn.q_proj.is_mkldnn is not disable
+            attn = runner.model.layers[0].self_attn
+            assert (attn.qkv_proj is not None and attn.qkv_proj.is_mkldnn) is not disable
+            assert attn.o_proj.is_mkldnn is not disable
             assert ("layers.0.self_attn.q_proj" in params) is disable
             assert ("lm_head.weight" in params) is disable  # untied: the head is only logits
             batch, _, _ = extend_batch(runner, tokens)

@@ -372,3 +372,15 @@ def test_logit_bias_moves_the_draw_not_the_logprobs() -> None:
         want = lsm.gather(1, out.next_token_ids[:, None]).squeeze(1)
         assert torch.allclose(out.logprobs, want)
     assert S.probs(logits, info)[1, :2].sum() < 1e-30
+
+
+@pytest.mark.parametrize("vocab", [100, 4096, 262144, 5000 + 17])
+def test_argmax_rows_is_argmax(vocab: int) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=gen)
+    x[1, :] = 0.0  # all tied: the first column
+    x[2, -1] = 100.0  # the very last column (a short tail chunk when vocab % 1024)
+    x[3, [7, vocab - 3]] = 50.0  # a tie across chunks: the first one
+    x[4, [1030 % vocab, 1031 % vocab]] = 60.0  # a tie inside a chunk
+    x[5] = x[5].round()  # many ties
+    assert torch.equal(S.argmax_rows(x), x.argmax(-1))

@@ -140,3 +140,32 @@ def test_prepacked_linear_equals_f_linear(dtype: torch.dtype, rows: int) -> None
     assert out.dtype == dtype and out.shape == (rows, 1000)
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     torch.testing.assert_close(linear(x, packed, b), ref + b, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not can_prepack(torch.device("cpu")), reason="torch built without oneDNN")
+def test_prepacked_attention_projections_equal_plain() -> None:
+    """q, k, v fused into one packed GEMM (with biases) give the plain projections."""
+    from dpattn.layers.attention import Attention
+    from dpattn.layers.rotary import Rotary
+
+    class Echo:  # stands in for the attention backend: an output that depends on q, k and v
+        def forward(self, q, k, v, layer_id, scaling, window):  # noqa: ANN001, ANN201
+            return q + k.mean(1, keepdim=True) - v.mean(1, keepdim=True)
+
+    ps = SimpleNamespace(attn_tp_size=1, attn_tp_rank=0)
+    rotary = Rotary(1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)))
+    attn = Attention(ps, 0, 24, 4, 2, 8, rotary, torch.float32, 1e-6, bias=True)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(0)
+    for p in attn.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=gen) / 4)
+    x, pos = torch.randn(5, 24, generator=gen), torch.arange(5)
+
+    def run() -> torch.Tensor:
+        with forward_context(ForwardContext(None, None, Echo(), None)), torch.inference_mode():  # type: ignore[arg-type]
+            return attn(pos, x)
+
+    plain = run()
+    attn.prepack()
+    assert attn.qkv_proj is not None and attn.qkv_proj.is_mkldnn and attn.o_proj.is_mkldnn
+    assert not any(n in dict(attn.named_parameters()) for n in ("q_proj", "k_bias", "o_proj"))
+    torch.testing.assert_close(run(), plain, atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.forward_context import get_forward_context
-from dpattn.layers.linear import linear, pack_params
+from dpattn.layers.linear import linear, pack_params, pack_weight
 from dpattn.layers.norm import RMSNorm
 from dpattn.layers.rotary import Rotary
 from dpattn.layers.weights import param, shard
@@ -61,23 +61,32 @@ class Attention(nn.Module):
             self.q_bias = param((q_rows,), dtype, rows(a, rank))
             self.k_bias = param((kv_rows,), dtype, rows(kv_parts, kv_index))
             self.v_bias = param((kv_rows,), dtype, rows(kv_parts, kv_index))
+        self.qkv_proj: torch.Tensor | None = None  # q, k, v in one packed weight (prepack)
+        self.qkv_bias: torch.Tensor | None = None
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype, norm_offset) if qk_norm_eps else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype, norm_offset) if qk_norm_eps else None
 
     def prepack(self) -> None:
-        pack_params(self, "q_proj", "k_proj", "v_proj", "o_proj")
+        """One GEMM for q, k and v (a decode step's projections are small: fewer calls)."""
+        names = ("q_proj", "k_proj", "v_proj")
+        self.qkv_proj = pack_weight(torch.cat([self._parameters.pop(n) for n in names]))
+        if self.bias:
+            biases = ("q_bias", "k_bias", "v_bias")
+            self.qkv_bias = torch.cat([self._parameters.pop(n) for n in biases])
+        pack_params(self, "o_proj")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        q = linear(x, self.q_proj, self.q_bias if self.bias else None).view(
-            n, self.num_heads, self.head_dim
-        )
-        k = linear(x, self.k_proj, self.k_bias if self.bias else None).view(
-            n, self.num_kv_heads, self.head_dim
-        )
-        v = linear(x, self.v_proj, self.v_bias if self.bias else None).view(
-            n, self.num_kv_heads, self.head_dim
-        )
+        h, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = linear(x, self.qkv_proj, self.qkv_bias).split([h, kv, kv], dim=-1)
+        else:
+            q = linear(x, self.q_proj, self.q_bias if self.bias else None)
+            k = linear(x, self.k_proj, self.k_bias if self.bias else None)
+            v = linear(x, self.v_proj, self.v_bias if self.bias else None)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)

@@ -145,6 +145,20 @@ def _step_over_forward(stats: Iterable[StepStats]) -> float | None:
     return sum(s.step_s for s in decode) / sum(s.forward_s for s in decode)
 
 
+def _hf_generate(hf: Any, prompts: list[list[int]], new_tokens: int, device: str) -> None:
+    import torch
+
+    hf.generate(
+        torch.tensor(prompts, device=device),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def _graphs_on(engine: Engine) -> bool:
     """Whether the engine's ranks replay decode CUDA graphs (the runner's own rule)."""
     cfg = engine.cfg
@@ -173,7 +187,11 @@ def compare_with_transformers(
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Greedy generation throughput at fixed batch sizes: this engine vs transformers' generate
-    on the same prompts, measured side by side in one run (prompts of equal length: no padding)."""
+    on the same prompts, measured side by side in one run (prompts of equal length: no padding).
+
+    Both are warmed up first at each batch size, on other prompts of the same shape (so the
+    prefix cache holds nothing of the timed ones): first-call costs (allocations, kernel
+    selection) are not part of either figure."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -186,10 +204,11 @@ def compare_with_transformers(
     rows = []
     for b in batch_sizes:  # the same prompts for both engines (one rng, drawn in this order)
         prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(b)]
+        warm = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(b)]
         params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
-        engine.generate(
-            input_ids=prompts[:1], sampling_params={**params, "max_new_tokens": 2}
-        )  # warm
+        engine.generate(input_ids=warm, sampling_params={**params, "max_new_tokens": 4})
+        with torch.inference_mode():
+            _hf_generate(hf, warm, 4, device)
         before = len(engine.step_stats)
         t0 = time.perf_counter()
         engine.generate(input_ids=prompts, sampling_params=params)
@@ -197,15 +216,7 @@ def compare_with_transformers(
         stats = list(engine.step_stats)[before:]
         with torch.inference_mode():
             t0 = time.perf_counter()
-            hf.generate(
-                torch.tensor(prompts, device=device),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            if device == "cuda":
-                torch.cuda.synchronize()
+            _hf_generate(hf, prompts, new_tokens, device)
             theirs = time.perf_counter() - t0
         tokens = b * new_tokens
         rows.append(
