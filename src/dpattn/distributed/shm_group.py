@@ -154,9 +154,8 @@ class ShmTorchGroup(TorchGroup):
         self.slots = slots
 
     def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        if t.dtype != torch.int64 or t.device.type != "cpu" or t.dim() != 2 or t.shape[0] != 1:
-            return super()._all_gather(t)
-        if t.shape[1] > WIDTH:
+        row = t.dtype == torch.int64 and t.device.type == "cpu" and t.dim() == 2
+        if not row or t.shape[0] != 1 or t.shape[1] > WIDTH:
             return super()._all_gather(t)
         return torch.from_numpy(self.slots.all_gather(t[0].numpy()))
 

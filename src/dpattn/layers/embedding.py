@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.layers.linear import linear, pack_params, pack_weight
+from dpattn.layers.linear import linear, pack_weight
 from dpattn.layers.weights import param
 
 
@@ -45,10 +45,8 @@ class VocabParallelEmbedding(nn.Module):
         self.head: torch.Tensor | None = None  # the LM head's packed copy (see prepack)
 
     def prepack(self) -> None:
-        if self.lookup:  # tied embeddings: a packed copy, the rows stay for the lookup
-            self.head = pack_weight(self.weight)
-        else:
-            pack_params(self, "weight")
+        # Tied embeddings keep their rows for the lookup; an untied head needs only the copy.
+        self.head = pack_weight(self.weight if self.lookup else self._parameters.pop("weight"))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ps.attn_tp_size == 1:

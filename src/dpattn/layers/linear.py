@@ -68,5 +68,5 @@ def pack_params(module: nn.Module, *names: str) -> None:
 def prepack(model: nn.Module) -> None:
     """Pack the projections of every layer that offers it (`prepack()`), once, after loading."""
     for module in model.modules():
-        if module is not model and hasattr(module, "prepack"):
+        if hasattr(module, "prepack"):
             module.prepack()

@@ -38,7 +38,9 @@ class Rotary(nn.Module):
         cos, sin = memo[key]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.scaling).to(dtype)[:, None, :]
