@@ -15,5 +15,8 @@ out=${OUT:-/tmp/dpattn-gpu-check}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
-timeout "${GPU_CHECK_TIMEOUT:-540}" python3 -m pytest tests/gpu -q -s -rs -p no:cacheprovider \
-  --durations=15 "$@" 2>&1 | tee "$out/gpu_check.log"
+# Test files in "$@" replace the whole module (pyproject's addopts already has -q).
+files=(); for a in "$@"; do [[ $a == tests/* ]] && files+=("$a"); done
+[ ${#files[@]} -gt 0 ] || set -- tests/gpu "$@"
+timeout "${GPU_CHECK_TIMEOUT:-540}" python3 -m pytest -s -rs -p no:cacheprovider \
+  --durations=15 "$@" 2>&1 | grep --line-buffered -v 'it/s]$' | tee "$out/gpu_check.log"
