@@ -14,5 +14,5 @@ python3 -m pip download --no-deps --only-binary=:all: --python-version "$PY" \
   pyzmq==27.3.0 setproctitle==1.3.8 \
   fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 \
   pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 \
-  opentelemetry-api==1.45.2
+  opentelemetry-api==1.45.2 gguf==0.19.0
 du -sh .whl
