@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "transformers' generate on the same prompts",
     )
     bench.add_argument(
+        "--compare-repeats",
+        type=int,
+        default=3,
+        help="--compare-transformers: timed runs of each side per batch size (medians reported)",
+    )
+    bench.add_argument(
         "--compare-prefix-cache",
         action="store_true",
         help="prefix cache on vs off: --num-prompts requests sharing a --shared-prefix-len "
@@ -323,7 +329,7 @@ def _bench(args: argparse.Namespace) -> int:
         comparison = []
         for dtype in ("float32", "bfloat16") if args.compare_transformers else ():
             with Engine(model_path, **{**options, "dtype": dtype}) as engine:
-                comparison += compare_with_transformers(engine)
+                comparison += compare_with_transformers(engine, repeats=args.compare_repeats)
         engine = Engine(model_path, **options)
         try:
             report = run_offline(engine, cfg)

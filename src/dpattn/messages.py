@@ -45,6 +45,14 @@ class AbortReq:
 
 
 @dataclass(frozen=True)
+class GenerateBatch:
+    """Requests sent in one message (Engine.generate): a rank takes them all in one step, so a
+    batch's first prefill is not split by the order in which single requests arrive."""
+
+    reqs: list[TokenizedGenerateReq]
+
+
+@dataclass(frozen=True)
 class Wake:
     """Cuts an idle group's poll back-off short (another group just got work)."""
 
@@ -59,7 +67,7 @@ class FlushCache:
     """Drop the DP group's cached prefixes that no request holds (SGLang's /flush_cache)."""
 
 
-RankInput = TokenizedGenerateReq | AbortReq | Wake | Shutdown | FlushCache
+RankInput = TokenizedGenerateReq | GenerateBatch | AbortReq | Wake | Shutdown | FlushCache
 
 
 @dataclass(frozen=True)

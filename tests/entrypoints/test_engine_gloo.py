@@ -51,3 +51,20 @@ def test_gloo_engine_matches_thread_engine(
         engine.shutdown()
     assert all(r["kv_free"] == r["kv_total"] for r in engine.rank_results)
     assert mp.active_children() == []
+
+
+@pytest.mark.gloo
+def test_generate_sends_a_batch_that_one_step_prefills(tiny_models: dict[str, Path]) -> None:
+    """generate() sends each DP group its requests in one message, so the group's first step
+    prefills all of them: none waits for a second extend because it arrived a moment later
+    (rank processes poll while the frontend is still sending)."""
+    with Engine(str(tiny_models["llama"]), 2, 2, backend="gloo", collective_timeout_s=30) as e:
+        for rep in range(3):
+            prompts = [[3 + rep, 10 + i, 20 + i, 30 + i] for i in range(12)]  # no shared prefix
+            before = len(e.step_stats)
+            outs = e.generate(input_ids=prompts, sampling_params=ENGINE_PARAMS)
+            steps = list(e.step_stats)[before:]
+            for d in (0, 1):
+                extends = [s for g, s in steps if g == d and s.forward_mode == "extend"]
+                mine = sum(1 for o in outs if o["meta_info"]["dp_rank"] == d)  # type: ignore[index]
+                assert [s.num_tokens for s in extends] == [4 * mine], (rep, d, extends)

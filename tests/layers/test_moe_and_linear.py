@@ -169,3 +169,33 @@ def test_prepacked_attention_projections_equal_plain() -> None:
     assert attn.qkv_proj is not None and attn.qkv_proj.is_mkldnn and attn.o_proj.is_mkldnn
     assert not any(n in dict(attn.named_parameters()) for n in ("q_proj", "k_bias", "o_proj"))
     torch.testing.assert_close(run(), plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not can_prepack(torch.device("cpu")), reason="torch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lookup", [True, False])
+def test_packed_lm_head_and_its_one_row_path(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, lookup: bool
+) -> None:
+    """After prepack the LM head computes from the packed copy, except one row of a tied bf16
+    head, which reads the plain rows the lookup keeps (half the bytes). Both equal F.linear."""
+    from dpattn.layers import embedding
+    from dpattn.layers.embedding import VocabParallelEmbedding
+
+    ps = SimpleNamespace(attn_tp_size=1, attn_tp_rank=0)
+    emb = VocabParallelEmbedding(ps, 300, 32, dtype, lookup=lookup)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(0)
+    emb.weight.data.copy_(torch.randn(300, 32, generator=gen).to(dtype))
+    w = emb.weight.detach().clone()
+    emb.prepack()
+    seen: list[bool] = []
+    real = embedding.linear
+    monkeypatch.setattr(embedding, "linear", lambda x, wt: seen.append(wt.is_mkldnn) or real(x, wt))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for rows in (1, 2, 16):
+        x = torch.randn(rows, 32, generator=gen).to(dtype)
+        with torch.inference_mode():
+            out = emb.logits(x)
+        torch.testing.assert_close(out, F.linear(x.float(), w.float()).to(dtype), atol=tol, rtol=tol)
+    one_row_plain = lookup and dtype == torch.bfloat16
+    assert seen == [not one_row_plain, True, True]

@@ -27,6 +27,7 @@ from dpattn.messages import (
     BatchOutput,
     BootstrapInfo,
     FlushCache,
+    GenerateBatch,
     RankInput,
     RankReady,
     Shutdown,
@@ -231,6 +232,36 @@ class Engine:
         """Queue one request; logprob_start_len >= 0 asks for prompt logprobs from that position,
         top_logprobs_num for that many alternatives per prompt and output token (SGLang's names;
         both need return_logprob). A disaggregated server needs `bootstrap` (the PD router's)."""
+        args = (input_ids, params, return_logprob, dp_rank, logprob_start_len, top_logprobs_num)
+        return self._submit([args], bootstrap)[0]
+
+    def _submit(
+        self,
+        requests: list[tuple[list[int], SamplingParams, bool, int | None, int, int]],
+        bootstrap: BootstrapInfo | None = None,
+    ) -> list[str]:
+        """Queue requests (submit()'s arguments each), one message per DP group."""
+        by_group: dict[int, list[TokenizedGenerateReq]] = {}
+        rids = [self._queue(*r, bootstrap=bootstrap, out=by_group) for r in requests]
+        for d, reqs in by_group.items():
+            self._send(d, reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
+        for other in range(self.layout.dp_size):  # cut idle groups' back-off short
+            if other not in by_group:
+                self._send(other, Wake())
+        return rids
+
+    def _queue(
+        self,
+        input_ids: list[int],
+        params: SamplingParams,
+        return_logprob: bool,
+        dp_rank: int | None,
+        logprob_start_len: int,
+        top_logprobs_num: int,
+        bootstrap: BootstrapInfo | None,
+        out: dict[int, list[TokenizedGenerateReq]],
+    ) -> str:
+        """Check one request, route it and register its state; its message goes into out[d]."""
         if self.failure:
             raise RuntimeError(self.failure)
         if self._closed:
@@ -266,10 +297,7 @@ class Engine:
                 top_logprobs_num,
                 bootstrap,
             )
-            self._send(d, req)
-            for other in range(self.layout.dp_size):  # cut idle groups' back-off short
-                if other != d:
-                    self._send(other, Wake())
+            out.setdefault(d, []).append(req)
         return rid
 
     def _send(self, d: int, msg: RankInput) -> None:
@@ -417,10 +445,12 @@ class Engine:
         for ids, p in zip(batch_ids, params):  # validate all before sending any
             n = p.max_new_tokens
             check_logprob_options(len(ids), return_logprob, logprob_start_len, top_logprobs_num, n)
-        rids = [
-            self.submit(ids, p, return_logprob, r, logprob_start_len, top_logprobs_num)
-            for ids, p, r in zip(batch_ids, params, ranks)
-        ]
+        rids = self._submit(
+            [
+                (ids, p, return_logprob, r, logprob_start_len, top_logprobs_num)
+                for ids, p, r in zip(batch_ids, params, ranks)
+            ]
+        )
         outs = [self.result(rid) for rid in rids]
         return outs[0] if single else outs
 

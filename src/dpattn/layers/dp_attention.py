@@ -137,6 +137,8 @@ def dp_gather(
     d, a = ps.dp_rank, ps.attn_tp_size
     own = _own_contribution(ps, partial, residual)
     if plan.mode is PaddingMode.SUM_LEN:
+        if own.shape[0] == plan.total:  # every row is this group's (D == 1): nothing to place
+            return ps.world.all_reduce(own)
         buf = own.new_zeros((plan.total, *own.shape[1:]))
         buf[plan.starts[d] : plan.starts[d] + own.shape[0]] = own
         return ps.world.all_reduce(buf)

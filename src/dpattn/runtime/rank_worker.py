@@ -24,6 +24,7 @@ from dpattn.messages import (
     AbortReq,
     BatchOutput,
     FlushCache,
+    GenerateBatch,
     RankInput,
     RankReady,
     Shutdown,
@@ -118,7 +119,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
             msgs: list[RankInput] = []
             if pull is not None and pull.poll(0 if sched.has_work else backoff_ms):
                 while pull.poll(0):
-                    msgs.append(pull.recv_pyobj())
+                    msg = pull.recv_pyobj()
+                    msgs.extend(msg.reqs if isinstance(msg, GenerateBatch) else [msg])
             if ps.attn_tp_size > 1:
                 msgs = ps.attn_tp_cpu.broadcast_object(msgs)
             for msg in msgs:  # Wake only ends the idle back-off

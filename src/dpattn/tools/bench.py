@@ -185,13 +185,16 @@ def compare_with_transformers(
     new_tokens: int = 32,
     prompt_len: int = 8,
     seed: int = 0,
+    repeats: int = 3,
 ) -> list[dict[str, Any]]:
     """Greedy generation throughput at fixed batch sizes: this engine vs transformers' generate
     on the same prompts, measured side by side in one run (prompts of equal length: no padding).
 
     Both are warmed up first at each batch size, on other prompts of the same shape (so the
     prefix cache holds nothing of the timed ones): first-call costs (allocations, kernel
-    selection) are not part of either figure."""
+    selection) are not part of either figure. Each side then runs `repeats` times, alternating,
+    on fresh prompts each round (the same for both); the figures are the medians, so one noisy
+    run on a shared machine does not decide the ratio."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -203,21 +206,28 @@ def compare_with_transformers(
     vocab = int(hf.config.get_text_config().vocab_size)
     rows = []
     for b in batch_sizes:  # the same prompts for both engines (one rng, drawn in this order)
-        prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(b)]
-        warm = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(b)]
+
+        def draw(b: int = b) -> list[list[int]]:
+            return [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(b)]
+
+        warm = draw()
         params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
         engine.generate(input_ids=warm, sampling_params={**params, "max_new_tokens": 4})
         with torch.inference_mode():
             _hf_generate(hf, warm, 4, device)
-        before = len(engine.step_stats)
-        t0 = time.perf_counter()
-        engine.generate(input_ids=prompts, sampling_params=params)
-        ours = time.perf_counter() - t0
-        stats = list(engine.step_stats)[before:]
-        with torch.inference_mode():
+        ours_s, theirs_s, stats = [], [], []
+        for _ in range(repeats):
+            prompts = draw()
+            before = len(engine.step_stats)
             t0 = time.perf_counter()
-            _hf_generate(hf, prompts, new_tokens, device)
-            theirs = time.perf_counter() - t0
+            engine.generate(input_ids=prompts, sampling_params=params)
+            ours_s.append(time.perf_counter() - t0)
+            stats += list(engine.step_stats)[before:]
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                _hf_generate(hf, prompts, new_tokens, device)
+                theirs_s.append(time.perf_counter() - t0)
+        ours, theirs = statistics.median(ours_s), statistics.median(theirs_s)
         tokens = b * new_tokens
         rows.append(
             {
@@ -229,6 +239,8 @@ def compare_with_transformers(
                 "dpattn_tokens_per_s": tokens / ours,
                 "transformers_tokens_per_s": tokens / theirs,
                 "dpattn_over_transformers": theirs / ours,
+                "repeats": repeats,
+                "dpattn_over_transformers_each": [t / o for o, t in zip(ours_s, theirs_s)],
                 "decode_step_over_forward": _step_over_forward(s for _, s in stats),
             }
         )
