@@ -196,6 +196,8 @@ def test_packed_lm_head_and_its_one_row_path(
         x = torch.randn(rows, 32, generator=gen).to(dtype)
         with torch.inference_mode():
             out = emb.logits(x)
-        torch.testing.assert_close(out, F.linear(x.float(), w.float()).to(dtype), atol=tol, rtol=tol)
+        torch.testing.assert_close(
+            out, F.linear(x.float(), w.float()).to(dtype), atol=tol, rtol=tol
+        )
     one_row_plain = lookup and dtype == torch.bfloat16
     assert seen == [not one_row_plain, True, True]
