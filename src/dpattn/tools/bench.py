@@ -121,7 +121,7 @@ def run_offline(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
         "bare_gloo_all_gather_s": (
             statistics.fmean(bare_gloo) if bare_gloo and None not in bare_gloo else None
         ),
-        "decode_step_over_forward": _step_over_forward(s for _, s in steps),
+        "decode_step_over_forward": _step_over_forward(engine, (s for _, s in steps)),
         "rank_max_rss_mb": [r.get("max_rss_mb") for r in engine.rank_results],
         "num_layers": rank0.get("num_layers"),
         "collectives_per_forward": rank0.get("collectives_per_forward"),
@@ -137,8 +137,12 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else 0.0
 
 
-def _step_over_forward(stats: Iterable[StepStats]) -> float | None:
-    """Engine overhead: a whole decode iteration over its bare model forward (>= 1)."""
+def _step_over_forward(engine: Engine, stats: Iterable[StepStats]) -> float | None:
+    """Engine overhead: a whole decode iteration over its bare model forward (>= 1). None on a
+    GPU: the step does not synchronise the device after the forward (only when the token ids
+    come back), so forward_s there is the host's launch time, not the forward's."""
+    if (engine.cfg.device or "cpu") != "cpu":
+        return None
     decode = [s for s in stats if s.forward_mode == "decode" and s.forward_s > 0]
     if not decode:
         return None
@@ -241,7 +245,7 @@ def compare_with_transformers(
                 "dpattn_over_transformers": theirs / ours,
                 "repeats": repeats,
                 "dpattn_over_transformers_each": [t / o for o, t in zip(ours_s, theirs_s)],
-                "decode_step_over_forward": _step_over_forward(s for _, s in stats),
+                "decode_step_over_forward": _step_over_forward(engine, (s for _, s in stats)),
             }
         )
     return rows
