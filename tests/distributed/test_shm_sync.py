@@ -14,7 +14,7 @@ import torch
 
 from dpattn.distributed.group import CollectiveError
 from dpattn.distributed.parallel_state import Layout, ParallelState
-from dpattn.distributed.shm_group import WIDTH, ShmSlots
+from dpattn.distributed.shm_group import WIDTH, Doorbell, ShmSlots
 from dpattn.runtime.launch import NodeSpec, RankGroup, run_ranks
 
 
@@ -47,7 +47,7 @@ def test_without_shared_memory_the_process_group_gathers() -> None:
 
 
 def slots(world: int, timeout_s: float, pids: list[int]) -> ShmSlots:
-    s = ShmSlots(mmap.mmap(-1, ShmSlots.nbytes(world)), world, 0, timeout_s)
+    s = ShmSlots(mmap.mmap(-1, ShmSlots.nbytes(world)), world, 0, timeout_s, Doorbell.alone())
     s.pids[:] = pids
     return s
 

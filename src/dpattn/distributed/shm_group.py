@@ -4,15 +4,17 @@ The MLP sync all-gathers a few int64 per rank every step. Through gloo that is a
 hand-offs (caller, gloo worker, transport thread) per rank, whose wake-ups after a long wait (the
 forward) cost 2-3x the bare collective with multi-ms tails (measured on 2 cores: 1.1-1.3 ms mean
 in a step loop against 0.6 ms back to back). Here every rank writes its row into its slot of a
-shared array and polls for the others' sequence numbers: about 0.1 ms in the same loop. Only
-rows of at most WIDTH int64 take this path, only when every rank runs on this host; every other
-collective still goes through the process group.
+shared array; the rank that completes the set rings the others' doorbells (a FIFO each), and a
+rank still waiting blocks on its own FIFO rather than polling. Only rows of at most WIDTH int64
+take this path, only when every rank runs on this host; every other collective still goes
+through the process group.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import select
 import tempfile
 import threading
 import time
@@ -27,11 +29,11 @@ from dpattn.distributed.group import CollectiveError, TorchGroup, Trace
 
 WIDTH = 16  # int64 per row: the MLP sync row (7), the lock-step probe (8), start-up figures
 # With a core to spare (ranks < cores: the frontend has one too), a wait first polls busily,
-# then with sched_yield, then in short sleeps. Without one, polling takes the core from a rank
-# still computing (2 cores, 2 ranks: 12% fewer tok/s than sleeping, measured): sleeps only.
+# then with sched_yield, then blocks on its doorbell. Without one, polling takes the core from a
+# rank still computing (2 cores, 2 ranks: 12% fewer tok/s than sleeping, measured): it blocks.
 SPIN_S = 50e-6
 YIELD_S = 2e-3
-SLEEP_S = 50e-6
+RECHECK_S = 0.02  # a blocked wait looks at the slots at least this often (backstop only)
 LIVENESS_S = 0.5  # how often a long wait checks that the other ranks still exist
 
 
@@ -63,6 +65,36 @@ def _alive(pid: int) -> bool:
         return True
 
 
+class Doorbell:
+    """One FIFO per rank of the host: ring() writes a byte to every other rank's, wait() blocks
+    until a byte is in this rank's (or the timeout) and drains it. A byte written after the
+    drain stays for the next wait(), so no wake-up is lost."""
+
+    def __init__(self, read_fd: int, peer_fds: list[int]) -> None:
+        self.read_fd, self.peer_fds = read_fd, peer_fds
+
+    @classmethod
+    def alone(cls) -> Doorbell:
+        """A doorbell nobody rings (tests of one rank's waits)."""
+        r, _ = os.pipe()
+        os.set_blocking(r, False)
+        return cls(r, [])
+
+    def ring(self) -> None:
+        for fd in self.peer_fds:
+            try:
+                os.write(fd, b"\0")
+            except (BlockingIOError, BrokenPipeError):  # full: a wake-up is pending anyway;
+                pass  # gone: the waiting rank's liveness check names it
+
+    def wait(self, timeout_s: float) -> None:
+        if select.select([self.read_fd], [], [], timeout_s)[0]:
+            try:
+                os.read(self.read_fd, 4096)
+            except BlockingIOError:
+                pass
+
+
 class ShmSlots:
     """[2, world, 1 + WIDTH] int64 in a shared mapping; column 0 is the slot's sequence number.
 
@@ -70,8 +102,10 @@ class ShmSlots:
     (the next one needs everybody's row), so it never overwrites a row still being read.
     """
 
-    def __init__(self, buf: mmap.mmap, world: int, rank: int, timeout_s: float) -> None:
-        self.buf = buf
+    def __init__(
+        self, buf: mmap.mmap, world: int, rank: int, timeout_s: float, doorbell: Doorbell
+    ) -> None:
+        self.buf, self.doorbell = buf, doorbell
         self.slots = np.ndarray((2, world, 1 + WIDTH), dtype=np.int64, buffer=buf)
         self.pids = np.ndarray((world,), dtype=np.int64, buffer=buf, offset=self.slots.nbytes)
         self.world, self.rank, self.timeout_s = world, rank, timeout_s
@@ -91,8 +125,11 @@ class ShmSlots:
         buf[self.rank, 1 : 1 + k] = row
         _fence()
         buf[self.rank, 0] = self.seq  # published: the row is visible before it
+        _fence()  # ...and before this rank reads the others' (two last arrivals both see all)
         seqs = buf[:, 0]
-        if not (seqs == self.seq).all():
+        if (seqs == self.seq).all():
+            self.doorbell.ring()  # the last to arrive wakes the waiting ranks
+        else:
             self._wait(seqs)
         _fence()
         return buf[:, 1 : 1 + k].copy()
@@ -107,7 +144,7 @@ class ShmSlots:
             if now - start < self.yield_s:
                 _yield()
                 continue
-            time.sleep(SLEEP_S)
+            self.doorbell.wait(RECHECK_S)
             if now < check:
                 continue
             check = now + LIVENESS_S
@@ -121,20 +158,27 @@ class ShmSlots:
 
 
 def open_slots(pg: dist.ProcessGroup, rank: int, world: int, timeout_s: float) -> ShmSlots:
-    """Rank 0 creates the mapping's file, every rank maps it, rank 0 unlinks it (nothing left
-    behind, even after a crash); two gloo collectives, at start-up only."""
+    """Rank 0 creates the mapping's file and every rank its FIFO; once all are open they are
+    unlinked (nothing left behind, even after a crash). Gloo collectives at start-up only."""
     path = [str(Path(_shm_dir()) / f"dpattn-sync-{uuid.uuid4().hex}")] if rank == 0 else [None]
     if rank == 0:
         with open(path[0], "wb") as f:
             f.truncate(ShmSlots.nbytes(world))
     dist.broadcast_object_list(path, src=0, group=pg)
-    with open(path[0], "r+b") as f:
+    base = str(path[0])
+    fifo = f"{base}-{rank}"
+    os.mkfifo(fifo, 0o600)
+    read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader first: writers may open
+    dist.barrier(group=pg)
+    peers = [os.open(f"{base}-{r}", os.O_WRONLY | os.O_NONBLOCK) for r in range(world) if r != rank]
+    with open(base, "r+b") as f:
         buf = mmap.mmap(f.fileno(), ShmSlots.nbytes(world))
-    slots = ShmSlots(buf, world, rank, timeout_s)
+    slots = ShmSlots(buf, world, rank, timeout_s, Doorbell(read_fd, peers))
     slots.pids[rank] = os.getpid()
     dist.barrier(group=pg)
+    os.unlink(fifo)
     if rank == 0:
-        os.unlink(path[0])
+        os.unlink(base)
     return slots
 
 
