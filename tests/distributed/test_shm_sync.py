@@ -69,3 +69,23 @@ def test_a_dead_rank_is_noticed_before_the_timeout() -> None:
     with pytest.raises(CollectiveError, match=r"waiting for ranks \[2\].*ranks \[2\] are gone"):
         s.all_gather(row(0, 0)[0].numpy())
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.timeout(10)
+def test_doorbell_wakes_once_per_ring_and_never_raises() -> None:
+    """A ring is kept until the next wait, which drains it; a full or closed FIFO is no error
+    (a wake-up is pending anyway, or the rank is gone and the liveness check names it)."""
+    import select
+
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    for fd in (r1, r2, w1, w2):
+        os.set_blocking(fd, False)
+    a, b = Doorbell(r1, [w2]), Doorbell(r2, [w1])
+    a.ring()  # before b waits: not lost
+    b.wait(60)  # returns at once (the test's timeout would fail it otherwise)
+    assert select.select([r2], [], [], 0)[0] == []  # drained
+    for _ in range(70_000):  # more than a pipe holds
+        a.ring()
+    os.close(r2)  # b's rank is gone
+    a.ring()
