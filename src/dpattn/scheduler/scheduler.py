@@ -301,7 +301,7 @@ class Scheduler:
             reason = self._stop_reason(req, token)
             if reason is not None:
                 self._finish(req, reason, emit=False)
-            elif batch.forward_mode.is_extend_like():  # a prefill's last chunk: now it decodes
+            elif extend:  # a prefill's last chunk: now it decodes
                 self.running.append(req)
             self.outputs.append(
                 RequestOutput(
