@@ -243,11 +243,12 @@ class Engine:
         """Queue requests (submit()'s arguments each), one message per DP group."""
         by_group: dict[int, list[TokenizedGenerateReq]] = {}
         rids = [self._queue(*r, bootstrap=bootstrap, out=by_group) for r in requests]
-        for d, reqs in by_group.items():
-            self._send(d, reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
-        for other in range(self.layout.dp_size):  # cut idle groups' back-off short
-            if other not in by_group:
-                self._send(other, Wake())
+        with self._lock:  # zmq sockets are not thread-safe
+            for d, reqs in by_group.items():
+                self._send(d, reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
+            for other in range(self.layout.dp_size):  # cut idle groups' back-off short
+                if other not in by_group:
+                    self._send(other, Wake())
         return rids
 
     def _queue(

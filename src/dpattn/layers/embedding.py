@@ -59,15 +59,16 @@ class VocabParallelEmbedding(nn.Module):
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's vocab shard of the logits: token ids [lo, lo + shard_size)."""
-        if self.head is None or (hidden.shape[0] == 1 and self._plain_is_narrow()):
-            return linear(hidden, self.weight)
-        return linear(hidden, self.head)
+        return linear(hidden, self._head_weight(hidden.shape[0]))
 
-    def _plain_is_narrow(self) -> bool:
-        # A tied bf16/fp16 head keeps its plain rows for the lookup; for one row (batch-1 decode)
-        # their GEMV reads half the bytes of the packed fp32 copy: Gemma's head 20 ms vs 34 ms
-        # on 2 cores, measured. From 2 rows on, the packed copy wins.
-        return self.lookup and self.weight.dtype in (torch.bfloat16, torch.float16)
+    def _head_weight(self, rows: int) -> torch.Tensor:
+        """The packed copy once prepacked, except for one row of a tied bf16/fp16 head: the plain
+        rows kept for the lookup read half its bytes there (Gemma's head, batch-1 decode on 2
+        cores: 20 ms vs 34 ms, measured); from 2 rows on the packed copy wins."""
+        if self.head is None:
+            return self.weight
+        narrow = self.weight.dtype in (torch.bfloat16, torch.float16) if self.lookup else False
+        return self.weight if rows == 1 and narrow else self.head
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: local vocab shard, then gathered over attn_tp to full-vocab logits."""
