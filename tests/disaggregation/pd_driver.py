@@ -223,7 +223,11 @@ def drive_side(
         deadline = time.monotonic() + TIME_LIMIT_S
         for step in itertools.count():
             if time.monotonic() > deadline:
-                raise AssertionError(f"{side} rank {ps.rank}: not done in {TIME_LIMIT_S} s")
+                open_rids = [rid for rid, r in drv.outputs.items() if r.finish_reason is None]
+                raise AssertionError(  # what was stuck where: (waiting, running, side queues)
+                    f"{side} rank {ps.rank}: not done in {TIME_LIMIT_S} s; queues "
+                    f"{_queues(sched)}, unfinished {open_rids}, step {step}"
+                )
             if stop_at is not None and step >= stop_at:
                 return run
             drv.before_step(step)
