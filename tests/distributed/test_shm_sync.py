@@ -47,7 +47,8 @@ def test_without_shared_memory_the_process_group_gathers() -> None:
 
 
 def slots(world: int, timeout_s: float, pids: list[int]) -> ShmSlots:
-    s = ShmSlots(mmap.mmap(-1, ShmSlots.nbytes(world)), world, 0, timeout_s, Doorbell.alone())
+    nobody_rings = Doorbell(os.pipe()[0], [])
+    s = ShmSlots(mmap.mmap(-1, ShmSlots.nbytes(world)), world, 0, timeout_s, nobody_rings)
     s.pids[:] = pids
     return s
 

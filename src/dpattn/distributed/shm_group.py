@@ -73,13 +73,6 @@ class Doorbell:
     def __init__(self, read_fd: int, peer_fds: list[int]) -> None:
         self.read_fd, self.peer_fds = read_fd, peer_fds
 
-    @classmethod
-    def alone(cls) -> Doorbell:
-        """A doorbell nobody rings (tests of one rank's waits)."""
-        r, _ = os.pipe()
-        os.set_blocking(r, False)
-        return cls(r, [])
-
     def ring(self) -> None:
         for fd in self.peer_fds:
             try:

@@ -240,9 +240,23 @@ class Engine:
         requests: list[tuple[list[int], SamplingParams, bool, int | None, int, int]],
         bootstrap: BootstrapInfo | None = None,
     ) -> list[str]:
-        """Queue requests (submit()'s arguments each), one message per DP group."""
+        """Check every request (submit()'s arguments each), then queue them with one message
+        per DP group: when one is refused, none of the others is registered or sent."""
+        if self.failure:
+            raise RuntimeError(self.failure)
+        if self._closed:
+            raise RuntimeError("engine is shut down")
+        assert self.limits is not None
+        for ids, p, want, dp_rank, _, _ in requests:
+            self.limits.check(ids, p, want, dp_rank)  # never a bad id on a rank
+        for ids, p, want, _, start, top in requests:
+            check_logprob_options(len(ids), want, start, top, p.max_new_tokens)
+        ranks = [disaggregation_dp_rank(self.cfg, bootstrap, r[3]) for r in requests]
         by_group: dict[int, list[TokenizedGenerateReq]] = {}
-        rids = [self._queue(*r, bootstrap=bootstrap, out=by_group) for r in requests]
+        rids = [
+            self._queue(ids, p, want, dp_rank, start, top, bootstrap, by_group)
+            for (ids, p, want, _, start, top), dp_rank in zip(requests, ranks)
+        ]
         with self._lock:  # zmq sockets are not thread-safe
             for d, reqs in by_group.items():
                 self._send(d, reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
@@ -262,21 +276,7 @@ class Engine:
         bootstrap: BootstrapInfo | None,
         out: dict[int, list[TokenizedGenerateReq]],
     ) -> str:
-        """Check one request, route it and register its state; its message goes into out[d]."""
-        if self.failure:
-            raise RuntimeError(self.failure)
-        if self._closed:
-            raise RuntimeError("engine is shut down")
-        assert self.limits is not None
-        self.limits.check(input_ids, params, return_logprob, dp_rank)  # never a bad id on a rank
-        check_logprob_options(
-            len(input_ids),
-            return_logprob,
-            logprob_start_len,
-            top_logprobs_num,
-            params.max_new_tokens,
-        )
-        dp_rank = disaggregation_dp_rank(self.cfg, bootstrap, dp_rank)
+        """Route one checked request and register its state; its message goes into out[d]."""
         rid = uuid.uuid4().hex
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         with self._lock:
@@ -439,13 +439,7 @@ class Engine:
         ranks = dp_rank if isinstance(dp_rank, list) else [dp_rank] * n
         if len(sp) != n or len(ranks) != n:
             raise ValueError(f"sampling_params and dp_rank lists must have {n} entries (the batch)")
-        params = [SamplingParams.from_dict(s) for s in sp]  # validate all before sending any
-        assert self.limits is not None
-        for ids, p, r in zip(batch_ids, params, ranks):
-            self.limits.check(ids, p, return_logprob, r)
-        for ids, p in zip(batch_ids, params):  # validate all before sending any
-            n = p.max_new_tokens
-            check_logprob_options(len(ids), return_logprob, logprob_start_len, top_logprobs_num, n)
+        params = [SamplingParams.from_dict(s) for s in sp]  # all parsed before any is sent
         rids = self._submit(
             [
                 (ids, p, return_logprob, r, logprob_start_len, top_logprobs_num)

@@ -67,7 +67,7 @@ class VocabParallelEmbedding(nn.Module):
         cores: 20 ms vs 34 ms, measured); from 2 rows on the packed copy wins."""
         if self.head is None:
             return self.weight
-        narrow = self.weight.dtype in (torch.bfloat16, torch.float16) if self.lookup else False
+        narrow = self.lookup and self.weight.dtype in (torch.bfloat16, torch.float16)
         return self.weight if rows == 1 and narrow else self.head
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,10 @@ def _hf_generate(hf: Any, prompts: list[list[int]], new_tokens: int, device: str
         torch.cuda.synchronize()
 
 
+def _prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[int]]:
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
 def _graphs_on(engine: Engine) -> bool:
     """Whether the engine's ranks replay decode CUDA graphs (the runner's own rule)."""
     cfg = engine.cfg
@@ -210,18 +214,14 @@ def compare_with_transformers(
     vocab = int(hf.config.get_text_config().vocab_size)
     rows = []
     for b in batch_sizes:  # the same prompts for both engines (one rng, drawn in this order)
-
-        def draw(b: int = b) -> list[list[int]]:
-            return [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(b)]
-
-        warm = draw()
+        warm = _prompts(rng, b, prompt_len, vocab)
         params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
         engine.generate(input_ids=warm, sampling_params={**params, "max_new_tokens": 4})
         with torch.inference_mode():
             _hf_generate(hf, warm, 4, device)
         ours_s, theirs_s, stats = [], [], []
         for _ in range(repeats):
-            prompts = draw()
+            prompts = _prompts(rng, b, prompt_len, vocab)
             before = len(engine.step_stats)
             t0 = time.perf_counter()
             engine.generate(input_ids=prompts, sampling_params=params)
