@@ -39,8 +39,11 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+CPU_PS = SimpleNamespace(device=torch.device("cpu"))  # all a layer-level context reads of it
+
+
 def run(moe: MoE, x: torch.Tensor, real_rows: torch.Tensor | None) -> torch.Tensor:
-    ctx = ForwardContext(None, None, None, real_rows)  # type: ignore[arg-type]
+    ctx = ForwardContext(None, CPU_PS, None, real_rows)  # type: ignore[arg-type]
     with forward_context(ctx), torch.inference_mode():
         return moe(x)
 
@@ -161,7 +164,7 @@ def test_prepacked_attention_projections_equal_plain() -> None:
     x, pos = torch.randn(5, 24, generator=gen), torch.arange(5)
 
     def run() -> torch.Tensor:
-        with forward_context(ForwardContext(None, None, Echo(), None)), torch.inference_mode():  # type: ignore[arg-type]
+        with forward_context(ForwardContext(None, CPU_PS, Echo(), None)), torch.inference_mode():  # type: ignore[arg-type]
             return attn(pos, x)
 
     plain = run()

@@ -29,8 +29,34 @@ _BLOCK = 512  # columns per block of the two-level inverse CDF (see _draw)
 
 
 def _index(rows: list[int], n: int, device: torch.device) -> torch.Tensor | None:
-    # None means "every row": callers then skip the index_select / index_copy entirely.
-    return None if len(rows) == n else torch.tensor(rows, dtype=torch.long, device=device)
+    # None means "every row" (callers then skip the index_select / index_copy entirely) or "no
+    # row" (never read: callers check the list first). A host-to-device copy waits for the
+    # device on a GPU, so none is made that the step does not use.
+    return None if len(rows) in (0, n) else torch.tensor(rows, dtype=torch.long, device=device)
+
+
+@dataclass
+class RowFilters:
+    """The filters of the rows drawn at random, [R] each (R = len(sample_rows))."""
+
+    temperature: torch.Tensor  # fp32, > 0
+    top_k: torch.Tensor  # int64, <= 0 means "off"
+    top_p: torch.Tensor  # fp32, inf means "off" (top_p == 1)
+    min_p: torch.Tensor  # fp32, 0 means "off"
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], dev: torch.device) -> RowFilters:
+        def f32(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=dev)
+
+        return cls(
+            temperature=f32([p.temperature for p in params]),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev),
+            # "Off" is decided on the Python value, as in the reference: a top_p just below 1
+            # that rounds to 1.0 in fp32 still cuts where the fp32 cumsum overshoots 1.
+            top_p=f32([p.top_p if p.top_p < 1 else torch.inf for p in params]),
+            min_p=f32([p.min_p for p in params]),
+        )
 
 
 @dataclass
@@ -41,10 +67,7 @@ class SamplingBatchInfo:
     a device tensor back to decide what to do (no sync on GPU).
     """
 
-    temperature: torch.Tensor  # [B] fp32; greedy rows hold 1.0 so the division is always safe
-    top_k: torch.Tensor  # [B] int64, <= 0 means "off"
-    top_p: torch.Tensor  # [B] fp32, inf means "off" (top_p == 1)
-    min_p: torch.Tensor  # [B] fp32, 0 means "off"
+    filters: RowFilters | None  # None: every row is greedy (no tensor built)
     greedy: list[bool]
     generators: list[torch.Generator]
     return_logprob: list[bool]
@@ -94,20 +117,7 @@ class SamplingBatchInfo:
         logprob_rows = [i for i, w in enumerate(return_logprob) if w]
         sampled = [params[i] for i in sample_rows]
         return cls(
-            temperature=torch.tensor(
-                [1.0 if g else p.temperature for p, g in zip(params, greedy)],
-                dtype=torch.float32,
-                device=dev,
-            ),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev),
-            # "Off" is decided on the Python value, as in the reference: a top_p just below 1
-            # that rounds to 1.0 in fp32 still cuts where the fp32 cumsum overshoots 1.
-            top_p=torch.tensor(
-                [p.top_p if p.top_p < 1 else torch.inf for p in params],
-                dtype=torch.float32,
-                device=dev,
-            ),
-            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
+            filters=RowFilters.of(sampled, dev) if sampled else None,
             greedy=greedy,
             generators=list(generators),
             return_logprob=list(return_logprob),
@@ -165,11 +175,12 @@ def _filtered(
     ``order`` is None (a batch of plain temperature / min-p rows never pays for a sort).
     Filters are applied in the reference's order: top-k, top-p, min-p, to softmax(x / T).
     """
-    idx = info.sample_index
-    x = _rows(logits, idx)
+    f = info.filters
+    assert f is not None, "no row samples"
+    x = _rows(logits, info.sample_index)
     v = x.shape[-1]
-    probs = torch.softmax(x / _rows(info.temperature, idx).unsqueeze(1), dim=-1)
-    min_p = _rows(info.min_p, idx).unsqueeze(1) if info.need_min_p else None
+    probs = torch.softmax(x / f.temperature.unsqueeze(1), dim=-1)
+    min_p = f.min_p.unsqueeze(1) if info.need_min_p else None
     if not (info.need_top_k or info.need_top_p):
         if min_p is not None:
             probs.masked_fill_(probs < min_p * probs.amax(-1, keepdim=True), 0)
@@ -179,13 +190,13 @@ def _filtered(
     # batch shape or the device's sort algorithm. The filters then work in place on it.
     sp, order = probs.sort(dim=-1, descending=True, stable=True)
     if info.need_top_k:
-        k = _rows(info.top_k, idx)
-        k = torch.where(k > 0, k.clamp(max=v), v)  # "off" rows: kth = smallest prob, drops none
+        # "off" rows: kth = smallest prob, drops none
+        k = torch.where(f.top_k > 0, f.top_k.clamp(max=v), v)
         # Compare against the k-th value, not position: ties with it survive, as in the reference.
         kth = sp.gather(1, (k - 1).unsqueeze(1))
         sp.masked_fill_(sp < kth, 0)
     if info.need_top_p:
-        top_p = _rows(info.top_p, idx).unsqueeze(1)  # inf when off: drops nothing
+        top_p = f.top_p.unsqueeze(1)  # inf when off: drops nothing
         # Mass strictly before each token > top_p: keeps the smallest prefix reaching top_p.
         sp.masked_fill_(sp.cumsum(-1).sub_(sp) > top_p, 0)
     if min_p is not None:

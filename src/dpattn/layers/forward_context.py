@@ -7,15 +7,16 @@ the attention backend with this step's metadata (attention side).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.layers.attention_backend import AttentionBackend
+from dpattn.layers.attention_backend import CUDA_SDPA_BACKENDS, AttentionBackend
 from dpattn.layers.dp_attention import GatherPlan
 
 
@@ -43,7 +44,9 @@ def get_forward_context() -> ForwardContext:
 @contextmanager
 def forward_context(ctx: ForwardContext) -> Iterator[None]:
     token = _ctx.set(ctx)
+    cuda = ctx.ps.device.type == "cuda"
     try:
-        yield
+        with sdpa_kernel(CUDA_SDPA_BACKENDS) if cuda else nullcontext():  # once per forward
+            yield
     finally:
         _ctx.reset(token)
