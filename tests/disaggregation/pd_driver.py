@@ -107,9 +107,10 @@ def free_slots(sched: Scheduler) -> int:
 class Driver:
     def __init__(
         self, ps: ParallelState, sched: Scheduler, specs: tuple[Spec, ...], port: int | None,
-        side: str, events: Events,
+        side: str, events: Events, serve_until: str | None = None,
     ) -> None:  # fmt: skip
         self.ps, self.sched, self.side, self.port, self.events = ps, sched, side, port, events
+        self.serve_until = serve_until
         group = (lambda s: s.room) if side == "prefill" else (lambda s: s.decode_group)
         self.specs = [
             s
@@ -191,10 +192,15 @@ class Driver:
             if o.finish_reason is not None:
                 self.events[f"{self.side}-done:{o.rid}"].set()
 
+    @property
+    def serving(self) -> bool:
+        """Still up for the other side (a server stays up: it answers late handshakes)."""
+        return self.serve_until is not None and not self.events[self.serve_until].is_set()
+
     def done(self) -> bool:
-        """Every rank of the world: nothing queued, nothing still to arrive."""
+        """Every rank of the world: nothing queued, nothing still to arrive, nobody served."""
         to_come = any(s.rid not in self.outputs for s in self.specs)
-        busy = self.ps.world_cpu.all_gather_object(self.sched.has_work or to_come)
+        busy = self.ps.world_cpu.all_gather_object(self.sched.has_work or to_come or self.serving)
         return not any(busy)
 
 
@@ -207,8 +213,33 @@ def drive_side(
     wrap: Wrap | None = None,
     events: Events | None = None,
     stop_at: int | None = None,
+    peer: str | None = None,
 ) -> SideRun:
-    """Runs until every request of the world ended (or `stop_at` steps: the side "dies")."""
+    """Runs until every request of the world ended (or `stop_at` steps: the side "dies").
+
+    With a `peer` side, this side takes its first step once the peer is built (each side's
+    clocks, such as the prefill's bootstrap timeout, must not count the other's start-up) and
+    stays up, stepping idle, until the peer has ended, as a server does. Each side signals
+    "SIDE-ready" and "SIDE-finished" for that."""
+    events = events if events is not None else defaultdict(threading.Event)
+    try:
+        return _drive(ps, cfg, specs, port, side, wrap, events, stop_at, peer)
+    finally:  # also when this side failed: the peer must not wait for it
+        events[f"{side}-ready"].set()
+        events[f"{side}-finished"].set()
+
+
+def _drive(
+    ps: ParallelState,
+    cfg: EngineConfig,
+    specs: tuple[Spec, ...],
+    port: int | None,
+    side: str,
+    wrap: Wrap | None,
+    events: Events,
+    stop_at: int | None,
+    peer: str | None,
+) -> SideRun:
     if cfg.scheduler.debug_lockstep:
         ps.set_lockstep(True)
     runner = ModelRunner(cfg.runner, ps)
@@ -216,10 +247,12 @@ def drive_side(
     if wrap is not None:  # a test's view of (or delay on) the real transfer
         sched.transfer = wrap(ps, sched.transfer)  # type: ignore[attr-defined]
     kv0, rows0 = runner.kv_pool.available_size(), runner.req_to_token.available_size()
-    events = events if events is not None else defaultdict(threading.Event)
-    drv = Driver(ps, sched, specs, port, side, events)
+    drv = Driver(ps, sched, specs, port, side, events, peer and f"{peer}-finished")
     run = SideRun(ps.rank, ps.dp_rank, drv.outputs, [], (0, kv0), (0, rows0))
+    events[f"{side}-ready"].set()
     try:
+        if peer is not None and not events[f"{peer}-ready"].wait(TIME_LIMIT_S):
+            raise AssertionError(f"{side} rank {ps.rank}: the {peer} side never started")
         deadline = time.monotonic() + TIME_LIMIT_S
         for step in itertools.count():
             if time.monotonic() > deadline:
@@ -243,6 +276,8 @@ def drive_side(
             drv.after_step(step)
             if step % 8 == 0 and drv.done():
                 break
+            if not sched.has_work and drv.serving:
+                time.sleep(0.002)  # idle, up for the peer: leave the cores to it
         run.kv = (free_slots(sched), kv0)
         run.rows = (runner.req_to_token.available_size(), rows0)
         run.failures = dict(getattr(sched, "failures", {}))

@@ -73,6 +73,8 @@ def run_pd(
 
             wrap = wrap_decode if side == "decode" else None
             stop = prefill_stop_at if side == "prefill" else None
+            # the prefill server starts after the decode server and stays up while it runs
+            peer = "decode" if side == "prefill" else None
 
             def fn(
                 ps: ParallelState,
@@ -80,8 +82,9 @@ def run_pd(
                 side: str = side,
                 wrap: Any = wrap,
                 stop: int | None = stop,
+                peer: str | None = peer,
             ) -> SideRun:
-                return drive_side(ps, cfg, specs, port, side, wrap, events, stop)
+                return drive_side(ps, cfg, specs, port, side, wrap, events, stop, peer)
 
             groups.append(RankGroup(fn, Layout(tp, dp), "thread", timeout_s=60))
         results = []

@@ -91,6 +91,25 @@ def test_bootstrap_and_transfer_timeouts(tiny_models: dict[str, Path]) -> None:
     assert "timed out" in d_runs[0].failures["orphan"]
 
 
+def test_idle_prefill_server_answers_a_late_handshake(tiny_models: dict[str, Path]) -> None:
+    """The prefill server gave the request up (no handshake in time) and has nothing else to
+    do when the decode server's handshake comes: it still answers, so the decode request fails
+    at once with the prefill's reason, not after its own transfer timeout (30 s here)."""
+    specs = (spec("late", decode_waits_for="prefill-done:late"),)
+    p_runs, d_runs = run_pd(
+        tiny_models["llama"],
+        (1, 1),
+        (1, 1),
+        specs,
+        prefill_kw=dict(disaggregation_bootstrap_timeout_s=0.5),
+        decode_kw=dict(disaggregation_transfer_timeout_s=30.0),
+    )
+    check_groups(p_runs, Layout(1, 1))
+    check_groups(d_runs, Layout(1, 1))
+    assert merged(d_runs)["late"].finish_reason == "abort"
+    assert "no handshake from the decode server within 0.5 s" in d_runs[0].failures["late"]
+
+
 def test_kv_layout_mismatch_is_refused(tiny_models: dict[str, Path]) -> None:
     specs = (spec("x"),)
     p_runs, d_runs = run_pd(

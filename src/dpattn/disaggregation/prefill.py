@@ -101,6 +101,10 @@ class PrefillScheduler(Scheduler):
     # ---- queues ----
     def _poll_bootstrap(self) -> None:
         if not self.bootstrap_queue:
+            # Still read the decode side's messages: a handshake for a room given up here (no
+            # handshake in time, an abort) is answered with its reason now. Unread, the decode
+            # request waited out its transfer timeout. Local only: no collective.
+            self.transfer.poll_bootstrap([])
             return
         now = time.monotonic()
         states = self.transfer.poll_bootstrap(_rooms(self.bootstrap_queue))

@@ -35,7 +35,9 @@ class PrefillTransfer(ABC):
 
     @abstractmethod
     def poll_bootstrap(self, rooms: list[int]) -> list[KVPoll]:
-        """WaitingForInput once the decode side's handshake for the room arrived."""
+        """WaitingForInput once the decode side's handshake for the room arrived. Reads the
+        decode side's messages: an idle server calls it with no rooms every step, so that a
+        late handshake for a room it gave up is answered (KVAbort with the reason)."""
 
     @abstractmethod
     def send_kv(self, room: int, pool: KVPool, slots: torch.Tensor, start: int) -> None:
