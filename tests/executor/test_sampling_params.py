@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from dpattn.executor.sampler import SamplingBatchInfo
 from dpattn.executor.sampler import sample as sample_batch
+from dpattn.executor.sampling_batch_info import SamplingBatchInfo
 from dpattn.executor.sampling_params import SamplingParams
 
 

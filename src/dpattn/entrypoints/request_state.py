@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpattn.executor.sampler import MAX_TOP_LOGPROBS
+from dpattn.executor.sampling_batch_info import MAX_TOP_LOGPROBS
 from dpattn.messages import RequestOutput
 
 

@@ -15,7 +15,8 @@ from dpattn.config import SchedulerConfig
 from dpattn.executor.forward_batch import ForwardMode
 from dpattn.executor.logprobs import PromptLogprobs
 from dpattn.executor.model_runner import ModelRunner
-from dpattn.executor.sampler import SamplingBatchInfo, sample
+from dpattn.executor.sampler import sample
+from dpattn.executor.sampling_batch_info import SamplingBatchInfo
 from dpattn.kvcache.prefix_cache import make_prefix_cache
 from dpattn.messages import RequestOutput, StepStats
 from dpattn.scheduler.mlp_sync import SyncDecision, prepare_mlp_sync_batch
