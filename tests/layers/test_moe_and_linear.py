@@ -136,6 +136,8 @@ def test_prepacked_linear_equals_f_linear(dtype: torch.dtype, rows: int) -> None
     b = torch.randn(1000, generator=gen).to(dtype)
     packed = pack_weight(w)
     assert packed.is_mkldnn and packed.dtype == torch.float32 and packed.shape == w.shape
+    # a bf16 weight stays beside its copy, for one row (linear reads it there)
+    assert (getattr(packed, "plain", None) is not None) == (dtype == torch.bfloat16)
     # bf16: the products of the bf16 values accumulated in fp32, rounded once (a native kernel)
     ref = F.linear(x.float(), w.float()).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -180,9 +182,10 @@ def test_prepacked_attention_projections_equal_plain() -> None:
 def test_packed_lm_head_and_its_one_row_path(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, lookup: bool
 ) -> None:
-    """After prepack the LM head computes from the packed copy, except one row of a tied bf16
-    head, which reads the plain rows the lookup keeps (half the bytes). Both equal F.linear."""
-    from dpattn.layers import embedding
+    """After prepack the LM head computes from the packed copy, except one row of a bf16 head,
+    which reads its plain rows (half the bytes): a tied head's are the lookup's own, no copy.
+    Both equal F.linear."""
+    from dpattn.layers import linear as linear_mod
     from dpattn.layers.embedding import VocabParallelEmbedding
 
     ps = SimpleNamespace(attn_tp_size=1, attn_tp_rank=0)
@@ -191,9 +194,18 @@ def test_packed_lm_head_and_its_one_row_path(
     emb.weight.data.copy_(torch.randn(300, 32, generator=gen).to(dtype))
     w = emb.weight.detach().clone()
     emb.prepack()
-    seen: list[bool] = []
-    real = embedding.linear
-    monkeypatch.setattr(embedding, "linear", lambda x, wt: seen.append(wt.is_mkldnn) or real(x, wt))
+    assert emb.head is not None and emb.head.is_mkldnn
+    plain = getattr(emb.head, "plain", None)
+    assert (plain is not None) == (dtype == torch.bfloat16)
+    if plain is not None and lookup:
+        assert plain.data_ptr() == emb.weight.data_ptr()
+    seen: list[int] = []  # rows of each call that read the plain rows
+
+    def spy(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return F.linear(x, wt, bias)
+
+    monkeypatch.setattr(linear_mod, "F", SimpleNamespace(linear=spy))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for rows in (1, 2, 16):
         x = torch.randn(rows, 32, generator=gen).to(dtype)
@@ -202,5 +214,4 @@ def test_packed_lm_head_and_its_one_row_path(
         torch.testing.assert_close(
             out, F.linear(x.float(), w.float()).to(dtype), atol=tol, rtol=tol
         )
-    one_row_plain = lookup and dtype == torch.bfloat16
-    assert seen == [not one_row_plain, True, True]
+    assert seen == ([1] if dtype == torch.bfloat16 else [])

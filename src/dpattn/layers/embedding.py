@@ -45,7 +45,8 @@ class VocabParallelEmbedding(nn.Module):
         self.head: torch.Tensor | None = None  # the LM head's packed copy (see prepack)
 
     def prepack(self) -> None:
-        # Tied embeddings keep their rows for the lookup; an untied head needs only the copy.
+        # Tied embeddings keep their rows for the lookup (a bf16 copy's `plain` is those rows);
+        # an untied fp32 head needs only the copy.
         self.head = pack_weight(self.weight if self.lookup else self._parameters.pop("weight"))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -59,16 +60,9 @@ class VocabParallelEmbedding(nn.Module):
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's vocab shard of the logits: token ids [lo, lo + shard_size)."""
-        return linear(hidden, self._head_weight(hidden.shape[0]))
-
-    def _head_weight(self, rows: int) -> torch.Tensor:
-        """The packed copy once prepacked, except for one row of a tied bf16/fp16 head: the plain
-        rows kept for the lookup read half its bytes there (Gemma's head, batch-1 decode on 2
-        cores: 20 ms vs 34 ms, measured); from 2 rows on the packed copy wins."""
-        if self.head is None:
-            return self.weight
-        narrow = self.lookup and self.weight.dtype in (torch.bfloat16, torch.float16)
-        return self.weight if rows == 1 and narrow else self.head
+        # Packed: one row of a bf16 head reads its plain rows (the lookup's, when tied): half
+        # the bytes (Gemma's head, batch-1 decode on 2 cores: 20 ms vs 34 ms, measured).
+        return linear(hidden, self.weight if self.head is None else self.head)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: local vocab shard, then gathered over attn_tp to full-vocab logits."""
