@@ -18,8 +18,9 @@ from dpattn.scheduler.scheduler import Scheduler
 
 def test_eager_bf16_steps_run_no_cudnn_attention(tiny_gemma3: Path) -> None:
     def rank(ps: ParallelState) -> set[str]:
-        cfg = RunnerConfig(str(tiny_gemma3), dtype="bfloat16", kv_pool_tokens=256)
-        cfg.disable_cuda_graph = True
+        cfg = RunnerConfig(
+            str(tiny_gemma3), dtype="bfloat16", kv_pool_tokens=256, disable_cuda_graph=True
+        )
         sched = Scheduler(ModelRunner(cfg, ps), SchedulerConfig(), eos_ids=set())
         params = SamplingParams(max_new_tokens=4, ignore_eos=True)
         sched.add_request(Req("a", list(range(3, 20)), params, seed=0))
