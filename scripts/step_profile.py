@@ -27,6 +27,7 @@ from dpattn.distributed.parallel_state import Layout, ParallelState
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.models.tiny import make_tiny_model, make_tokenizer
+from dpattn.runtime.host_memory import keep_freed_memory
 from dpattn.runtime.launch import run_ranks
 from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.scheduler import Scheduler
@@ -53,6 +54,8 @@ def profile_rank(ps: ParallelState, args: argparse.Namespace) -> dict[str, Any]:
         eos_ids=set(),
     )
     cuda = ps.device.type == "cuda"
+    if not cuda:  # as a CPU rank process does (rank_worker.scheduler_main)
+        keep_freed_memory()
     events: list[tuple[Any, Any]] = []
     forward = runner.forward_with_logprobs
 

@@ -30,6 +30,7 @@ from dpattn.messages import (
     Shutdown,
     TokenizedGenerateReq,
 )
+from dpattn.runtime.host_memory import keep_freed_memory
 from dpattn.scheduler.mlp_sync import SyncRow
 from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.step_log import StepLog
@@ -87,6 +88,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
         ps.set_lockstep(True)
     parent = os.getppid()
     runner = ModelRunner(cfg.runner, ps)
+    if cfg.device == "cpu" and cfg.backend != "thread":  # threads: the caller's process
+        keep_freed_memory()
     sched = build_scheduler(  # disaggregation: a prefill or decode server's scheduler
         cfg,
         runner,
