@@ -1,4 +1,4 @@
-"""Where a decode step's time goes, in one process: the step's wall time against its forward
+"""Where a decode step's time goes, in one rank process: the step's wall time against its forward
 (on CUDA the forward's device time, from events), and a cProfile of the host side.
 
     python scripts/step_profile.py --arch llama --batch 64                 (tiny random model)
@@ -153,8 +153,10 @@ def main() -> None:
         args.model = str(
             random_like(args.like, out) if args.like else make_tiny_model(args.arch, out)
         )
-    backend = "nccl" if args.device == "cuda" else "thread"
-    fn = functools.partial(profile_rank, args=args)  # picklable: nccl ranks are processes
+    # A rank process, as the engine runs it: its main thread allocates from glibc's main arena,
+    # where keep_freed_memory applies (a thread's arena still maps blocks over 64 MiB afresh).
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    fn = functools.partial(profile_rank, args=args)  # picklable: ranks are processes
     (res,) = run_ranks(fn, Layout(1, 1), backend, 600, device=args.device)
     print(res.pop("profile"))
     print(json.dumps(res))

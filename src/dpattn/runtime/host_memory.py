@@ -8,6 +8,9 @@ Serving large blocks from the heap and not trimming it keeps that memory mapped 
 to the next, as tcmalloc or jemalloc would (which the CPU guides of the large engines preload).
 
 Applied after the model is loaded, so loading's one-off copies still go back to the system.
+It covers the main thread's arena, where a rank process runs its loop: another thread's arena
+still maps blocks over 64 MiB afresh (rank threads, `--backend thread`, are not changed).
+Measured in a rank process at batch 64: 15,944 page faults a step before, 995 after.
 """
 
 from __future__ import annotations
