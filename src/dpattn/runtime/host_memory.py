@@ -5,7 +5,7 @@ fresh mmap and unmaps it on free. A decode step's logits are such a block (Gemma
 batch 64: 64 x 262144 fp32 = 67 MB), so every step page-faults and zeroes them again while the
 LM head writes them: 20 ms of a 300 ms step (head GEMM 172-176 -> 152-156 ms, 2 cores).
 Serving large blocks from the heap and not trimming it keeps that memory mapped from one step
-to the next, as tcmalloc or jemalloc would (which the CPU guides of the large engines preload).
+to the next, as tcmalloc or jemalloc would.
 
 Applied after the model is loaded, so loading's one-off copies still go back to the system.
 It covers the main thread's arena, where a rank process runs its loop: another thread's arena
