@@ -27,7 +27,7 @@ from dpattn.distributed.parallel_state import Layout, ParallelState
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.models.tiny import make_tiny_model, make_tokenizer
-from dpattn.runtime.host_memory import keep_freed_memory
+from dpattn.runtime.host_memory import keep_freed_memory, limit_kernel_caches
 from dpattn.runtime.launch import run_ranks
 from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.scheduler import Scheduler
@@ -35,6 +35,8 @@ from dpattn.scheduler.scheduler import Scheduler
 
 def profile_rank(ps: ParallelState, args: argparse.Namespace) -> dict[str, Any]:
     steps = args.warmup + args.steps + 2 * args.profile_steps + 4
+    if ps.device.type == "cpu":  # as a CPU rank process does (rank_worker.scheduler_main)
+        limit_kernel_caches()
     runner = ModelRunner(
         RunnerConfig(
             args.model,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dpattn.layers.dp_attention import GatherPlan, PaddingMode, choose_padding_mode
 from dpattn.layers.forward_context import ForwardContext, forward_context
-from dpattn.layers.linear import SKINNY_ROWS, can_prepack, linear, pack_weight
+from dpattn.layers.linear import SKINNY_ROWS, can_prepack, linear, pack_weight, packed_rows
 from dpattn.layers.moe import MoE
 
 H, INTER, E, TOP_K = 16, 8, 4, 2
@@ -145,6 +145,44 @@ def test_prepacked_linear_equals_f_linear(dtype: torch.dtype, rows: int) -> None
     assert out.dtype == dtype and out.shape == (rows, 1000)
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     torch.testing.assert_close(linear(x, packed, b), ref + b, atol=tol, rtol=tol)
+
+
+def test_packed_row_counts_are_few_and_close() -> None:
+    """Up to 16 rows exactly; above, at most 12.5% padding and 8 sizes per doubling: 88 GEMM
+    shapes per weight for every row count up to 8192 (oneDNN caches one primitive per shape)."""
+    sizes = [packed_rows(m) for m in range(8193)]
+    assert sizes[:17] == list(range(17))
+    assert all(m <= b <= m * 1.125 for m, b in enumerate(sizes))
+    assert all(packed_rows(b) == b for b in sizes)  # a bucket is its own bucket
+    assert sizes == sorted(sizes)
+    assert len(set(sizes[1:])) == 88 and len(set(sizes[1:513])) == 56
+    assert {packed_rows(m) for m in (64, 128, 256, 512)} == {64, 128, 256, 512}
+
+
+@pytest.mark.skipif(not can_prepack(torch.device("cpu")), reason="torch built without oneDNN")
+def test_prepacked_gemm_runs_on_bucketed_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row count reaches oneDNN as its bucket, the real rows followed by zero rows; the
+    real rows' outputs equal F.linear and come back contiguous."""
+    inputs: list[torch.Tensor] = []
+    gemm = torch.ops.mkldnn._linear_pointwise
+
+    def spy(x: torch.Tensor, *args: object) -> torch.Tensor:
+        inputs.append(x)
+        return gemm(x, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 24, generator=gen)
+    packed = pack_weight(w)
+    for rows in range(1, 140):
+        x = torch.randn(rows, 24, generator=gen)
+        out = linear(x, packed)
+        assert out.shape == (rows, 40) and out.is_contiguous()
+        torch.testing.assert_close(out, F.linear(x, w), atol=1e-5, rtol=1e-5)
+        sent = inputs[-1]
+        assert sent.shape[0] == packed_rows(rows)
+        assert torch.equal(sent[:rows], x) and not sent[rows:].any()
+    assert len({x.shape[0] for x in inputs}) == 16 + 8 * 3 + 1  # 1-16, to 128 by 8ths, 144
 
 
 @pytest.mark.skipif(not can_prepack(torch.device("cpu")), reason="torch built without oneDNN")
