@@ -27,7 +27,7 @@ from dpattn.distributed.parallel_state import Layout, ParallelState
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.models.tiny import make_tiny_model, make_tokenizer
-from dpattn.runtime.host_memory import keep_freed_memory, limit_kernel_caches
+from dpattn.runtime.host_memory import rank_memory_policy
 from dpattn.runtime.launch import run_ranks
 from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.scheduler import Scheduler
@@ -35,19 +35,18 @@ from dpattn.scheduler.scheduler import Scheduler
 
 def profile_rank(ps: ParallelState, args: argparse.Namespace) -> dict[str, Any]:
     steps = args.warmup + args.steps + 2 * args.profile_steps + 4
-    if ps.device.type == "cpu":  # as a CPU rank process does (rank_worker.scheduler_main)
-        limit_kernel_caches()
-    runner = ModelRunner(
-        RunnerConfig(
-            args.model,
-            dtype=args.dtype,
-            kv_pool_tokens=args.batch * (args.input_len + steps + 2),
-            max_running_requests=args.batch,
-            cuda_graph_max_bs=args.batch,
-            disable_cuda_graph=args.eager,
-        ),
-        ps,
-    )
+    with rank_memory_policy(ps.device.type == "cpu"):  # as the engine's CPU rank processes
+        runner = ModelRunner(
+            RunnerConfig(
+                args.model,
+                dtype=args.dtype,
+                kv_pool_tokens=args.batch * (args.input_len + steps + 2),
+                max_running_requests=args.batch,
+                cuda_graph_max_bs=args.batch,
+                disable_cuda_graph=args.eager,
+            ),
+            ps,
+        )
     sched = Scheduler(
         runner,
         SchedulerConfig(
@@ -56,8 +55,6 @@ def profile_rank(ps: ParallelState, args: argparse.Namespace) -> dict[str, Any]:
         eos_ids=set(),
     )
     cuda = ps.device.type == "cuda"
-    if not cuda:  # as a CPU rank process does (rank_worker.scheduler_main)
-        keep_freed_memory()
     events: list[tuple[Any, Any]] = []
     forward = runner.forward_with_logprobs
 

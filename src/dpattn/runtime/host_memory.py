@@ -19,6 +19,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -43,6 +45,18 @@ def limit_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> None:
     read these once, when first used: call before the process's first oneDNN operation."""
     for var in KERNEL_CACHE_VARS:
         os.environ.setdefault(var, str(entries))
+
+
+@contextmanager
+def rank_memory_policy(enabled: bool) -> Iterator[None]:
+    """Around a CPU rank process's model loading: the kernel caches are bounded before its
+    first oneDNN operation, freed memory is kept once loading's copies are gone. Off (`enabled`
+    False) where the rank does not own its process (`--backend thread`) or runs on a GPU."""
+    if enabled:
+        limit_kernel_caches()
+    yield
+    if enabled:
+        keep_freed_memory()
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -30,7 +30,7 @@ from dpattn.messages import (
     Shutdown,
     TokenizedGenerateReq,
 )
-from dpattn.runtime.host_memory import keep_freed_memory, limit_kernel_caches
+from dpattn.runtime.host_memory import rank_memory_policy
 from dpattn.scheduler.mlp_sync import SyncRow
 from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.step_log import StepLog
@@ -87,12 +87,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
     if cfg.scheduler.debug_lockstep:
         ps.set_lockstep(True)
     parent = os.getppid()
-    own_process = cfg.device == "cpu" and cfg.backend != "thread"  # threads: the caller's
-    if own_process:
-        limit_kernel_caches()
-    runner = ModelRunner(cfg.runner, ps)
-    if own_process:
-        keep_freed_memory()
+    with rank_memory_policy(cfg.device == "cpu" and cfg.backend != "thread"):
+        runner = ModelRunner(cfg.runner, ps)
     sched = build_scheduler(  # disaggregation: a prefill or decode server's scheduler
         cfg,
         runner,
