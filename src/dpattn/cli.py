@@ -10,10 +10,10 @@ import sys
 from typing import Any
 
 from dpattn.cli_errors import run_reporting_errors
-from dpattn.config import ENGINE, LAYOUT, flag_fields
+from dpattn.config import ENGINE, LAYOUT, flag_fields, resolve_device
 from dpattn.logs import LOG_LEVELS, configure_logging
 from dpattn.models.model_path import resolve_model_path
-from dpattn.models.tiny import ARCHS, add_size_overrides, make_tiny_model, overrides_from_args
+from dpattn.models.tiny import TINY_ARCHS, add_size_overrides, make_tiny_model, overrides_from_args
 
 
 def _add_config_flags(p: argparse.ArgumentParser, *groups: str) -> None:
@@ -84,11 +84,33 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="write a tiny random HF-format checkpoint + tokenizer",
     )
-    tiny.add_argument("--arch", choices=ARCHS, required=True)
+    tiny.add_argument("--arch", choices=TINY_ARCHS, required=True)
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
+    layout = tiny.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--per-expert-keys",
+        dest="fused_experts",
+        action="store_const",
+        const=False,
+        help="legacy per-expert MoE keys (default for deepseek_v2/deepseek_v3, as on the hub)",
+    )
+    layout.add_argument(
+        "--fused-experts",
+        dest="fused_experts",
+        action="store_const",
+        const=True,
+        help="transformers 5's fused experts.gate_up_proj/down_proj (default for the other archs)",
+    )
+    tiny.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     tiny.add_argument(
-        "--per-expert-keys", action="store_true", help="legacy per-expert MoE keys, not fused"
+        "--mtp-layers",
+        "--num-nextn-predict-layers",
+        dest="mtp_layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="deepseek_v3: append N fake multi-token-prediction layers (as the hub checkpoints)",
     )
     add_size_overrides(tiny)
 
@@ -136,14 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", parents=[common], help="offline benchmark through the Engine")
     _add_config_flags(bench, LAYOUT, ENGINE)
+    # --tp and the lengths' defaults depend on the mode (_bench_defaults)
+    bench.set_defaults(tp_size=None)
     bench.add_argument("--num-prompts", type=int, default=64)
-    bench.add_argument("--input-len", type=int, default=32)
-    bench.add_argument("--output-len", type=int, default=16)
+    bench.add_argument("--input-len", type=int, help="default 32 (--compare-dp-attention: 192)")
+    bench.add_argument("--output-len", type=int, help="default 16 (--compare-dp-attention: 32)")
     bench.add_argument(
         "--range-ratio", type=float, default=1.0, help="lengths uniform in [ratio*len, len]"
     )
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--output", help="also write the JSON report here")
+    bench.add_argument("--output", "--json-out", help="also write the JSON report here")
     bench.add_argument(
         "--compare-transformers",
         action="store_true",
@@ -167,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="cache_aware vs round_robin DP routing: --num-prompts conversations of "
         "--num-turns turns (first turn --shared-prefix-len tokens, then --input-len per turn)",
+    )
+    bench.add_argument(
+        "--compare-dp-attention",
+        action="store_true",
+        help="DP attention (--tp T --dp T) vs TP attention (--tp T --dp 1), T = --tp (default "
+        "4), at the same KV memory per rank: --max-total-tokens slots of the DP layout "
+        "(default 1024), --kv-bytes-per-rank or --mem-fraction-static; --num-prompts "
+        "distinct prompts of --input-len tokens, --output-len new tokens each",
+    )
+    bench.add_argument(
+        "--kv-bytes-per-rank",
+        type=int,
+        help="--compare-dp-attention: KV cache bytes per rank, the same for both layouts",
     )
     bench.add_argument("--shared-prefix-len", type=int, default=1024)
     bench.add_argument("--num-turns", type=int, default=4)
@@ -301,6 +338,34 @@ def _bench(args: argparse.Namespace) -> int:
             args.seed,
         )
         report = run_online(online, args.plot)
+    elif args.compare_dp_attention:
+        from dpattn.tools.bench_dp_attention import (
+            DpAttentionBenchConfig,
+            compare_dp_attention,
+            format_table,
+        )
+
+        model_path = resolve_model_path(args.model_path)
+        options = engine_options(args)
+        dpa = DpAttentionBenchConfig(
+            args.tp_size,
+            args.num_prompts,
+            args.input_len,
+            args.output_len,
+            options.pop("kv_pool_tokens"),
+            args.kv_bytes_per_rank,
+            options.pop("mem_fraction_static"),
+            args.seed,
+        )
+
+        def make_layout(tp: int, dp: int, **overrides: Any) -> Engine:
+            return Engine(model_path, **{**options, "tp_size": tp, "dp_size": dp, **overrides})
+
+        # A layout's KV bytes per token are asked from a small engine: on CPU its ranks start
+        # as threads (a second; gloo processes take ~15 s at tp 4 on 2 cores), same figure.
+        local_cpu = resolve_device(args.device) == "cpu" and args.nnodes == 1
+        report = compare_dp_attention(make_layout, dpa, {"backend": "thread"} if local_cpu else {})
+        print(format_table(report), flush=True)
     elif args.compare_prefix_cache or args.compare_routing:
         from dpattn.tools.bench_prefix import PrefixBenchConfig, multi_turn, shared_prefix
 
@@ -365,7 +430,21 @@ def _check_layout(args: argparse.Namespace) -> None:
         raise ValueError(f"--tp {tp} must be a multiple of --dp {dp}")
 
 
+def _bench_defaults(args: argparse.Namespace) -> None:
+    """--tp and the workload of `bench` where not given: the DP-attention comparison's own."""
+    dpa = args.compare_dp_attention
+    if args.tp_size is None:
+        args.tp_size = 4 if dpa else 1
+    for name, default, compare in (("input_len", 32, 192), ("output_len", 16, 32)):
+        if getattr(args, name) is None:
+            setattr(args, name, compare if dpa else default)
+    if dpa and args.kv_pool_tokens is not None and args.kv_bytes_per_rank is not None:
+        raise ValueError("give --max-total-tokens or --kv-bytes-per-rank, not both")
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        _bench_defaults(args)
     if hasattr(args, "tp_size"):
         _check_layout(args)
     if args.command == "make-tiny-model":
@@ -373,7 +452,9 @@ def _run(args: argparse.Namespace) -> int:
             args.arch,
             args.out,
             seed=args.seed,
-            fused_experts=not args.per_expert_keys,
+            fused_experts=args.fused_experts,
+            dtype=args.dtype,
+            mtp_layers=args.mtp_layers,
             **overrides_from_args(args),
         )
         print(path)

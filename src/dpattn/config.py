@@ -51,6 +51,13 @@ class RunnerConfig:
     moe_dense_tp_size: int | None = option(
         None, "1: scattered layout for dense MLP layers", group=LAYOUT, choices=(1,)
     )
+    mla_mode: str = option(
+        "auto",
+        "MLA models: how prefill attends (auto: decompressed K/V when no decode is in the batch; "
+        "decode always absorbed)",
+        group=LAYOUT,
+        choices=("auto", "absorbed", "decompressed"),
+    )
     dp_padding_mode: str = option(
         "auto",
         "DP gather padding (auto: SUM_LEN when a group extends, else the cheaper)",

@@ -107,6 +107,7 @@ class StepStats:
     step_s: float = 0.0  # the whole iteration: batch, sync, forward, sampling, outputs
     running: int = 0
     queued: int = 0
+    retractions: int = 0  # running requests the DP group sent back to wait, since start
     # Disaggregated servers: requests per queue stage, cumulative transfer figures
     # (disaggregation/metrics.py).
     disaggregation: dict[str, float] = field(default_factory=dict)
@@ -120,6 +121,7 @@ class RankReady:
     context_length: int = 0
     vocab_size: int = 0
     kv_source: str = ""  # how the KV pool was sized, for the start-up log
+    kv_bytes_per_token: int = 0  # this rank's KV cache bytes per token (every layer)
 
 
 @dataclass(frozen=True)

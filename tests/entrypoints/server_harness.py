@@ -3,6 +3,7 @@ in a background thread, and helpers for Prometheus metrics and OpenAI streams.""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -65,3 +66,15 @@ def _stream_texts(stream: Any, chat: bool = False) -> tuple[dict[int, str], dict
             if ch.finish_reason:
                 reasons[ch.index] = ch.finish_reason
     return texts, reasons, usage
+
+
+def reported_kv(line: str) -> tuple[int, int, int]:
+    """(bytes per token per rank, tokens per DP group, tokens in the system) of the start-up
+    line (`dpattn serve`'s print, the engine's log)."""
+    m = re.search(
+        r"KV cache: (\d+) bytes per token per rank, (\d+) tokens per DP group .*?"
+        r"(\d+) tokens in the system",
+        line,
+    )
+    assert m, line
+    return int(m[1]), int(m[2]), int(m[3])

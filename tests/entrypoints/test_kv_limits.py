@@ -5,15 +5,20 @@ effective context."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from server_harness import ServerThread, _wait_for
+from server_harness import ServerThread, _wait_for, reported_kv
 
+from dpattn.config import RunnerConfig
+from dpattn.distributed.parallel_state import Layout, ParallelState
 from dpattn.entrypoints.engine import Engine
+from dpattn.executor.model_runner import ModelRunner
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.models.tiny import ensure_default_model
+from dpattn.runtime.launch import run_ranks
 
 POOL = 64
 TINY = str(ensure_default_model())  # context 512
@@ -77,3 +82,34 @@ def test_context_length_flag_and_memory_sized_pool() -> None:
     with Engine(TINY, 2, 2, backend="thread", max_running_requests=2) as e:
         assert e.kv_total == [2 * 512, 2 * 512] and e.context_length == 512
         assert "mem_fraction_static=0.3" in e.kv_source and "capped" in e.kv_source
+
+
+def runner_kv(tp: int, dp: int) -> tuple[int, int]:
+    """(KV bytes per token, pool slots) of every rank's own ModelRunner at this layout."""
+
+    def fn(ps: ParallelState) -> tuple[int, int]:
+        runner = ModelRunner(RunnerConfig(TINY, kv_pool_tokens=POOL), ps)
+        return runner.kv_budget.bytes_per_token, runner.kv_pool.size
+
+    figures = set(run_ranks(fn, Layout(tp, dp), "thread"))
+    assert len(figures) == 1  # every rank alike
+    return figures.pop()
+
+
+def test_start_up_reports_kv_bytes_per_token_and_capacity(
+    small_pool: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 24 item 6: the KV bytes per token per rank and the capacity per DP group and for
+    the system, as the ranks' runners have them. GQA: at A = 2 a rank holds half the KV heads
+    of every request, so half the bytes per token; at A = 1 each group holds its own tokens."""
+    per_token, slots = runner_kv(2, 2)
+    assert small_pool.kv_bytes_per_token == per_token
+    assert small_pool.kv_capacity_tokens == 2 * slots
+    assert reported_kv(small_pool.kv_summary()) == (per_token, slots, 2 * slots)
+    with caplog.at_level(logging.INFO, logger="dpattn.entrypoints.engine"):
+        with Engine(TINY, 2, 1, backend="thread", kv_pool_tokens=POOL) as tp_attention:
+            assert tp_attention.kv_capacity_tokens == POOL
+    per_token_tp, slots_tp = runner_kv(2, 1)
+    assert per_token_tp * 2 == per_token  # two KV heads: one per attention-TP rank
+    logged = [r.getMessage() for r in caplog.records if "KV cache:" in r.getMessage()]
+    assert len(logged) == 1 and reported_kv(logged[0]) == (per_token_tp, slots_tp, slots_tp)

@@ -18,9 +18,22 @@ from server_harness import (
     _rank,
     _stream_texts,
     _wait_for,
+    reported_kv,
 )
 
+from dpattn.config import RunnerConfig
+from dpattn.distributed.parallel_state import Layout, ParallelState
+from dpattn.executor.model_runner import ModelRunner
 from dpattn.models.tiny import ensure_default_model
+from dpattn.runtime.launch import run_ranks
+
+
+def runner_kv_bytes_per_token() -> int:
+    def fn(ps: ParallelState) -> int:
+        runner = ModelRunner(RunnerConfig(str(ensure_default_model()), kv_pool_tokens=16), ps)
+        return runner.kv_budget.bytes_per_token
+
+    return int(run_ranks(fn, Layout(1, 1), "thread")[0])
 
 
 # ---- the real CLI with gloo rank processes ----
@@ -53,6 +66,12 @@ def test_cli_serve_gloo_dp2_and_clean_shutdown() -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) in (0, 128 + signal.SIGTERM, -signal.SIGTERM)
         assert _wait_for(lambda: not any(alive(r) for r in ranks), 5), "orphan rank processes"
+        assert proc.stdout is not None
+        printed = [line for line in proc.stdout.read().splitlines() if "KV cache:" in line]
+        assert len(printed) == 1 and printed[0].startswith("dpattn serve: KV cache: ")
+        per_token, per_group, system = reported_kv(printed[0])
+        # A = 1: a rank holds all KV heads of its group's requests, as a single-rank runner
+        assert per_token == runner_kv_bytes_per_token() and system == 2 * per_group
     finally:
         if proc.poll() is None:
             proc.kill()

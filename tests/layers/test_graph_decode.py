@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dpattn.kvcache.memory_pool import KVPool, ReqToTokenPool
 from dpattn.layers.graph_attention_backend import GraphDecodeBackend
-from dpattn.layers.moe import MoE
+from dpattn.layers.moe import MoE, Routing
 
 POOL, ROWS, CTX, HQ, HKV, D = 64, 6, 32, 4, 2, 8
 CPU = torch.device("cpu")
@@ -80,7 +80,7 @@ def test_static_moe_routing_equals_the_sorted_one() -> None:
     for ep_rank in (None, 0, 1):
         ps = SimpleNamespace(tp_size=1 if ep_rank is None else 2, rank=ep_rank or 0)
         ep = ep_rank is not None
-        moe = MoE(ps, h, inter, experts, top_k, True, "silu", torch.float32, ep)  # type: ignore[arg-type]
+        moe = MoE(ps, h, inter, experts, Routing(top_k, True), "silu", torch.float32, ep)  # type: ignore[arg-type]
         gen = torch.Generator().manual_seed(0)
         for p in moe.parameters():
             p.data.copy_(torch.randn(p.shape, generator=gen) / 4)

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from dpattn.layers.dp_attention import GatherPlan, PaddingMode, choose_padding_mode
 from dpattn.layers.forward_context import ForwardContext, forward_context
 from dpattn.layers.linear import SKINNY_ROWS, can_prepack, linear, pack_weight, packed_rows
-from dpattn.layers.moe import MoE
+from dpattn.layers.moe import MoE, Routing
 
 H, INTER, E, TOP_K = 16, 8, 4, 2
 
 
 def make_moe(tp: int = 1, rank: int = 0, ep: bool = False, dtype=torch.float32) -> MoE:
     ps = SimpleNamespace(tp_size=tp, rank=rank)
-    moe = MoE(ps, H, INTER, E, TOP_K, True, "silu", dtype, ep)  # type: ignore[arg-type]
+    moe = MoE(ps, H, INTER, E, Routing(TOP_K, True), "silu", dtype, ep)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(0)
     for p in moe.parameters():
         p.data.copy_(torch.randn(p.shape, generator=gen).to(dtype) / 4)

@@ -57,6 +57,7 @@ class Engine:
         self.context_length = 0
         self.limits: RequestLimits | None = None
         self.kv_source = ""
+        self.kv_bytes_per_token = 0  # KV bytes one token costs one rank (its share of the heads)
         self._zmq = zmq.Context()
         if self.cfg.node_rank != 0:
             raise ValueError("the Engine runs on node 0; other nodes use run_follower_node")
@@ -81,6 +82,10 @@ class Engine:
         self.kv_total: list[int] = [0] * dp_size
         self.flushes: list[int] = [0] * dp_size  # FlushCache messages each group carried out
         self.kv_cached: list[int] = [0] * dp_size  # slots in each group's prefix cache
+        # The most KV slots requests held at once, summed over the DP groups (each group's
+        # latest report); reset_kv_peak() starts a new measurement.
+        self.kv_used_peak = 0
+        self.retractions: list[int] = [0] * dp_size  # requests each group sent back to wait
         # Disaggregated prefill: the bootstrap service its ranks register with (started first).
         self.bootstrap = start_bootstrap(self.cfg)
         self.ranks = start_ranks(self.cfg, addrs)
@@ -113,6 +118,7 @@ class Engine:
                 ready.add(msg.dp_rank)
                 self.kv_free[msg.dp_rank] = self.kv_total[msg.dp_rank] = msg.kv_free
                 self.kv_source = msg.kv_source
+                self.kv_bytes_per_token = msg.kv_bytes_per_token
                 limits = RequestLimits(
                     msg.vocab_size, msg.context_length, msg.kv_free, self.layout.dp_size
                 )
@@ -124,14 +130,39 @@ class Engine:
         assert self.limits is not None
         self.context_length = self.limits.context_length
         log.info(
-            "KV pool %d tokens per DP group (%s); context length %d; max running requests %d "
-            "per DP group; vocabulary %d",
-            self.limits.kv_pool_tokens,
-            self.kv_source,
+            "%s; context length %d; max running requests %d per DP group; vocabulary %d",
+            self.kv_summary(),
             self.context_length,
             self.cfg.scheduler.max_running_requests,
             self.limits.vocab_size,
         )
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the whole system's KV cache holds: the sum of the DP groups' pools (a rank
+        holds its group's tokens, its share of their KV heads)."""
+        return sum(self.kv_total)
+
+    def kv_summary(self) -> str:
+        """The KV cache's size, as the start-up log and `dpattn serve` print it."""
+        per_rank = self.kv_total[0] if self.kv_total else 0
+        bpt = self.kv_bytes_per_token
+        return (
+            f"KV cache: {bpt} bytes per token per rank, {per_rank} tokens per DP group "
+            f"({bpt * per_rank / 2**20:.2f} MiB on each of its ranks), "
+            f"{self.kv_capacity_tokens} tokens in the system ({self.layout.dp_size} DP "
+            f"group{'s' if self.layout.dp_size > 1 else ''}; {self.kv_source})"
+        )
+
+    def reset_kv_peak(self) -> None:
+        """Start a new peak measurement (kv_used_peak) from the slots held now."""
+        with self._lock:
+            self.kv_used_peak = self.kv_used()
+
+    def kv_used(self) -> int:
+        """KV slots requests hold now (as last reported), summed over the DP groups; slots of
+        the prefix cache that no request holds count as free."""
+        return sum(t - f for t, f in zip(self.kv_total, self.kv_free))
 
     def shutdown(self) -> None:
         if self._closed:
@@ -198,6 +229,8 @@ class Engine:
             d, outputs, stats, kv_free = msg.dp_rank, msg.outputs, msg.stats, msg.kv_free
             with self._lock:
                 self.kv_free[d] = kv_free
+                self.kv_used_peak = max(self.kv_used_peak, self.kv_used())
+                self.retractions[d] = stats.retractions
                 self.flushes[d] += msg.flushed
                 self.kv_cached[d] = msg.kv_cached
                 self.step_stats.append((d, stats))

@@ -362,10 +362,8 @@ def serve(
             )
             name = app.state.dpattn.model_name
             print(f"dpattn serve: http://{host}:{port}/v1 serving {name}", flush=True)
-            lim = engine.limits
             print(
-                f"dpattn serve: KV pool {lim.kv_pool_tokens if lim else '?'} tokens per DP group "
-                f"({engine.kv_source}); context length {engine.context_length}; "
+                f"dpattn serve: {engine.kv_summary()}; context length {engine.context_length}; "
                 f"max running requests {engine.cfg.scheduler.max_running_requests} per DP group",
                 flush=True,
             )

@@ -45,7 +45,7 @@ class ModelRunner:
         self.ps = ps
         # The text config (a multimodal Gemma 3 config contributes its text_config).
         self.hf_config = text_config(AutoConfig.from_pretrained(cfg.model_path))
-        opts = ModelOptions(DTYPES[cfg.dtype], cfg.ep, cfg.moe_dense_tp_size)
+        opts = ModelOptions(DTYPES[cfg.dtype], cfg.ep, cfg.moe_dense_tp_size, cfg.mla_mode)
         with torch.device(ps.device):
             # .to(): buffers made from CPU tensors (rotary frequencies) follow the parameters
             self.model = build_model(self.hf_config, ps, opts).to(ps.device).eval()
@@ -56,8 +56,10 @@ class ModelRunner:
         self.vocab_size = int(hc.vocab_size)  # the frontend checks token ids against this
         model_context = cfg.context_length or int(getattr(hc, "max_position_embeddings", 4096))
         attn = self.model.layers[0].self_attn
+        # An MLA layer caches one latent row of head_dim values (one "head", no V).
+        v_dim = getattr(attn, "cache_v_dim", attn.head_dim)
         self.kv_budget = self._kv_budget(
-            attn.num_kv_heads, attn.head_dim, opts.dtype, model_context
+            attn.num_kv_heads, attn.head_dim, v_dim, opts.dtype, model_context
         )
         # A request longer than the pool could never run alone: the pool bounds the context.
         self.context_length = min(model_context, self.kv_budget.tokens)
@@ -68,6 +70,7 @@ class ModelRunner:
             attn.head_dim,
             opts.dtype,
             ps.device,
+            v_dim,
         )
         self.req_to_token = ReqToTokenPool(cfg.max_running_requests, self.context_length, ps.device)
         windows = {layer.self_attn.sliding_window for layer in self.model.layers}
@@ -108,10 +111,11 @@ class ModelRunner:
         return local_vote(mode, num_tokens, max_seq_len, g.batch_sizes, g.kv_buckets)
 
     def _kv_budget(
-        self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, context: int
+        self, num_kv_heads: int, head_dim: int, v_dim: int, dtype: torch.dtype, context: int
     ) -> KVBudget:
         cfg, ps = self.cfg, self.ps
-        per_token = bytes_per_token(self.hf_config.num_hidden_layers, num_kv_heads, head_dim, dtype)
+        layers = self.hf_config.num_hidden_layers
+        per_token = bytes_per_token(layers, num_kv_heads, head_dim, dtype, v_dim)
         # On CPU every rank of the host shares its memory (multi-node CPU: conservative); on
         # CUDA a rank process owns its GPU, thread ranks share one.
         sharing = ps.tp_size if ps.device.type == "cpu" else ps.ranks_per_device

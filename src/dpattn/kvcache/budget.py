@@ -19,12 +19,20 @@ DEFAULT_MEM_FRACTION = {"cuda": 0.85, "cpu": 0.3}
 @dataclass(frozen=True)
 class KVBudget:
     tokens: int  # slots of this rank's pool
-    bytes_per_token: int  # K and V of every layer, this rank's KV heads
+    bytes_per_token: int  # K and V (or the MLA latent) of every layer, this rank's KV heads
     source: str  # how the size was chosen, for the start-up log
 
 
-def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+def bytes_per_token(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    v_head_dim: int | None = None,
+) -> int:
+    """KV bytes of one token on one rank (`v_head_dim` 0: an MLA latent row, no V)."""
+    v = head_dim if v_head_dim is None else v_head_dim
+    return num_layers * num_kv_heads * (head_dim + v) * torch.empty(0, dtype=dtype).element_size()
 
 
 def available_memory(device: torch.device) -> int:

@@ -1,4 +1,9 @@
-"""Paged KV cache of one rank: token-slot pool (own KV heads only) and request-to-token table."""
+"""Paged KV cache of one rank: token-slot pool (own KV heads only) and request-to-token table.
+
+An MLA model's pool holds one latent row per token and layer (the normalised c_kv and the
+rotated key part) as a single "KV head" of width kv_lora_rank + qk_rope_head_dim and no V
+buffers: attention reads its values from the latent's first kv_lora_rank columns.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +32,10 @@ class ReqToTokenPool:
 
 
 class KVPool:
-    """K and V buffers [size, local_kv_heads, head_dim] per layer, and a free-slot list."""
+    """K and V buffers [size, local_kv_heads, head_dim] per layer, and a free-slot list.
+
+    `v_head_dim` 0: no V buffers (an MLA latent pool, `k` holds the latent rows).
+    """
 
     def __init__(
         self,
@@ -37,19 +45,34 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        v_head_dim: int | None = None,
     ) -> None:
         self.size = size
+        self.v_head_dim = head_dim if v_head_dim is None else v_head_dim
         # One row past the slots: no request ever owns it, so the padding rows of a CUDA graph
         # replay write their K/V there (SGLang reserves a padding slot the same way).
         self.pad_slot = size
         shape = (size + 1, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        v_shape = (size + 1, num_kv_heads, self.v_head_dim)
+        self.v = [
+            torch.zeros(v_shape, dtype=dtype, device=device)
+            for _ in range(num_layers if self.v_head_dim else 0)
+        ]
         # Free slots as a list of chunks: freeing appends one (O(1), no copy of the whole list),
         # allocating takes from the front and concatenates only the chunks it uses.
         self.free_chunks = deque([torch.arange(size, dtype=torch.int64, device=device)])
         self.num_free = size
         self.device = device
+
+    @property
+    def is_latent(self) -> bool:
+        """An MLA latent pool: one row per token and layer, no V buffers."""
+        return not self.v
+
+    def layer_buffers(self, layer: int) -> list[torch.Tensor]:
+        """The buffers that hold a layer's cache: [K, V], or [latent] for an MLA pool."""
+        return [self.k[layer], self.v[layer]] if self.v else [self.k[layer]]
 
     def available_size(self) -> int:
         return self.num_free
@@ -81,6 +104,9 @@ class KVPool:
             self.free_chunks.append(slots.to(self.device))
             self.num_free += int(slots.numel())
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
+    ) -> None:
         self.k[layer][slots] = k
-        self.v[layer][slots] = v
+        if v is not None:
+            self.v[layer][slots] = v

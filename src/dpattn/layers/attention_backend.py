@@ -9,6 +9,7 @@ FlashAttention) implements the same two methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,8 @@ from dpattn.kvcache.memory_pool import KVPool, ReqToTokenPool
 CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 Window = int | None
+# MLA decompression: cached latent rows [m, 1, D] -> per-head (k [m, H, dk], v [m, H, dv])
+Expand = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _key(window: Window) -> Window:
@@ -191,6 +194,24 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """Write k/v [n, Hkv, d] to this step's slots, attend q [n, Hq, d]; returns [n, Hq, d]."""
 
+    @abstractmethod
+    def forward_latent(
+        self,
+        q: torch.Tensor,
+        latent: torch.Tensor,
+        layer_id: int,
+        scaling: float,
+        v_dim: int,
+        expand: Expand | None = None,
+    ) -> torch.Tensor:
+        """MLA: write latent rows [n, 1, D] to this step's slots and attend over the cached ones.
+
+        Absorbed (`expand` None): multi-query attention with one KV head, q [n, H, D], the
+        values being the rows' first `v_dim` columns; returns [n, H, v_dim]. Decompressed:
+        `expand(rows [m, 1, D])` gives per-head (k [m, H, dk], v [m, H, dv]) and q is
+        [n, H, dk]; returns [n, H, dv].
+        """
+
 
 class TorchNativeBackend(AttentionBackend):
     """All requests of a step in one padded SDPA call per group (decodes, extends)."""
@@ -244,24 +265,63 @@ class TorchNativeBackend(AttentionBackend):
         scaling: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        md = self.metadata
-        if md is None:
-            raise RuntimeError("init_forward_metadata must run before forward")
         pool_k, pool_v = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
         # index_copy_ is markedly faster than advanced-index assignment on CPU.
         pool_k.index_copy_(0, self.out_cache_loc, k)
         pool_v.index_copy_(0, self.out_cache_loc, v)
+        gather = lambda g: self._gather_kv(g, pool_k, pool_v)  # noqa: E731
+        return self._attend_groups(q, gather, scaling, sliding_window, v.shape[-1])
+
+    def forward_latent(
+        self,
+        q: torch.Tensor,
+        latent: torch.Tensor,
+        layer_id: int,
+        scaling: float,
+        v_dim: int,
+        expand: Expand | None = None,
+    ) -> torch.Tensor:
+        pool = self.kv_pool.k[layer_id]
+        pool.index_copy_(0, self.out_cache_loc, latent)
+
+        def gather(g: RequestGroup) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = self._gather_rows(g, pool)
+            return expand(rows) if expand is not None else (rows, rows[..., :v_dim])
+
+        return self._attend_groups(q, gather, scaling, None, v_dim)
+
+    def _attend_groups(
+        self,
+        q: torch.Tensor,
+        gather: Callable[[RequestGroup], tuple[torch.Tensor, torch.Tensor]],
+        scaling: float,
+        sliding_window: int | None,
+        v_dim: int,
+    ) -> torch.Tensor:
+        """Attend each request group over the K/V `gather` reads for it (metadata once)."""
+        md = self.metadata
+        if md is None:
+            raise RuntimeError("init_forward_metadata must run before forward")
         if len(md.groups) == 1 and md.groups[0].token_index is None:
             g = md.groups[0]
-            return _attend(g, q, *self._gather_kv(g, pool_k, pool_v), scaling, sliding_window)
-        out = q.new_empty(q.shape)  # also the IDLE answer: no groups, 0 tokens
+            return _attend(g, q, *gather(g), scaling, sliding_window)
+        out = q.new_empty((*q.shape[:2], v_dim))  # also the IDLE answer: no groups, 0 tokens
         for group in md.groups:
             assert group.token_index is not None
-            k_g, v_g = self._gather_kv(group, pool_k, pool_v)
             q_g = q.index_select(0, group.token_index)
-            o = _attend(group, q_g, k_g, v_g, scaling, sliding_window)
+            o = _attend(group, q_g, *gather(group), scaling, sliding_window)
             out.index_copy_(0, group.token_index, o)
         return out
+
+    def _gather_rows(self, g: RequestGroup, pool: torch.Tensor) -> torch.Tensor:
+        """An MLA layer's latent rows of the group's keys (the workspace's first half)."""
+        n = g.kv_slots.numel()
+        shape = (n, *pool.shape[1:])
+        size = pool[0].numel() * n
+        ws = self._workspace
+        if ws is None or ws.numel() < size or ws.dtype != pool.dtype:
+            ws = self._workspace = pool.new_empty(2 * size)
+        return torch.index_select(pool, 0, g.kv_slots, out=ws[:size].view(shape))
 
 
 def _attend(
@@ -272,10 +332,11 @@ def _attend(
     scaling: float,
     window: Window,
 ) -> torch.Tensor:
-    """q [n_group, Hq, d] and gathered k/v [B * max_kv, Hkv, d] -> [n_group, Hq, d]."""
+    """q [n_group, Hq, d] and gathered k [B * max_kv, Hkv, d], v [B * max_kv, Hkv, dv]
+    -> [n_group, Hq, dv]."""
     b, mq, mkv = g.batch_size, g.max_q, g.max_kv
     _, hq, d = q.shape
-    hkv = k.shape[1]
+    hkv, dv = k.shape[1], v.shape[-1]
     gs = hq // hkv
     if g.pad_index is not None:
         q = q.new_zeros((b * mq, hq, d)).index_copy_(0, g.pad_index, q)
@@ -283,7 +344,7 @@ def _attend(
     # avoids enable_gqa, which sends CPU SDPA to its slow math path (bf16: ~5x slower).
     qf = q.view(b, mq, hkv, gs, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, gs * mq, d)
     kf = k.view(b, mkv, hkv, d).transpose(1, 2)
-    vf = v.view(b, mkv, hkv, d).transpose(1, 2)
+    vf = v.view(b, mkv, hkv, dv).transpose(1, 2)
     o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=g.mask(window, gs), scale=scaling)
-    o = o.view(b, hkv, gs, mq, d).permute(0, 3, 1, 2, 4).reshape(b * mq, hq, d)
+    o = o.view(b, hkv, gs, mq, dv).permute(0, 3, 1, 2, 4).reshape(b * mq, hq, dv)
     return o if g.pad_index is None else o.index_select(0, g.pad_index)

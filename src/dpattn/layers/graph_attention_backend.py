@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dpattn.kvcache.memory_pool import KVPool, ReqToTokenPool
-from dpattn.layers.attention_backend import AttentionBackend, RequestGroup, _attend
+from dpattn.layers.attention_backend import AttentionBackend, Expand, RequestGroup, _attend
 
 
 class GraphDecodeBackend(AttentionBackend):
@@ -81,11 +81,31 @@ class GraphDecodeBackend(AttentionBackend):
         scaling: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        g = self.group
-        if g is None:
-            raise RuntimeError("prepare() must run before a graph decode forward")
+        g = self._group()
         pool_k, pool_v = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
         pool_k.index_copy_(0, self.out_cache_loc, k)
         pool_v.index_copy_(0, self.out_cache_loc, v)
         k_g, v_g = pool_k.index_select(0, g.kv_slots), pool_v.index_select(0, g.kv_slots)
         return _attend(g, q, k_g, v_g, scaling, sliding_window)
+
+    def forward_latent(
+        self,
+        q: torch.Tensor,
+        latent: torch.Tensor,
+        layer_id: int,
+        scaling: float,
+        v_dim: int,
+        expand: Expand | None = None,
+    ) -> torch.Tensor:
+        if expand is not None:
+            raise RuntimeError("a graph decode step attends absorbed (MLA decode)")
+        g = self._group()
+        pool = self.kv_pool.k[layer_id]
+        pool.index_copy_(0, self.out_cache_loc, latent)
+        rows = pool.index_select(0, g.kv_slots)
+        return _attend(g, q, rows, rows[..., :v_dim], scaling, None)
+
+    def _group(self) -> RequestGroup:
+        if self.group is None:
+            raise RuntimeError("prepare() must run before a graph decode forward")
+        return self.group

@@ -1,4 +1,5 @@
-"""Rotary position embedding (neox style) from the HF config's rope parameters."""
+"""Rotary position embedding from the HF config's rope parameters: neox style (rotate half), or
+DeepSeek's interleaved pairs (x0, x1), (x2, x3), ... each rotated by one frequency."""
 
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ def rope_inv_freq(config: object, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class Rotary(nn.Module):
-    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0) -> None:
+    def __init__(
+        self, inv_freq: torch.Tensor, scaling: float = 1.0, interleaved: bool = False
+    ) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scaling = scaling
+        self.interleaved = interleaved
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -36,6 +40,8 @@ class Rotary(nn.Module):
         if key not in memo:
             memo[key] = self.cos_sin(positions, q.dtype)
         cos, sin = memo[key]
+        if self.interleaved:
+            return _rotate_pairs(q, cos, sin), _rotate_pairs(k, cos, sin)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
     def cos_sin(
@@ -51,3 +57,12 @@ class Rotary(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved pairs rotated, the result laid out as [evens', odds'] (as transformers'
+    DeepSeek V3 does): q and k get the same permutation, so their dot products are unchanged."""
+    half = cos.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)

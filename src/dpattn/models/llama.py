@@ -19,7 +19,7 @@ from dpattn.layers.dp_attention import attn_tp_gather, attn_tp_scatter, dp_gathe
 from dpattn.layers.embedding import VocabParallelEmbedding
 from dpattn.layers.forward_context import get_forward_context
 from dpattn.layers.mlp import DenseMLP
-from dpattn.layers.moe import MoE
+from dpattn.layers.moe import MoE, Routing
 from dpattn.layers.norm import RMSNorm
 from dpattn.layers.rotary import Rotary, rope_inv_freq
 
@@ -36,6 +36,7 @@ class ModelOptions:
     dtype: torch.dtype = torch.float32
     ep: bool = False  # expert parallelism: whole experts per rank (ep_size == tp_size)
     moe_dense_tp_size: int | None = None  # 1 = scattered layout for dense MLP layers
+    mla_mode: str = "auto"  # MLA models: how prefill attends (layers/mla.py)
 
 
 def num_experts(cfg: Any) -> int:
@@ -88,7 +89,14 @@ class DecoderLayer(nn.Module):
             inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
             norm_topk = True if arch == "mixtral" else bool(getattr(cfg, "norm_topk_prob", False))
             self.mlp: nn.Module = MoE(
-                ps, h, inter, num_experts(cfg), cfg.num_experts_per_tok, norm_topk, act, dt, opts.ep
+                ps,
+                h,
+                inter,
+                num_experts(cfg),
+                Routing(cfg.num_experts_per_tok, norm_topk),
+                act,
+                dt,
+                opts.ep,
             )
         else:
             self.mlp = DenseMLP(ps, h, cfg.intermediate_size, act, dt, self.scattered)

@@ -30,7 +30,10 @@ _RENAMES = [
     (re.compile(r"mlp\.experts\.gate_up_proj(\.weight)?$"), "mlp.w13"),
     (re.compile(r"mlp\.experts\.down_proj(\.weight)?$"), "mlp.w2"),
     (re.compile(r"mlp\.gate\.weight$"), "mlp.gate"),
-    (re.compile(r"mlp\.down_proj\.weight$"), "mlp.down_proj"),
+    (re.compile(r"mlp\.gate\.e_score_correction_bias$"), "mlp.e_score_correction_bias"),
+    (re.compile(r"(mlp(?:\.shared_experts)?)\.down_proj\.weight$"), r"\1.down_proj"),
+    # MLA (DeepSeek): projections are plain parameters named after the module
+    (re.compile(r"self_attn\.(\w+_proj(?:_with_mqa)?)\.weight$"), r"self_attn.\1"),
 ]
 
 
@@ -103,7 +106,9 @@ def checkpoint_to_params(model: DecoderModel, tensors: dict[str, T]) -> dict[str
         if m:
             experts[(m[1], _EXPERT_KIND.get(m[3], m[3]))][int(m[2])] = t
             continue
-        m2 = re.search(r"(layers\.\d+\.mlp)\.(gate_proj|up_proj)\.weight$", name)
+        m2 = re.search(
+            r"(layers\.\d+\.mlp(?:\.shared_experts)?)\.(gate_proj|up_proj)\.weight$", name
+        )
         if m2:
             dense[(m2[1], m2[2])] = t
             continue
@@ -131,3 +136,6 @@ def load_weights(model: DecoderModel, path: str | Path) -> None:
         raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(missing[:8])}")
     for name, p in params.items():
         load_param(p, full[name])  # converts to p.dtype after reading
+    for module in model.modules():
+        if hasattr(module, "post_load"):
+            module.post_load()  # weights derived from loaded ones (MLA's absorbed kv_b_proj)

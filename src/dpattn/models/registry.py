@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
+from dpattn.models.deepseek import DeepseekModel, is_deepseek
 from dpattn.models.gemma3 import Gemma3Model, gemma3_text_config, is_gemma3
 from dpattn.models.llama import DecoderModel, ModelOptions
 
@@ -17,7 +18,10 @@ def text_config(cfg: Any) -> Any:
 
 
 def build_model(cfg: Any, ps: ParallelState, opts: ModelOptions) -> nn.Module:
-    """Gemma 3 (CausalLM or the text half of ConditionalGeneration), else the Llama family."""
+    """Gemma 3 (CausalLM or the text half of ConditionalGeneration), DeepSeek V2 / V3, else the
+    Llama family."""
     if is_gemma3(cfg):
         return Gemma3Model(cfg, ps, opts)
+    if is_deepseek(cfg):
+        return DeepseekModel(cfg, ps, opts)
     return DecoderModel(cfg, ps, opts)

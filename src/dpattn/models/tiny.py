@@ -18,10 +18,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+# ARCHS / MOE_ARCHS: the archs the shared test fixtures build and run through dpattn
+# (tests/conftest.py, tests/tools/test_verify.py). DEEPSEEK_ARCHS are buildable too (TINY_ARCHS:
+# all that make_tiny_model builds) but stay out of those matrices until dpattn serves them.
 ARCHS = ("llama", "qwen3", "qwen3_moe", "mixtral")
 MOE_ARCHS = ("qwen3_moe", "mixtral")
+DEEPSEEK_ARCHS = ("deepseek_v2", "deepseek_v3")
+TINY_ARCHS = ARCHS + DEEPSEEK_ARCHS
+ALL_MOE_ARCHS = MOE_ARCHS + DEEPSEEK_ARCHS
 _CONFIG_CLASSES = dict(llama="LlamaConfig", qwen3="Qwen3Config")
 _CONFIG_CLASSES.update(qwen3_moe="Qwen3MoeConfig", mixtral="MixtralConfig")
+_CONFIG_CLASSES.update(deepseek_v2="DeepseekV2Config", deepseek_v3="DeepseekV3Config")
+# Per-arch default of make_tiny_model(fused_experts=None): DeepSeek's hub checkpoints store
+# per-expert keys, so the tiny ones do too.
+_FUSED_BY_DEFAULT = dict.fromkeys(ARCHS, True) | dict.fromkeys(DEEPSEEK_ARCHS, False)
+# YaRN as DeepSeek-V3 uses it, scaled down: 128 original positions x 4 = max_position_embeddings.
+V3_ROPE_PARAMETERS: dict[str, Any] = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0)
+V3_ROPE_PARAMETERS.update(original_max_position_embeddings=128, beta_fast=32, beta_slow=1)
+V3_ROPE_PARAMETERS.update(mscale=1.0, mscale_all_dim=1.0)
+E_SCORE_BIAS_RANGE = 0.3  # V3 router correction bias: uniform in [-0.3, 0.3]
 
 BOS, EOS, PAD, IM_START, IM_END = "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
@@ -86,7 +101,31 @@ def make_tokenizer() -> Any:
     return tok
 
 
+def _deepseek_config(arch: str, vocab_size: int) -> dict[str, Any]:
+    # MLA: 4 heads (attention TP 1, 2, 4), latent KV rank 32, q-LoRA rank 48 (None: plain q_proj).
+    # Layer 0 dense, layers 1-2 MoE: 8 routed experts in 4 groups, top-2 of the best 2 groups.
+    cfg: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3)
+    cfg.update(num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab_size)
+    cfg.update(max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6)
+    cfg.update(attention_bias=False, kv_lora_rank=32, q_lora_rank=48)
+    cfg.update(qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    cfg.update(first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8)
+    cfg.update(num_experts_per_tok=2, n_group=4, topk_group=2)
+    if arch == "deepseek_v3":
+        cfg.update(n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)
+        cfg.update(rope_interleave=True, rope_parameters=dict(V3_ROPE_PARAMETERS))
+        # Not read by transformers' DeepseekV3 (always sigmoid + noaux_tc), kept as the hub has them
+        cfg.update(topk_method="noaux_tc", scoring_func="sigmoid")
+    else:
+        cfg.update(n_shared_experts=2, routed_scaling_factor=1.5, norm_topk_prob=False)
+        cfg.update(topk_method="group_limited_greedy", scoring_func="softmax")
+        cfg.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    return cfg
+
+
 def _base_config(arch: str, vocab_size: int) -> dict[str, Any]:
+    if arch in DEEPSEEK_ARCHS:
+        return _deepseek_config(arch, vocab_size)
     cfg: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     cfg.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=vocab_size)
     cfg.update(max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6)
@@ -108,6 +147,12 @@ def _rescale_init(model: torch.nn.Module, seed: int) -> None:
         router = name.endswith("mlp.gate.weight")
         std = 0.02 if "norm" in name else 1.0 if router else 0.2 if "lm_head" in name else 0.1
         p.copy_(float("norm" in name) + std * noise)  # norm weights: 1 + small noise
+    for name, b in sorted(model.named_buffers()):
+        if name.endswith("e_score_correction_bias"):
+            # DeepSeek-V3's router adds it to the sigmoid scores to choose experts (not to weight
+            # them): non-zero, so that it changes which experts are chosen.
+            u = torch.rand(b.shape, generator=gen, dtype=torch.float32)
+            b.copy_((2 * u - 1) * E_SCORE_BIAS_RANGE)
 
 
 _FUSED_RE = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -134,14 +179,21 @@ def _unfuse(arch: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _rewrite_per_expert(arch: str, out: Path) -> None:
-    weight_map: dict[str, str] = {}
+def _read_shards(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """File name -> its tensors, for every ``*.safetensors`` in ``out``."""
+    shards: dict[str, dict[str, torch.Tensor]] = {}
     for f in sorted(out.glob("*.safetensors")):
         with safe_open(str(f), "pt") as sf:
-            tensors = {k: sf.get_tensor(k) for k in sf.keys()}
-        new = _unfuse(arch, tensors)
-        save_file(new, str(f), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(new, f.name))
+            shards[f.name] = {k: sf.get_tensor(k) for k in sf.keys()}  # noqa: SIM118
+    return shards
+
+
+def _write_shards(out: Path, shards: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Rewrite the shards (and the index's weight map, when sharded)."""
+    weight_map: dict[str, str] = {}
+    for name, tensors in shards.items():
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
     index = out / "model.safetensors.index.json"
     if index.exists():
         data = json.loads(index.read_text())
@@ -149,38 +201,145 @@ def _rewrite_per_expert(arch: str, out: Path) -> None:
         index.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _rewrite_per_expert(arch: str, out: Path) -> None:
+    shards = _read_shards(out)
+    _write_shards(out, {name: _unfuse(arch, tensors) for name, tensors in shards.items()})
+
+
+@torch.no_grad()
+def _append_mtp(out: Path, num_hidden_layers: int, mtp_layers: int, seed: int) -> None:
+    """Append fake DeepSeek-V3 multi-token-prediction (MTP) layers, laid out as on the hub.
+
+    MTP layer k is ``model.layers.{num_hidden_layers + k}.``: a full decoder layer (fresh random
+    weights shaped like the last decoder layer's, in the same expert layout) plus ``enorm``,
+    ``hnorm``, ``eh_proj`` ([H, 2H]), ``shared_head.norm`` and copies of the embedding
+    (``embed_tokens``) and LM head (``shared_head.head``). Inference without MTP ignores them.
+    """
+    shards = _read_shards(out)
+    everything = {k: v for tensors in shards.values() for k, v in tensors.items()}
+    src = f"model.layers.{num_hidden_layers - 1}."
+    home = next(n for n, tensors in shards.items() if any(k.startswith(src) for k in tensors))
+    embed, head = everything["model.embed_tokens.weight"], everything["lm_head.weight"]
+    norm = everything["model.norm.weight"]
+    hidden = embed.shape[1]
+    gen = torch.Generator().manual_seed(seed + 1_000_003)
+
+    def fake(name: str, like: torch.Tensor) -> torch.Tensor:
+        if name.endswith("e_score_correction_bias"):
+            u = torch.rand(like.shape, generator=gen, dtype=torch.float32)
+            return ((2 * u - 1) * E_SCORE_BIAS_RANGE).to(like.dtype)
+        noise = torch.randn(like.shape, generator=gen, dtype=torch.float32)
+        std = 0.02 if "norm" in name else 1.0 if name.endswith("mlp.gate.weight") else 0.1
+        return (float("norm" in name) + std * noise).to(like.dtype)
+
+    for k in range(mtp_layers):
+        dst = f"model.layers.{num_hidden_layers + k}."
+        layer = {dst + key[len(src) :]: t for key, t in everything.items() if key.startswith(src)}
+        extra = {
+            "enorm.weight": norm,
+            "hnorm.weight": norm,
+            "eh_proj.weight": embed.new_empty(hidden, 2 * hidden),
+            "shared_head.norm.weight": norm,
+        }
+        mtp = {name: fake(name, like) for name, like in layer.items()}
+        mtp.update({dst + name: fake(dst + name, like) for name, like in extra.items()})
+        mtp[dst + "embed_tokens.weight"] = embed.clone()
+        mtp[dst + "shared_head.head.weight"] = head.clone()
+        shards[home].update(sorted(mtp.items()))
+    _write_shards(out, shards)
+
+
+def _check_deepseek(arch: str, cfg: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Reject configs transformers' DeepSeek classes would mis-build or fail on at runtime."""
+    if "head_dim" in overrides:
+        raise ValueError(
+            f"{arch}: head_dim is derived (config sets it to qk_rope_head_dim); set "
+            "qk_nope_head_dim / qk_rope_head_dim / v_head_dim instead"
+        )
+    heads = cfg["num_attention_heads"]
+    if "num_key_value_heads" not in overrides:
+        cfg["num_key_value_heads"] = heads
+    elif cfg["num_key_value_heads"] != heads:
+        raise ValueError(f"{arch}: MLA needs num_key_value_heads == num_attention_heads ({heads})")
+    experts, groups, top_groups = cfg["n_routed_experts"], cfg["n_group"], cfg["topk_group"]
+    per_group = experts // groups if groups else 0
+    # V3 scores a group by the sum of its 2 best experts
+    if not groups or experts % groups or per_group < (2 if arch == "deepseek_v3" else 1):
+        raise ValueError(
+            f"{arch}: n_routed_experts={experts} must split into n_group={groups} equal groups"
+            + (" of at least 2 experts" if arch == "deepseek_v3" else "")
+        )
+    if not 1 <= top_groups <= groups or cfg["num_experts_per_tok"] > top_groups * per_group:
+        raise ValueError(
+            f"{arch}: need 1 <= topk_group={top_groups} <= n_group={groups} and "
+            f"num_experts_per_tok={cfg['num_experts_per_tok']} <= topk_group * {per_group}"
+        )
+
+
 def make_tiny_model(
     arch: str,
     out: str | Path,
     seed: int = 0,
-    fused_experts: bool = True,
+    fused_experts: bool | None = None,
     dtype: str = "float32",
+    mtp_layers: int = 0,
     **overrides: Any,
 ) -> Path:
     """Build a tiny random HF checkpoint (config, weights, tokenizer) of ``arch`` in ``out``.
 
-    ``fused_experts=False`` (MoE archs) stores legacy per-expert weight keys instead of
-    transformers 5's fused ``experts.gate_up_proj``/``experts.down_proj``.
+    ``fused_experts=False`` (MoE archs) stores legacy per-expert weight keys
+    (``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight``; mixtral:
+    ``block_sparse_moe.experts.{e}.w1/w2/w3``) instead of transformers 5's fused
+    ``experts.gate_up_proj``/``experts.down_proj``.
+    ``None`` is the arch's hub layout: per-expert for ``deepseek_v2``/``deepseek_v3``, else fused.
+
+    ``mtp_layers`` (``deepseek_v3`` only; alias override ``num_nextn_predict_layers``) appends
+    that many fake multi-token-prediction layers as ``model.layers.{num_hidden_layers + k}.*`` and
+    records ``num_nextn_predict_layers`` in config.json. ``q_lora_rank=0`` or ``None`` (DeepSeek)
+    gives a plain ``q_proj``. DeepSeek-V3's router bias ``e_score_correction_bias`` is random
+    (uniform in +-0.3) and stays float32 whatever ``dtype`` is, as in the hub checkpoints.
     """
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {TINY_ARCHS}")
     out = Path(out)
     tok = make_tokenizer()
     n_tok = len(tok)
     cfg = _base_config(arch, n_tok)
+    overrides = dict(overrides)
+    mtp_layers = int(overrides.pop("num_nextn_predict_layers", mtp_layers) or 0)
     cfg.update(overrides)
     if cfg["vocab_size"] < n_tok:
         raise ValueError(f"vocab_size={cfg['vocab_size']} < tokenizer vocab size {n_tok}")
+    if mtp_layers and arch != "deepseek_v3":
+        raise ValueError(
+            f"mtp_layers (num_nextn_predict_layers) only applies to deepseek_v3, not {arch}"
+        )
+    if arch in DEEPSEEK_ARCHS:
+        if not cfg.get("q_lora_rank"):
+            cfg["q_lora_rank"] = None  # 0 / None: plain q_proj, as in DeepSeek-V2-Lite
+        _check_deepseek(arch, cfg, overrides)
+    if arch == "deepseek_v3":
+        cfg["num_nextn_predict_layers"] = mtp_layers  # the config class defaults to 1
+    if fused_experts is None:
+        fused_experts = _FUSED_BY_DEFAULT[arch]
     special = {f"{n}_token_id": getattr(tok, f"{n}_token_id") for n in ("bos", "eos", "pad")}
     config = getattr(transformers, _CONFIG_CLASSES[arch])(**cfg, **special)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _rescale_init(model, seed)
+    fp32_buffers = {
+        name: b.detach().clone()
+        for name, b in model.named_buffers()
+        if name.endswith("e_score_correction_bias")
+    }
     model = model.to(getattr(torch, dtype)).eval()
+    for name, b in fp32_buffers.items():  # .to() casts buffers too; the hub keeps these in fp32
+        module, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module), attr, b)
     model.config.dtype = getattr(torch, dtype)
     model.generation_config = GenerationConfig(**special)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,8 +348,10 @@ def make_tiny_model(
         # transformers 5 otherwise reverts fused experts to the legacy layout on save
         kwargs["save_original_format"] = False
     model.save_pretrained(out, **kwargs)
-    if not fused_experts and arch in MOE_ARCHS:
+    if not fused_experts and arch in ALL_MOE_ARCHS:
         _rewrite_per_expert(arch, out)
+    if mtp_layers:
+        _append_mtp(out, cfg["num_hidden_layers"], mtp_layers, seed)
     tok.save_pretrained(out)
     return out
 
@@ -218,17 +379,23 @@ def ensure_default_model() -> Path:
     return target
 
 
-# flag -> config key (mixtral remaps a couple of them in overrides_from_args)
+# flag -> config key (mixtral and deepseek remap some of them in overrides_from_args)
 _FLAGS: dict[str, str] = dict(
     pair.partition("=")[::2]
     for pair in """hidden-size=hidden_size intermediate-size=intermediate_size
     num-layers=num_hidden_layers num-heads=num_attention_heads num-kv-heads=num_key_value_heads
     head-dim=head_dim num-experts=num_experts top-k=num_experts_per_tok
-    moe-intermediate-size=moe_intermediate_size vocab-size=vocab_size""".split()
+    moe-intermediate-size=moe_intermediate_size vocab-size=vocab_size
+    q-lora-rank=q_lora_rank kv-lora-rank=kv_lora_rank qk-nope-head-dim=qk_nope_head_dim
+    qk-rope-head-dim=qk_rope_head_dim v-head-dim=v_head_dim
+    first-k-dense-replace=first_k_dense_replace""".split()
 )
 _MOE_ONLY = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
+_DEEPSEEK_ONLY = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim")
+_DEEPSEEK_ONLY += ("v_head_dim", "first_k_dense_replace")
 # MixtralConfig: experts count is num_local_experts, expert width is intermediate_size
 _MIXTRAL_KEYS = {"num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size"}
+_DEEPSEEK_KEYS = {"num_experts": "n_routed_experts"}
 
 
 def add_size_overrides(parser: argparse.ArgumentParser) -> None:
@@ -236,17 +403,37 @@ def add_size_overrides(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model size overrides")
     for flag, dest in _FLAGS.items():
         group.add_argument(f"--{flag}", dest=f"size_{dest}", type=int, default=None, metavar="N")
+    group.add_argument(
+        "--no-q-lora",
+        dest="size_no_q_lora",
+        action="store_true",
+        help="deepseek: q_lora_rank=None, a plain q_proj (same as --q-lora-rank 0)",
+    )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Config overrides for the flags that were set, keyed per ``args.arch`` (default qwen3_moe)."""
     arch = getattr(args, "arch", None) or "qwen3_moe"
+    deepseek = arch in DEEPSEEK_ARCHS
     result: dict[str, Any] = {}
     for flag, dest in _FLAGS.items():
         value = getattr(args, f"size_{dest}", None)
         if value is None:
             continue
-        if dest in _MOE_ONLY and arch not in MOE_ARCHS:
-            raise ValueError(f"--{flag} only applies to MoE archs {MOE_ARCHS}")
-        result[_MIXTRAL_KEYS.get(dest, dest) if arch == "mixtral" else dest] = value
+        if dest in _MOE_ONLY and arch not in ALL_MOE_ARCHS:
+            raise ValueError(f"--{flag} only applies to MoE archs {ALL_MOE_ARCHS}")
+        if dest in _DEEPSEEK_ONLY and not deepseek:
+            raise ValueError(f"--{flag} only applies to {DEEPSEEK_ARCHS}")
+        if dest == "head_dim" and deepseek:
+            raise ValueError("--head-dim does not apply to deepseek: use --qk-nope-head-dim etc.")
+        keys = _MIXTRAL_KEYS if arch == "mixtral" else _DEEPSEEK_KEYS if deepseek else {}
+        result[keys.get(dest, dest)] = value
+    if getattr(args, "size_no_q_lora", False):
+        if not deepseek:
+            raise ValueError(f"--no-q-lora only applies to {DEEPSEEK_ARCHS}")
+        if result.get("q_lora_rank"):
+            raise ValueError("--no-q-lora contradicts --q-lora-rank N (N > 0)")
+        result["q_lora_rank"] = None
+    elif deepseek and result.get("q_lora_rank", 1) == 0:
+        result["q_lora_rank"] = None
     return result

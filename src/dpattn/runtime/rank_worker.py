@@ -110,6 +110,7 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
                 runner.context_length,
                 runner.vocab_size,
                 runner.kv_budget.source,
+                runner.kv_budget.bytes_per_token,
             )
         )
     step_log = StepLog(runner.kv_pool.size, cfg.log_interval) if leader else None

@@ -116,6 +116,7 @@ class Scheduler:
             step_s=time.perf_counter() - start,
             running=len(self.running),
             queued=len(self.waiting),
+            retractions=self.num_retractions,
             **ran,
         )
         return decision
