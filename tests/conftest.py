@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dpattn.models.tiny import ARCHS, MOE_ARCHS, make_tiny_model
+from dpattn.models.tiny import ARCHS, DEEPSEEK_ARCHS, MOE_ARCHS, make_tiny_model
 
 # The suite runs on CPU, also on a GPU host (as in CI; subprocesses inherit it). tests/gpu asks
 # for --device cuda explicitly.
@@ -28,6 +28,16 @@ def per_expert_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     return {
         arch: make_tiny_model(arch, root / arch, seed=0, fused_experts=False) for arch in MOE_ARCHS
     }
+
+
+@pytest.fixture(scope="session")
+def mla_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny MLA checkpoints: deepseek_v2 / deepseek_v3 (q-LoRA, per-expert keys, V3 with
+    YaRN), and ``deepseek_v3_noq`` (plain q_proj)."""
+    root = tmp_path_factory.mktemp("tiny-mla")
+    models = {arch: make_tiny_model(arch, root / arch, seed=0) for arch in DEEPSEEK_ARCHS}
+    noq = make_tiny_model("deepseek_v3", root / "deepseek_v3_noq", seed=0, q_lora_rank=None)
+    return {**models, "deepseek_v3_noq": noq}
 
 
 @pytest.fixture(scope="session")

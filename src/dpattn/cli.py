@@ -469,6 +469,7 @@ def _run(args: argparse.Namespace) -> int:
             ep=args.ep,
             moe_dense_tp_size=args.moe_dense_tp_size,
             dp_padding_mode=args.dp_padding_mode,
+            mla_mode=args.mla_mode,
             dtype=args.dtype,
             backend=args.backend,
             device=args.device,

@@ -51,18 +51,18 @@ class RunnerConfig:
     moe_dense_tp_size: int | None = option(
         None, "1: scattered layout for dense MLP layers", group=LAYOUT, choices=(1,)
     )
-    mla_mode: str = option(
-        "auto",
-        "MLA models: how prefill attends (auto: decompressed K/V when no decode is in the batch; "
-        "decode always absorbed)",
-        group=LAYOUT,
-        choices=("auto", "absorbed", "decompressed"),
-    )
     dp_padding_mode: str = option(
         "auto",
         "DP gather padding (auto: SUM_LEN when a group extends, else the cheaper)",
         group=LAYOUT,
         choices=("auto", "max_len", "sum_len"),
+    )
+    mla_mode: str = option(
+        "auto",
+        "MLA models: absorbed (multi-query over the latent cache), decompressed (per-head K/V "
+        "from kv_b_proj), auto: decompressed for a batch without decodes, else absorbed",
+        group=LAYOUT,
+        choices=("auto", "absorbed", "decompressed"),
     )
     # None: sized from memory (kvcache/budget.py); SGLang's flag name, the old one kept too.
     kv_pool_tokens: int | None = option(

@@ -91,6 +91,8 @@ class ModelRunner:
             ps.tp_size,
             cfg.dp_padding_mode,
         )
+        if reason is None and cfg.mla_mode == "decompressed" and self.kv_pool.is_latent:
+            reason = "--mla-mode decompressed (a graph decode step attends absorbed)"
         if reason is not None:
             if ps.device.type == "cuda" and ps.rank == 0:
                 log.info("CUDA graphs off: %s", reason)

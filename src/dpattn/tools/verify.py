@@ -32,6 +32,7 @@ class VerifyConfig:
     ep: bool = False
     moe_dense_tp_size: int | None = None
     dp_padding_mode: str = "auto"
+    mla_mode: str = "auto"
     dtype: str = "float32"
     backend: str | None = None  # None: nccl on cuda, gloo on cpu (config.resolve_backend)
     device: str | None = None  # None: cuda when available (config.resolve_device)
@@ -108,6 +109,7 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
             cfg.ep,
             cfg.moe_dense_tp_size,
             cfg.dp_padding_mode,
+            mla_mode=cfg.mla_mode,
             disable_cuda_graph=True,  # no scheduler, no graph vote: every step runs eagerly
         ),
         ps,
