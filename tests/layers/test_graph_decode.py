@@ -74,6 +74,41 @@ def test_static_decode_attention(window: int | None, n: int, bs: int, kv_len: in
     assert set(changed.nonzero().flatten().tolist()) <= allowed
 
 
+@pytest.mark.parametrize("n,bs,kv_len", [(3, 4, 16), (0, 2, 16)])
+def test_static_latent_decode_equals_the_native_backend(n: int, bs: int, kv_len: int) -> None:
+    """MLA's absorbed decode over static buffers: one latent KV head, values its first R
+    columns, the same rows as TorchNativeBackend.forward_latent attends."""
+    from dpattn.layers.attention_backend import TorchNativeBackend
+
+    torch.manual_seed(0)
+    r, rope = 12, 4
+    pools = [KVPool(POOL, 1, 1, r + rope, torch.float32, CPU, v_head_dim=0) for _ in range(2)]
+    assert pools[0].is_latent and pools[0].layer_buffers(0) == [pools[0].k[0]]
+    rows = torch.randn(POOL + 1, 1, r + rope)
+    table = ReqToTokenPool(ROWS, CTX, CPU)
+    seq_lens = [5, 11, 1][:n]
+    perm, used = torch.randperm(POOL), 0
+    for row, seq in enumerate(seq_lens):
+        table.table[row, :seq] = perm[used : used + seq]
+        used += seq
+    out_loc = torch.stack([table.table[i, s - 1] for i, s in enumerate(seq_lens)]) if n else None
+    out_cache_loc = out_loc if out_loc is not None else torch.zeros(0, dtype=torch.int64)
+    graph = GraphDecodeBackend(pools[0], table, {None}, max_bs=4, max_kv=32)
+    graph.fill(bs, kv_len, list(range(n)), seq_lens, out_cache_loc)
+    graph.prepare(bs, kv_len)
+    native = TorchNativeBackend(pools[1], table, {None})
+    native.init_forward_metadata(list(range(n)), seq_lens, [1] * n, out_cache_loc)
+    q, latent = torch.randn(bs, HQ, r + rope), torch.randn(bs, 1, r + rope)
+    for pool in pools:
+        pool.k[0].copy_(rows)
+    out = graph.forward_latent(q, latent, 0, 0.3, r)
+    assert out.shape == (bs, HQ, r) and torch.isfinite(out).all()
+    ref = native.forward_latent(q[:n], latent[:n], 0, 0.3, r)
+    torch.testing.assert_close(out[:n], ref, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="absorbed"):
+        graph.forward_latent(q, latent, 0, 0.3, r, expand=lambda x: (x, x))
+
+
 def test_static_moe_routing_equals_the_sorted_one() -> None:
     """The CUDA path (every local expert, weighted; no host read) on CPU tensors."""
     h, inter, experts, top_k = 16, 8, 4, 2
