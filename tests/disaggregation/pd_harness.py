@@ -58,18 +58,20 @@ def run_pd(
     start_prefill: bool = True,
     wrap_decode: Wrap | None = None,
     prefill_stop_at: int | None = None,
+    decode_model: Path | None = None,
 ) -> tuple[list[SideRun], list[SideRun]]:
-    """Both worlds at once; returns (prefill runs, decode runs) in rank order."""
+    """Both worlds at once; returns (prefill runs, decode runs) in rank order. `decode_model`:
+    the decode server serves another checkpoint (a layout mismatch)."""
     server = BootstrapServer(0, prefill[0], host="127.0.0.1")
     port = server.port
     events: defaultdict[str, threading.Event] = defaultdict(threading.Event)
     try:
         groups = []
-        sides = [("decode", decode, decode_kw)]
+        sides = [("decode", decode, decode_kw, decode_model or model)]
         if start_prefill:
-            sides.insert(0, ("prefill", prefill, prefill_kw))
-        for side, (tp, dp), kw in sides:
-            cfg = side_config(model, tp, dp, side, port, **(kw or {}))
+            sides.insert(0, ("prefill", prefill, prefill_kw, model))
+        for side, (tp, dp), kw, side_model in sides:
+            cfg = side_config(side_model, tp, dp, side, port, **(kw or {}))
 
             wrap = wrap_decode if side == "decode" else None
             stop = prefill_stop_at if side == "prefill" else None

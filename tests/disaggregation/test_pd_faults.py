@@ -121,3 +121,21 @@ def test_kv_layout_mismatch_is_refused(tiny_models: dict[str, Path]) -> None:
     reason = d_runs[0].failures["x"]
     assert "KV layout mismatch" in reason and "dtype bfloat16 vs float32" in reason, reason
     assert merged(p_runs)["x"].finish_reason == "abort"
+
+
+def test_gqa_prefill_and_mla_decode_are_refused(
+    tiny_models: dict[str, Path], mla_models: dict[str, Path]
+) -> None:
+    """A GQA model's K and V never land in an MLA latent pool: the decode side's layout check
+    fails the request with both kinds named, and the prefill server gives it up too."""
+    specs = (spec("x"),)
+    p_runs, d_runs = run_pd(
+        tiny_models["llama"], (1, 1), (2, 1), specs, prefill_kw=FAST, decode_kw=FAST,
+        decode_model=mla_models["deepseek_v2"],
+    )  # fmt: skip
+    check_groups(p_runs, Layout(1, 1))
+    check_groups(d_runs, Layout(2, 1))
+    reason = d_runs[0].failures["x"]
+    assert "KV layout mismatch" in reason and "attention kind GQA vs MLA" in reason, reason
+    assert merged(d_runs)["x"].finish_reason == "abort"
+    assert merged(p_runs)["x"].finish_reason == "abort"

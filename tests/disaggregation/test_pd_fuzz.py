@@ -47,20 +47,21 @@ class RandomHold:
         return getattr(self.inner, name)
 
 
-# Two examples by default (each runs two worlds); DPATTN_PD_FUZZ_EXAMPLES=N for more.
+# Two examples by default (each runs two worlds), one for the MLA model;
+# DPATTN_PD_FUZZ_EXAMPLES=N for more (N for each).
 EXAMPLES = int(os.environ.get("DPATTN_PD_FUZZ_EXAMPLES", "2"))
+MLA_EXAMPLES = int(os.environ.get("DPATTN_PD_FUZZ_EXAMPLES", "1"))
 
-
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-@given(
+DRAWS = dict(
     seed=st.integers(0, 2**16),
     decode=st.sampled_from([(2, 1), (2, 2)]),
     aborts=st.lists(st.integers(0, 6), min_size=5, max_size=5),
 )
-def test_random_transfer_times_keep_lockstep(
-    tiny_models: dict[str, Path], seed: int, decode: tuple[int, int], aborts: list[int]
+
+
+def check_random_transfer_times(
+    model: Path, seed: int, decode: tuple[int, int], aborts: list[int]
 ) -> None:
-    model = tiny_models["llama"]
     specs = workload(seed=seed, n=5)
     # a 0 draws no abort; otherwise the decode side aborts that many steps after arrival
     specs = tuple(replace(s, abort_decode_at=a - 1 if a else None) for s, a in zip(specs, aborts))
@@ -82,3 +83,20 @@ def test_random_transfer_times_keep_lockstep(
         if s not in kept:  # only the aborts the test injected, never a failure of its own
             assert s.abort_decode_at is not None, f"{s.rid} failed: {reasons.get(s.rid)}"
     assert_same(got, run_colocated(model, kept), kept)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(**DRAWS)
+def test_random_transfer_times_keep_lockstep(
+    tiny_models: dict[str, Path], seed: int, decode: tuple[int, int], aborts: list[int]
+) -> None:
+    check_random_transfer_times(tiny_models["llama"], seed, decode, aborts)
+
+
+@settings(max_examples=MLA_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(**DRAWS)
+def test_random_transfer_times_keep_lockstep_mla(
+    mla_models: dict[str, Path], seed: int, decode: tuple[int, int], aborts: list[int]
+) -> None:
+    """The same on an MLA model: the latent rows of a (2, 1) decode group reach both ranks."""
+    check_random_transfer_times(mla_models["deepseek_v3"], seed, decode, aborts)

@@ -56,3 +56,29 @@ def test_outputs_equal_colocated(
     for s in specs:
         first = merged(p_runs)[s.rid]
         assert first.finish_reason == "length" and len(first.ids) == 1
+
+
+# MLA (DeepSeek): the latent row moves whole; every decode rank of a group takes the same rows
+# from prefill rank 0 of the request's group, whatever the attention-TP width on either side.
+MLA_LAYOUTS = [
+    ("deepseek_v3", (1, 1), (4, 4)),  # one prefill group feeds four decode groups
+    ("deepseek_v2", (2, 2), (2, 1)),  # attention-TP 1 -> 2: both decode ranks take the rows
+    ("deepseek_v3_noq", (2, 1), (2, 2)),  # attention-TP 2 -> 1: prefill rank 1 sends nothing
+]
+
+
+@pytest.mark.parametrize(
+    "arch,prefill,decode", MLA_LAYOUTS, ids=lambda x: x if isinstance(x, str) else f"{x[0]}x{x[1]}"
+)
+def test_mla_outputs_equal_colocated(
+    mla_models: dict[str, Path], arch: str, prefill: tuple[int, int], decode: tuple[int, int]
+) -> None:
+    model = mla_models[arch]
+    specs = workload(seed=3, n=5)
+    specs = (*specs, replace(specs[0], rid="one-token", max_new_tokens=1, room=4321))
+    assert any(len(s.prompt) > 8 for s in specs)  # chunked prefill: the latent goes in pieces
+    p_runs, d_runs = run_pd(model, prefill, decode, specs)
+    check_groups(p_runs, Layout(*prefill))  # KV slots and rows back on both sides
+    check_groups(d_runs, Layout(*decode))
+    assert not any(r.failures for r in d_runs), [r.failures for r in d_runs]
+    assert_same(merged(d_runs), run_colocated(model, specs), specs)

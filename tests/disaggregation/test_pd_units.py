@@ -65,6 +65,48 @@ def test_kv_layout_mismatch_names_both_sides() -> None:
     assert "num_layers 2 vs 3" in why
 
 
+GQA = KVLayout(1, "float32", 16, 3, 2)  # 2 KV heads of 16
+MLA = KVLayout(1, "float32", 40, 3, 1, kind="mla", kv_lora_rank=32)  # latent 32 + rope 8
+
+
+def test_kv_layout_mismatch_refuses_gqa_vs_mla_by_name() -> None:
+    assert MLA.mismatch(MLA) is None and MLA.qk_rope_head_dim == 8
+    for prefill, decode, names in ((GQA, MLA, "GQA vs MLA"), (MLA, GQA, "MLA vs GQA")):
+        why = prefill.mismatch(decode)
+        assert why is not None and why.startswith("KV layout mismatch (prefill vs decode)")
+        assert f"attention kind {names}" in why, why
+        assert "kv_lora_rank 32 + qk_rope_head_dim 8" in why and "2 KV heads" in why, why
+        assert "same model" in why
+    # the same latent width, split differently, is no match either
+    other = KVLayout(1, "float32", 40, 3, 1, kind="mla", kv_lora_rank=24)
+    why = MLA.mismatch(other)
+    assert why is not None and "kv_lora_rank 32 vs 24" in why and "qk_rope_head_dim 8 vs 16" in why
+    wider = KVLayout(1, "float32", 72, 3, 1, kind="mla", kv_lora_rank=64)
+    why = MLA.mismatch(wider)
+    assert why is not None and "latent width 40 vs 72" in why and "kv_lora_rank 32 vs 64" in why
+
+
+@pytest.mark.parametrize("a_p", [1, 2, 4])
+@pytest.mark.parametrize("a_d", [1, 2, 4])
+def test_mla_latent_goes_whole_from_prefill_rank_0_to_every_decode_rank(a_p: int, a_d: int) -> None:
+    """The latent plans as one KV head every rank holds: each decode rank gets all of it."""
+    endpoints = [f"d{a}" for a in range(a_d)]
+    plan = plan_targets(MLA.num_kv_heads, a_p, endpoints)
+    assert plan[0] == [(e, [0]) for e in endpoints]
+    assert all(plan[a] == [] for a in range(1, a_p))
+    for a in range(a_d):
+        assert expected_sources(MLA.num_kv_heads, a_p, a_d, a) == {0}
+    assert all(kv_heads_of(MLA.num_kv_heads, a_p, a) == [0] for a in range(a_p))
+
+
+def test_rank_info_carries_the_layout_kind() -> None:
+    info = RankInfo(0, 1, 0, 2, "tcp://x:1", MLA)
+    assert RankInfo.from_json(info.to_json()) == info
+    old = info.to_json()  # a peer that registers without the kind is a GQA one
+    old["kv"] = {k: v for k, v in old["kv"].items() if k not in ("kind", "kv_lora_rank")}
+    assert RankInfo.from_json(old).kv.kind == "gqa"
+
+
 def test_bootstrap_service_lists_ranks_once_all_registered() -> None:
     server = BootstrapServer(0, expected=2, host="127.0.0.1")
     try:

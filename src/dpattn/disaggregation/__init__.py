@@ -6,7 +6,7 @@ receives both and generates the rest. Each side keeps its own (T, D) layout and 
 | module | concern |
 | --- | --- |
 | `states.py` | transfer states (KVPoll) and their min-consensus over the attention-TP group |
-| `layout.py` | KV layout, rank info, which prefill rank sends which KV heads to which decode rank |
+| `layout.py` | KV layout (GQA or MLA latent), rank info, which prefill rank sends which KV heads where |
 | `bootstrap.py` | the prefill server's HTTP bootstrap service; registration and look-up |
 | `wire.py` | the messages between prefill and decode ranks |
 | `transfer.py` | transfer backend interfaces and the `fake` backend |

@@ -18,15 +18,17 @@ from dpattn.scheduler.scheduler import Scheduler
 
 
 def kv_layout(runner: ModelRunner) -> KVLayout:
+    """What this rank's pool looks like to the other side: per-head K and V (the model's KV
+    heads), or an MLA model's latent rows (one "head" that every attention-TP rank holds)."""
     pool, hc = runner.kv_pool, runner.hf_config
+    dtype = str(pool.k[0].dtype).removeprefix("torch.")
+    width, layers = int(pool.k[0].shape[2]), len(pool.k)
+    if pool.is_latent:
+        rank = int(hc.kv_lora_rank)
+        assert 0 < rank < width, f"kv_lora_rank {rank} in a latent row of {width}"
+        return KVLayout(1, dtype, width, layers, 1, kind="mla", kv_lora_rank=rank)
     heads = getattr(hc, "num_key_value_heads", None) or hc.num_attention_heads
-    return KVLayout(
-        page_size=1,
-        dtype=str(pool.k[0].dtype).removeprefix("torch."),
-        head_dim=int(pool.k[0].shape[2]),
-        num_layers=len(pool.k),
-        num_kv_heads=int(heads),
-    )
+    return KVLayout(1, dtype, width, layers, int(heads))
 
 
 def bootstrap_host(cfg: EngineConfig) -> str:

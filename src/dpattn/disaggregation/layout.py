@@ -4,6 +4,11 @@ KV heads follow the attention layer's split (layers/attention.py): with H KV hea
 attention-TP width A, rank a holds heads [a·H/A, (a+1)·H/A) when H >= A, else a copy of head
 a·H // A. A decode rank takes each of its heads from the lowest prefill rank holding it, so a
 replicated head is sent once and different widths on the two sides split or join the slices.
+
+An MLA model's layout (kind "mla") is one latent row per token and layer (kv_lora_rank +
+qk_rope_head_dim values, no V) held whole by every attention-TP rank: it plans as one KV head
+(num_kv_heads 1) that every rank holds, so every decode rank takes the same rows, from prefill
+rank 0, whatever the attention-TP widths on the two sides.
 """
 
 from __future__ import annotations
@@ -11,23 +16,55 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+KINDS = {"gqa": "GQA", "mla": "MLA"}  # layout kind -> its name in messages
+
 
 @dataclass(frozen=True)
 class KVLayout:
     page_size: int
     dtype: str  # torch dtype name, e.g. "float32"
-    head_dim: int
+    head_dim: int  # "mla": the latent row's width, kv_lora_rank + qk_rope_head_dim
     num_layers: int
-    num_kv_heads: int  # of the whole model (not this rank's share)
+    num_kv_heads: int  # of the whole model (not this rank's share); "mla": 1
+    # "gqa": per-head K and V buffers per layer; "mla": one latent buffer per layer. A peer that
+    # predates the field registers without it: it is a "gqa" one.
+    kind: str = "gqa"
+    kv_lora_rank: int = 0  # "mla": the latent's c_kv part (the rest is the rotated key part)
+
+    @property
+    def qk_rope_head_dim(self) -> int:
+        return self.head_dim - self.kv_lora_rank if self.kind == "mla" else 0
+
+    def describe(self) -> str:
+        if self.kind == "mla":
+            return (
+                f"MLA latent rows of {self.head_dim} (kv_lora_rank {self.kv_lora_rank} + "
+                f"qk_rope_head_dim {self.qk_rope_head_dim}, no V)"
+            )
+        if self.kind == "gqa":
+            return f"GQA K and V of {self.num_kv_heads} KV heads x head_dim {self.head_dim}"
+        return f"an unknown KV layout kind {self.kind!r}"
 
     def mismatch(self, other: KVLayout) -> str | None:
         """Why KV of this (prefill) layout cannot go into a pool of `other` (None: it can)."""
+        prefix = "KV layout mismatch (prefill vs decode): "
+        if self.kind != other.kind:
+            names = [KINDS.get(k, repr(k)) for k in (self.kind, other.kind)]
+            return (
+                f"{prefix}attention kind {names[0]} vs {names[1]}: the prefill server caches "
+                f"{self.describe()}, the decode server {other.describe()}; both sides must "
+                "serve the same model"
+            )
+        fields = ["dtype", "head_dim", "num_layers", "num_kv_heads", "page_size"]
+        labels = {"head_dim": "latent width"} if self.kind == "mla" else {}
+        if self.kind == "mla":
+            fields += ["kv_lora_rank", "qk_rope_head_dim"]
         diffs = [
-            f"{name} {getattr(self, name)} vs {getattr(other, name)}"
-            for name in ("dtype", "head_dim", "num_layers", "num_kv_heads", "page_size")
+            f"{labels.get(name, name)} {getattr(self, name)} vs {getattr(other, name)}"
+            for name in fields
             if getattr(self, name) != getattr(other, name)
         ]
-        return "KV layout mismatch (prefill vs decode): " + ", ".join(diffs) if diffs else None
+        return prefix + ", ".join(diffs) if diffs else None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""The `zmq` transfer backend, decode side: a receiver per request writes arriving KV heads
-into the slots reserved in prealloc; the group's leader sends the handshake once the prefill
-server's ranks are known (liveness.py looks them up off the rank loop)."""
+"""The `zmq` transfer backend, decode side: a receiver per request writes arriving KV heads (or
+an MLA model's latent rows) into the slots reserved in prealloc; the group's leader sends the
+handshake once the prefill server's ranks are known (liveness.py looks them up off the rank
+loop)."""
 
 from __future__ import annotations
 
@@ -106,14 +107,17 @@ class ZmqDecodeTransfer(DecodeTransfer):
             if msg.start < 0 or msg.start + msg.shape[0] > recv.slots.numel():
                 self._fail(recv, f"KV for positions beyond the {recv.slots.numel()} reserved")
                 return
+            buffers = self.pool.layer_buffers(msg.layer)  # [K, V], or an MLA pool's [latent]
+            if len(frames) - 1 != len(buffers):
+                have = "latent" if self.pool.is_latent else "K and V"
+                self._fail(recv, f"{len(frames) - 1} KV buffers per layer sent, {have} here")
+                return
             idx = torch.tensor([self.heads.index(h) for h in msg.heads], device=self.pool.device)
             rows = recv.slots[msg.start : msg.start + msg.shape[0], None]
-            k = tensor_from(frames[1], msg.shape, msg.dtype).to(self.pool.device)
-            v = tensor_from(frames[2], msg.shape, msg.dtype).to(self.pool.device)
-            self.pool.k[msg.layer][rows, idx[None, :]] = k
-            self.pool.v[msg.layer][rows, idx[None, :]] = v
+            for buf, data in zip(buffers, frames[1:]):
+                buf[rows, idx[None, :]] = tensor_from(data, msg.shape, msg.dtype).to(buf.device)
             recv.chunks[msg.source] = recv.chunks.get(msg.source, 0) + 1
-            self.stats.bytes += len(frames[1]) + len(frames[2])
+            self.stats.bytes += sum(len(f) for f in frames[1:])
             recv.state = advance(recv.state, KVPoll.Transferring)
         elif isinstance(msg, KVAux):
             if recv.chunks.get(msg.source, 0) != msg.num_chunks:

@@ -1,6 +1,7 @@
 """The `zmq` transfer backend, prefill side: a rank learns from the decode group's leader
 (KVInit) which decode endpoint gets which of its KV heads, then sends the request's KV per layer
-and, after it on the same PUSH/PULL connection, the aux data (first token, logprobs, room)."""
+(K and V, or an MLA model's latent rows) and, after it on the same PUSH/PULL connection, the aux
+data (first token, logprobs, room)."""
 
 from __future__ import annotations
 
@@ -104,14 +105,14 @@ class ZmqPrefillTransfer(PrefillTransfer):
                 push = self.sock.push(endpoint)
                 idx = torch.tensor([self.heads.index(h) for h in heads], device=slots.device)
                 for layer in range(len(pool.k)):
-                    k = pool.k[layer][slots][:, idx]
-                    v = pool.v[layer][slots][:, idx]
-                    dtype = str(k.dtype).removeprefix("torch.")
+                    # [K, V], or an MLA pool's [latent]: a frame each, after the header
+                    parts = [buf[slots][:, idx] for buf in pool.layer_buffers(layer)]
+                    dtype = str(parts[0].dtype).removeprefix("torch.")
                     me = self.ps.attn_tp_rank
-                    head = KVChunk(room, start, layer, heads, me, tuple(k.shape), dtype)
-                    kb, vb = tensor_bytes(k), tensor_bytes(v)
-                    push.send_multipart([encode(head), kb, vb])
-                    self.stats.bytes += len(kb) + len(vb)
+                    head = KVChunk(room, start, layer, heads, me, tuple(parts[0].shape), dtype)
+                    frames = [tensor_bytes(t) for t in parts]
+                    push.send_multipart([encode(head), *frames])
+                    self.stats.bytes += sum(len(f) for f in frames)
                     self.chunks[(room, endpoint)] = self.chunks.get((room, endpoint), 0) + 1
         except zmq.ZMQError as e:
             self._error(room, init, f"KV send failed: {e}")

@@ -2,8 +2,8 @@
 
 decode leader -> each prefill rank of the request's group: `KVInit` (the handshake: where to
 send which heads). prefill rank -> decode rank, in this order on one PUSH/PULL connection:
-one `KVChunk` per layer and prefill chunk (header + K bytes + V bytes), then `KVAux` (first
-token, logprobs, the room as a check). Either way: `KVAbort` (the other side gave the request up).
+one `KVChunk` per layer and prefill chunk (header + K bytes + V bytes, or header + latent bytes
+for an MLA model), then `KVAux` (first token, logprobs, the room as a check). Either way: `KVAbort` (the other side gave the request up).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class KVChunk:
     layer: int
     heads: list[int]  # global KV heads, in the order of the tensors' head dimension
     source: int  # prefill attention-TP rank
-    shape: tuple[int, int, int]  # tokens, heads, head_dim
+    shape: tuple[int, int, int]  # tokens, heads, head_dim (of each buffer frame)
     dtype: str
 
 
