@@ -194,6 +194,10 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """Write k/v [n, Hkv, d] to this step's slots, attend q [n, Hq, d]; returns [n, Hq, d]."""
 
+    def has_decode(self) -> bool:
+        """Whether this forward attends any 1-token query (a graph step is all decodes)."""
+        return True
+
     @abstractmethod
     def forward_latent(
         self,
@@ -241,6 +245,10 @@ class TorchNativeBackend(AttentionBackend):
             out_cache_loc.device,
             self.windows,
         )
+
+    def has_decode(self) -> bool:
+        md = self.metadata
+        return md is None or not md.groups or any(g.max_q == 1 for g in md.groups)
 
     def _gather_kv(
         self, g: RequestGroup, pool_k: torch.Tensor, pool_v: torch.Tensor

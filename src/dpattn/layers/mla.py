@@ -112,7 +112,7 @@ class MLAAttention(nn.Module):
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe.view(n, 1, self.rope))
         latent = torch.cat([self.kv_a_layernorm(c_kv).view(n, 1, self.kv_lora_rank), k_pe], -1)
         backend = get_forward_context().attn_backend
-        if self._absorbed(backend):
+        if self.mode == "absorbed" or self.mode == "auto" and backend.has_decode():
             assert self.w_kc is not None and self.w_vc is not None, "post_load() not run"
             q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_kc).transpose(0, 1)
             q = torch.cat([q_latent, q_pe], dim=-1)
@@ -124,13 +124,6 @@ class MLAAttention(nn.Module):
                 q, latent, self.layer_id, self.scaling, self.v_dim, self._expand
             )
         return linear(o.reshape(n, self.num_heads * self.v_dim), self.o_proj)  # partial sum
-
-    def _absorbed(self, backend: object) -> bool:
-        if self.mode != "auto":
-            return self.mode == "absorbed"
-        md = getattr(backend, "metadata", None)
-        groups = getattr(md, "groups", None)
-        return not groups or any(g.max_q == 1 for g in groups)
 
     def _expand(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent rows [m, 1, R + rope] -> per-head k [m, h, nope + rope], v [m, h, v]."""

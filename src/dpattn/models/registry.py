@@ -20,6 +20,12 @@ def text_config(cfg: Any) -> Any:
 def build_model(cfg: Any, ps: ParallelState, opts: ModelOptions) -> nn.Module:
     """Gemma 3 (CausalLM or the text half of ConditionalGeneration), DeepSeek V2 / V3, else the
     Llama family."""
+    quant = getattr(cfg, "quantization_config", None)
+    if quant:
+        # Reading quantized weights as plain ones (an FP8 checkpoint without its block scales)
+        # would serve garbage: refuse instead.
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ValueError(f"unsupported checkpoint: quantization_config (quant_method={method!r})")
     if is_gemma3(cfg):
         return Gemma3Model(cfg, ps, opts)
     if is_deepseek(cfg):
