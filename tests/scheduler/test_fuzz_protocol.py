@@ -1,5 +1,7 @@
 """Protocol fuzzing (issue 5): random layouts and workloads through the real scheduler on the
-thread backend, checking the invariants of docs/design.md §7 at every step."""
+thread backend, checking the invariants of docs/design.md §7 at every step. The GQA MoE model
+takes most cases; an MLA model (DeepSeek V3, a latent KV pool, issue 24) a few, each with a
+random prefill form (mla_mode)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from dpattn.config import RunnerConfig, SchedulerConfig
 from dpattn.distributed.parallel_state import Layout, ParallelState
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.executor.sampling_params import SamplingParams
+from dpattn.layers.mla import MLA_MODES
 from dpattn.models.tiny import make_tiny_model
 from dpattn.runtime.launch import run_ranks
 from dpattn.scheduler.mlp_sync import SyncRow
@@ -33,15 +36,20 @@ SYNC_ROW = (1, len(SyncRow().as_list()))  # the MLP sync's all-gather: one row p
 
 LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]
 MAX_STEPS = 400
+GQA, MLA = "qwen3_moe", "deepseek_v3"
+MLA_EXAMPLES = 16  # ~5 s on an idle 2-core machine (the GQA model takes the 500 below)
 
 
-@functools.lru_cache(maxsize=1)
-def _model() -> str:
-    # One dense layer (scattered layout applies) and one MoE layer (world collectives).
+@functools.cache
+def _model(arch: str = GQA) -> str:
+    # One dense layer (scattered layout applies), then MoE layers (world collectives): the GQA
+    # model's layer 0 by mlp_only_layers, DeepSeek's by first_k_dense_replace=1.
     root = tempfile.mkdtemp(prefix="dpattn-fuzz-")
     atexit.register(shutil.rmtree, root, True)  # hypothesis tests cannot take tmp_path fixtures
     out = Path(root) / "m"
-    return str(make_tiny_model("qwen3_moe", out, seed=3, mlp_only_layers=[0]))
+    if arch == MLA:
+        return str(make_tiny_model(MLA, out, seed=3))
+    return str(make_tiny_model(GQA, out, seed=3, mlp_only_layers=[0]))
 
 
 @dataclass(frozen=True)
@@ -65,10 +73,12 @@ class Case:
     ep: bool
     force_gather: bool
     radix_cache: bool = True
+    model: str = GQA
+    mla_mode: str = "auto"
 
 
 @st.composite
-def cases(draw: st.DrawFn) -> Case:
+def cases(draw: st.DrawFn, model: str = GQA) -> Case:
     t, d = draw(st.sampled_from(LAYOUTS))
     n = draw(st.integers(1, 6))
     # Prompts share prefixes (a system prompt; n > 1 copies) so that the prefix cache matches.
@@ -99,18 +109,22 @@ def cases(draw: st.DrawFn) -> Case:
         ep=draw(st.booleans()) and 8 % t == 0,
         force_gather=draw(st.booleans()) and d == 1,
         radix_cache=draw(st.booleans()),
+        model=model,
+        # drawn for the MLA model only: the GQA model's cases stay those of its seed
+        mla_mode=draw(st.sampled_from(MLA_MODES)) if model == MLA else "auto",
     )
 
 
 def _rank(ps: ParallelState, case: Case) -> dict[str, Any]:
     runner = ModelRunner(
         RunnerConfig(
-            _model(),
+            _model(case.model),
             ep=case.ep,
             moe_dense_tp_size=1 if case.dense_tp1 else None,
             dp_padding_mode=case.mode,
             kv_pool_tokens=case.kv_tokens,
             max_running_requests=4,
+            mla_mode=case.mla_mode,
         ),
         ps,
     )
@@ -159,7 +173,13 @@ def _rank(ps: ParallelState, case: Case) -> dict[str, Any]:
             break
     sched.flush_cache()
     free = (runner.kv_pool.available_size(), runner.req_to_token.available_size())
-    return {"steps": steps, "outputs": outputs, "free": (free0, free), "done": not sched.has_work}
+    return {
+        "steps": steps,
+        "outputs": outputs,
+        "free": (free0, free),
+        "done": not sched.has_work,
+        "latent": runner.kv_pool.is_latent,
+    }
 
 
 def _run(case: Case) -> list[dict[str, Any]]:
@@ -197,6 +217,7 @@ def _check(case: Case, results: list[dict[str, Any]]) -> dict[str, list[int]]:
                 op == "all_gather" and shape == SYNC_ROW for _, op, shape in first["world"]
             )
     for r in results:
+        assert r["latent"] == (case.model == MLA), "the KV pool is not the model's kind"
         assert r["done"], "requests left unfinished"
         assert r["free"][0] == r["free"][1], f"KV leak: {r['free']}"
     outputs: dict[str, list[int]] = {}
@@ -221,6 +242,15 @@ def test_protocol_invariants(case: Case) -> None:
     check_invariants(case)
 
 
+@pytest.mark.timeout(300)
+@settings(max_examples=MLA_EXAMPLES, deadline=None, suppress_health_check=SLOW_OK, derandomize=True)
+@given(case=cases(MLA))
+def test_protocol_invariants_mla(case: Case) -> None:
+    """The MLA model: latent rows replicated inside attn_tp, every rank of a group holding the
+    same pool; the protocol, the cache invariants and the outputs as for the GQA model."""
+    check_invariants(case)
+
+
 @pytest.mark.skipif(
     not os.environ.get("DPATTN_FUZZ_SECONDS"), reason="opt-in: DPATTN_FUZZ_SECONDS=N"
 )
@@ -233,7 +263,7 @@ def test_protocol_invariants_random_seeds() -> None:
     while True:
         s = int(fixed) if fixed else random.getrandbits(63)
         print(f"dpattn fuzz: seed {s} (replay: DPATTN_FUZZ_SEED={s})", flush=True)
-        run = given(case=cases())(check_invariants)
+        run = given(case=st.one_of(cases(), cases(MLA)))(check_invariants)
         run = settings(max_examples=50, deadline=None, suppress_health_check=SLOW_OK)(run)
         seed(s)(run)()
         if fixed or time.monotonic() > deadline:
@@ -254,6 +284,7 @@ def check_invariants(case: Case) -> None:
         False,
         False,
         radix_cache=False,
+        model=case.model,
     )
     ref = _check(ref_case, _run(ref_case))
     for rid, ids in outputs.items():
