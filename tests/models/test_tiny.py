@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpattn.models import tiny
+from dpattn.models import tiny, tiny_deepseek
 from dpattn.models.tiny import (
     ARCHS,
     add_size_overrides,
@@ -286,7 +286,7 @@ def test_deepseek_builds_and_loads(
     )
     assert {k: cfg.get(k) for k in expected} == expected
     if arch == "deepseek_v3":
-        assert cfg["rope_parameters"] == tiny.V3_ROPE_PARAMETERS
+        assert cfg["rope_parameters"] == tiny_deepseek.V3_ROPE_PARAMETERS
         assert cfg["rope_interleave"] is True and cfg["num_nextn_predict_layers"] == 0
     else:
         assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
@@ -319,7 +319,7 @@ def test_deepseek_v3_router_bias(ds_models: dict[tuple[str, str], Path]) -> None
     biases = [tensors[f"model.layers.{i}.mlp.gate.e_score_correction_bias"] for i in (1, 2)]
     for b in biases:
         assert b.dtype == torch.float32 and b.shape == (8,)
-        assert (b != 0).all() and b.abs().max() <= tiny.E_SCORE_BIAS_RANGE
+        assert (b != 0).all() and b.abs().max() <= tiny_deepseek.E_SCORE_BIAS_RANGE
         assert b.std() > 0.05
     assert not torch.equal(biases[0], biases[1])
     # the router weight got the sharp router init (std 1), not the 0.1 of the other projections
