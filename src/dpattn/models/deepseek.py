@@ -20,7 +20,6 @@ from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.activation import ACTIVATIONS
-from dpattn.layers.embedding import VocabParallelEmbedding
 from dpattn.layers.mla import MLAAttention
 from dpattn.layers.mlp import DenseMLP
 from dpattn.layers.moe import MoE, Routing
@@ -164,17 +163,9 @@ class DeepseekModel(DecoderModel):
         # V2 always pairs interleaved dims (complex form); V3 unless rope_interleave is off
         interleaved = self.arch == "deepseek_v2" or bool(getattr(cfg, "rope_interleave", True))
         rotary = Rotary(inv_freq, attention_factor, interleaved)
-        dt = opts.dtype
-        self.embed_tokens = VocabParallelEmbedding(ps, cfg.vocab_size, cfg.hidden_size, dt)
+        self.init_ends(cfg, ps, opts.dtype)
         self.layers = nn.ModuleList(
             DeepseekDecoderLayer(cfg, ps, i, opts, rotary) for i in range(cfg.num_hidden_layers)
-        )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = (
-            self.embed_tokens
-            if self.tie_word_embeddings
-            else VocabParallelEmbedding(ps, cfg.vocab_size, cfg.hidden_size, dt, lookup=False)
         )
         self._logged_mtp = ps.rank != 0
 

@@ -125,18 +125,20 @@ class DecoderModel(nn.Module):
         self.cfg = cfg
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         rotary = Rotary(*rope_inv_freq(cfg, head_dim))
-        self.embed_tokens = VocabParallelEmbedding(ps, cfg.vocab_size, cfg.hidden_size, opts.dtype)
+        self.init_ends(cfg, ps, opts.dtype)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, arch, ps, i, opts, rotary) for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.dtype)
+
+    def init_ends(self, cfg: Any, ps: ParallelState, dtype: torch.dtype) -> None:
+        """The embedding, the final norm and the LM head (the embedding itself when tied)."""
+        self.embed_tokens = VocabParallelEmbedding(ps, cfg.vocab_size, cfg.hidden_size, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = (
             self.embed_tokens
             if self.tie_word_embeddings
-            else VocabParallelEmbedding(
-                ps, cfg.vocab_size, cfg.hidden_size, opts.dtype, lookup=False
-            )
+            else VocabParallelEmbedding(ps, cfg.vocab_size, cfg.hidden_size, dtype, lookup=False)
         )
 
     @property
