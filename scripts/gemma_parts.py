@@ -1,7 +1,7 @@
 """Carry the converted Gemma 3 270M to a machine that cannot download it, in parts.
 
-The converted checkpoint (1 GB of fp32) is larger than what one device-tool call carries, and the
-device machine's transformers may convert GGUF differently. So `pack` (here) splits the 253 MB
+The converted checkpoint (1 GB of fp32) may be larger than one upload to the GPU machine can be,
+and that machine's transformers may convert GGUF differently. So `pack` (here) splits the 253 MB
 GGUF into parts and writes a manifest mapping each HF tensor to its GGUF tensor, with the sha256
 of the converted tensor; `unpack` (there) dequantizes with the `gguf` package and rebuilds
 model.safetensors, refusing any tensor whose bytes differ from the manifest's.

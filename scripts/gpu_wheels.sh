@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Wheels of what the device machine's image lacks (it has torch, transformers, numpy, httpx,
-# prometheus-client, pytest, hypothesis, but no network): run here, where pip reaches the
-# package index; scripts/gpu_check.sh installs them there from .whl/ (git-ignored; carry it).
+# Wheels of what a GPU machine without network access lacks (assumed there: torch,
+# transformers, numpy, httpx, prometheus-client, pytest, hypothesis): run on a machine where pip
+# reaches the package index, then copy .whl/ (git-ignored) to the GPU machine's checkout;
+# scripts/gpu_check.sh installs them from there.
 # Versions: those this project is tested with. Python 3.12, x86-64, as on that machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,6 @@
 """The command line a newcomer meets (issue 12): one-line errors with exit code 2, --version,
---log-level debug for the traceback, model paths checked before anything starts, and the
+--log-level debug for the traceback, model paths checked before anything starts, request
+options (sampling, the bench's workload) checked before any model loads (issue 26), and the
 package's public names."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 import dpattn
+from dpattn.cli import _run, build_parser
+from dpattn.cli_errors import run_reporting_errors
 from dpattn.models.model_path import ModelPathError, resolve_model_path
 from dpattn.models.tiny import ensure_default_model
 
@@ -53,6 +56,40 @@ def test_uncached_hub_id_fails_at_once_with_a_hint(tmp_path: Path) -> None:
     line = one_line_error(proc)
     assert "'some-org/some-model' is not a local directory" in line
     assert "huggingface-cli download some-org/some-model --local-dir DIR" in line
+
+
+def test_bad_sampling_option_is_refused_before_the_model_loads(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The model directory does not exist: an answer about the option shows that it was checked
+    # first (it used to come after ~27 s of loading the default model). main() minus logging.
+    argv = ["generate", "--model-path", "/nonexistent/model", "--prompt", "x"]
+    args = build_parser().parse_args([*argv, "--max-new-tokens", "-5"])
+    assert run_reporting_errors(lambda: _run(args)) == 2
+    assert capsys.readouterr().err == (
+        "dpattn: error: --max-new-tokens must be an integer >= 1 "
+        "(or 0 to score a prompt's logprobs only)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "--prompt", "x", "--top-p", "0"], "--top-p must be in \\(0, 1\\]"),
+        (["generate", "--prompt", "x", "--seed", "-1"], "--seed must be an integer in"),
+        (["generate", "--input-ids", "1,x"], "--input-ids takes comma-separated integers"),
+        (["generate"], "give --prompt or --input-ids"),
+        (["bench", "--output-len", "-1"], "--output-len must be an integer >= 1"),
+        (["bench", "--num-prompts", "0"], "--num-prompts must be at least 1"),
+        (["bench", "--range-ratio", "2"], "--range-ratio must be in \\[0, 1\\]"),
+        (["bench", "--base-url", "http://127.0.0.1:9", "--concurrency", "0"], "--concurrency"),
+        (["bench", "--base-url", "http://127.0.0.1:9", "--request-rate", "0"], "--request-rate"),
+    ],
+)
+def test_request_options_are_checked_first(argv: list[str], message: str) -> None:
+    args = build_parser().parse_args([*argv, "--model-path", "/nonexistent/model"])
+    with pytest.raises(ValueError, match=message):
+        _run(args)  # not ModelPathError: nothing was resolved, let alone loaded
 
 
 def test_debug_log_level_shows_the_traceback() -> None:

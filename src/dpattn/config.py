@@ -1,8 +1,9 @@
 """Every option of the engine and of its ranks' model runner and scheduler, in one module.
 
-A field exposed on the command line carries its flag in the field metadata (`option`); cli.py
-builds its parsers from these, so every flag is spelled once, here. This module imports nothing
-from dpattn: every part of the system may read its own config without import cycles.
+A field exposed on the command line carries its flag in the field metadata (`option`);
+cli_parser.py builds the parsers from these, so every flag is spelled once, here. This module
+imports nothing from dpattn: every part of the system may read its own config without import
+cycles.
 """
 
 from __future__ import annotations
@@ -12,7 +13,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-ROUTER_POLICIES = ("round_robin", "shortest_queue", "minimum_tokens", "cache_aware")
+# DP routing (--load-balance-method). follow_bootstrap_room (SGLang's name): a disaggregated
+# request's group is bootstrap_room % dp (what a prefill server always does).
+ROUTER_POLICIES = (
+    "round_robin",
+    "shortest_queue",
+    "minimum_tokens",
+    "cache_aware",
+    "follow_bootstrap_room",
+)
+# SGLang's other --load-balance-method values, mapped onto dpattn's (auto: by the server's role).
+SGLANG_LOAD_BALANCE = {"total_requests": "shortest_queue", "total_tokens": "minimum_tokens"}
+LOAD_BALANCE_METHODS = (*ROUTER_POLICIES, "auto", *SGLANG_LOAD_BALANCE)
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 BACKENDS = ("gloo", "nccl", "thread")  # gloo / nccl: one process per rank
 DEVICES = ("cpu", "cuda")
@@ -131,9 +143,13 @@ class EngineConfig:
         choices=BACKENDS,
     )
     router_policy: str = option(
-        "round_robin",
-        "DP router policy (cache_aware: the group holding the longest prefix, unless loaded)",
-        choices=ROUTER_POLICIES,
+        "auto",
+        "DP router policy (auto, SGLang's default: follow_bootstrap_room on a prefill server, "
+        "else round_robin; cache_aware: the group holding the longest prefix, unless loaded; "
+        "follow_bootstrap_room: bootstrap_room %% dp, disaggregated servers only, what a prefill "
+        "server always does; SGLang's auto, total_requests, total_tokens map to round_robin or "
+        "follow_bootstrap_room, shortest_queue, minimum_tokens)",
+        choices=LOAD_BALANCE_METHODS,
         flags=("--load-balance-method",),  # SGLang's name; --router-policy is kept too
     )
     collective_timeout_s: float = option(
@@ -162,7 +178,10 @@ class EngineConfig:
         choices=TRANSFER_BACKENDS,
     )
     disaggregation_bootstrap_port: int = option(
-        8998, "prefill server: port of the bootstrap service its ranks register with"
+        8998,
+        "prefill server: port of the bootstrap service its ranks register with; either server: "
+        "the port a request's bootstrap_port null stands for (SGLang's router sends null for a "
+        "prefill server given without one)",
     )
     disaggregation_host: str = option(
         "127.0.0.1", "address of the KV transfer and the prefill's bootstrap service"
@@ -200,10 +219,10 @@ class EngineConfig:
                 setattr(target, key, value)
         # The request table has a row for every request the scheduler may run (default too).
         cfg.runner.max_running_requests = cfg.scheduler.max_running_requests
-        if cfg.router_policy not in ROUTER_POLICIES:  # fail before any process starts
-            raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}")
         if cfg.disaggregation_mode not in DISAGGREGATION_MODES:
             raise ValueError(f"disaggregation_mode must be one of {DISAGGREGATION_MODES}")
+        # fail before any process starts
+        cfg.router_policy = resolve_router_policy(cfg.router_policy, cfg.disaggregation_mode)
         if cfg.disaggregation_transfer_backend not in TRANSFER_BACKENDS:
             raise ValueError(f"disaggregation_transfer_backend must be one of {TRANSFER_BACKENDS}")
         if cfg.backend is not None and cfg.backend not in BACKENDS:
@@ -211,6 +230,25 @@ class EngineConfig:
         cfg.device = resolve_device(cfg.device)
         cfg.backend = resolve_backend(cfg.backend, cfg.device)
         return cfg
+
+
+def resolve_router_policy(method: str, disaggregation_mode: str) -> str:
+    """`--load-balance-method`: dpattn's policies, and SGLang's names for them."""
+    if method == "auto":  # SGLang's default: by the server's role
+        return "follow_bootstrap_room" if disaggregation_mode == "prefill" else "round_robin"
+    method = SGLANG_LOAD_BALANCE.get(method, method)
+    if method not in ROUTER_POLICIES:
+        raise ValueError(
+            f"--load-balance-method {method!r} is not one dpattn has: use one of "
+            f"{', '.join(ROUTER_POLICIES)} (or SGLang's auto, total_requests = shortest_queue, "
+            "total_tokens = minimum_tokens)"
+        )
+    if method == "follow_bootstrap_room" and disaggregation_mode == "null":
+        raise ValueError(
+            "--load-balance-method follow_bootstrap_room routes a disaggregated request by its "
+            "bootstrap_room: it needs --disaggregation-mode prefill or decode"
+        )
+    return method
 
 
 def resolve_device(requested: str | None, has_cuda: bool | None = None) -> str:

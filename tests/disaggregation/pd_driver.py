@@ -22,7 +22,7 @@ from dpattn.distributed.parallel_state import ParallelState
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.messages import BootstrapInfo
-from dpattn.scheduler.schedule_batch import Req
+from dpattn.scheduler.schedule_batch import Req, ScheduleBatch
 from dpattn.scheduler.scheduler import Scheduler
 
 TIME_LIMIT_S = 90.0  # a side still busy then is stuck: fail, never hang
@@ -73,6 +73,21 @@ class Result:
     finish_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class PrebuiltStep:
+    """A decode step whose batch was PREBUILT: what ran, and where the gather metadata went."""
+
+    mode: str  # the forward mode run ("none": no forward on this rank)
+    idle: bool  # the run was an idle batch (the PREBUILT batch's inner one)
+    global_num_tokens: tuple[int, ...]
+    padded_tokens: int  # B of the forward's gather plan (0: no forward)
+    padding_mode: str
+    own_meta: list[int] | None  # global_num_tokens written on the PREBUILT batch itself
+    inner_meta: list[int] | None  # ... on its inner idle batch (None: no inner batch)
+    has_inner: bool
+    running: int  # requests running after the step (the PREBUILT ones included)
+
+
 @dataclass
 class SideRun:
     rank: int
@@ -81,8 +96,7 @@ class SideRun:
     queues: list[tuple[Any, ...]]  # per step: the rids of every queue of this rank
     kv: tuple[int, int]  # (free after, initial)
     rows: tuple[int, int]
-    # steps whose batch was PREBUILT: (forward_mode run, idle batch, global_num_tokens)
-    prebuilt_steps: list[tuple[str, bool, tuple[int, ...]]] = field(default_factory=list)
+    prebuilt_steps: list[PrebuiltStep] = field(default_factory=list)
     local_states: list[dict[str, int]] = field(default_factory=list)  # per step (wrapped only)
     failures: dict[str, str] = field(default_factory=dict)
     retractions: int = 0  # running requests sent back to wait for lack of KV slots
@@ -247,6 +261,15 @@ def _drive(
     if wrap is not None:  # a test's view of (or delay on) the real transfer
         sched.transfer = wrap(ps, sched.transfer)  # type: ignore[attr-defined]
     kv0, rows0 = runner.kv_pool.available_size(), runner.req_to_token.available_size()
+    seen: list[ScheduleBatch] = []  # the step's PREBUILT batch, as the scheduler processed it
+    if isinstance(sched, DecodeScheduler):
+        process = sched._process_prebuilt
+
+        def spy(batch: ScheduleBatch) -> None:
+            seen.append(batch)
+            process(batch)
+
+        sched._process_prebuilt = spy  # type: ignore[method-assign]
     drv = Driver(ps, sched, specs, port, side, events, peer and f"{peer}-finished")
     run = SideRun(ps.rank, ps.dp_rank, drv.outputs, [], (0, kv0), (0, rows0))
     events[f"{side}-ready"].set()
@@ -266,9 +289,21 @@ def _drive(
             drv.before_step(step)
             sched.step()
             stats = sched.last_stats
-            if isinstance(sched, DecodeScheduler) and sched.last_prebuilt:
+            if seen:
+                batch = seen.pop()
+                inner = batch.inner_idle_batch
                 run.prebuilt_steps.append(
-                    (stats.forward_mode, stats.idle_batch, stats.global_num_tokens)
+                    PrebuiltStep(
+                        stats.forward_mode,
+                        stats.idle_batch,
+                        stats.global_num_tokens,
+                        stats.padded_tokens,
+                        stats.padding_mode,
+                        batch.global_num_tokens,
+                        inner.global_num_tokens if inner is not None else None,
+                        inner is not None,
+                        stats.running,
+                    )
                 )
             if wrap is not None:
                 run.local_states.append(dict(getattr(sched.transfer, "last", {})))

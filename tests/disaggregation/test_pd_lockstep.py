@@ -76,13 +76,16 @@ def test_prebuilt_joins_other_groups_forward_with_an_idle_batch(
     check_groups(d_runs, Layout(4, 4))
     group1 = d_runs[1]
     assert group1.prebuilt_steps, "no PREBUILT step ran"
-    for mode, idle, gnt in group1.prebuilt_steps:
+    for step in group1.prebuilt_steps:
+        gnt = step.global_num_tokens
         assert gnt[1] == 0, "a PREBUILT batch counted tokens in the MLP sync"
         if gnt[0] > 0:
-            assert (mode, idle) == ("idle", True), f"PREBUILT step ran {mode} alongside a forward"
+            assert (step.mode, step.idle) == ("idle", True), (
+                f"PREBUILT step ran {step.mode} alongside a forward"
+            )
         else:
-            assert mode == "none", "a forward ran with no tokens anywhere"
-    assert any(g[0] > 0 for _, _, g in group1.prebuilt_steps), "group 0 never overlapped"
+            assert step.mode == "none", "a forward ran with no tokens anywhere"
+    assert any(s.global_num_tokens[0] > 0 for s in group1.prebuilt_steps), "no overlap"
     for idle_group in d_runs[2:]:
         assert not idle_group.outputs and not idle_group.prebuilt_steps
     assert_same(merged(d_runs), run_colocated(model, specs), specs)

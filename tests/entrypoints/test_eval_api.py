@@ -88,9 +88,9 @@ def test_native_generate_logprob_names(server: ServerThread, lsm: torch.Tensor) 
     }
     meta = httpx.post(server.url + "/generate", json=body, timeout=60).json()["meta_info"]
     inputs = meta["input_token_logprobs"]
-    assert [t for _, t in inputs] == PROMPT[2:]
+    assert [t for _, t, _ in inputs] == PROMPT[2:]  # [logprob, id, text or null]
     want = [float(lsm[p - 1, PROMPT[p]]) for p in range(2, len(PROMPT))]
-    assert [lp for lp, _ in inputs] == pytest.approx(want, abs=1e-4)
+    assert [lp for lp, _, _ in inputs] == pytest.approx(want, abs=1e-4)
     assert len(meta["input_top_logprobs"]) == len(PROMPT) - 2
     assert len(meta["output_top_logprobs"][0]) == 2
 

@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def gemma_model() -> Path:
     """The converted Gemma 3 270M: $DPATTN_GEMMA_PATH, else the conversion cache (see
-    models/gguf_convert.py); skipped where neither holds it (the device machine has no network
-    and the 1 GB checkpoint is too large to carry)."""
+    models/gguf_convert.py); skipped where neither holds it (a GPU machine without network
+    access gets it from scripts/gpu_session.sh)."""
     from dpattn.models.gguf_convert import converted_dir, is_converted
 
     env = os.environ.get("DPATTN_GEMMA_PATH")

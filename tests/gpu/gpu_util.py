@@ -13,7 +13,7 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def report(name: str, text: str) -> None:
-    """Print a result line and keep it under $OUT (the device machine sends that folder back)."""
+    """Print a result line and keep it under $OUT when set (scripts/gpu_check.sh sets it)."""
     print(f"\n[{name}] {text}", flush=True)
     out = os.environ.get("OUT")
     if out:

@@ -1,6 +1,6 @@
 """The MLP sync (docs/design.md §3): the pure decision, and `prepare_mlp_sync_batch` on the thread backend.
 
-Expected values are recomputed here from the DESIGN rules, independently of `dpattn.scheduler.mlp_sync`.
+Expected values are recomputed here from the rules of docs/design.md §3, independently of `dpattn.scheduler.mlp_sync`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prefill/decode disaggregation (docs: /work/shared/DESIGN.md §8, README "Disaggregation").
+"""Prefill/decode disaggregation (docs/design.md §8, README "Disaggregation").
 
 A prefill server computes the prompt's KV cache and the first output token; a decode server
 receives both and generates the rest. Each side keeps its own (T, D) layout and the MLP sync.

@@ -157,25 +157,32 @@ class DecodeScheduler(Scheduler):
             return []
         rooms = [r.bootstrap.room for r in self.transfer_queue]  # type: ignore[union-attr]
         now = time.monotonic()
-        states = []
-        for req, state in zip(self.transfer_queue, self.transfer.poll(rooms)):
+        states: list[KVPoll] = []
+        mismatch: dict[int, str] = {}  # room -> why its aux data is not its own
+        for req, room, state in zip(self.transfer_queue, rooms, self.transfer.poll(rooms)):
             waited = now - self._since[req.rid]
             limit = (
                 self.timeouts.bootstrap_s
                 if state is KVPoll.Bootstrapping
                 else self.timeouts.transfer_s
             )
-            states.append(KVPoll.Failed if state < KVPoll.Success and waited > limit else state)
-        agreed = consensus(self.ps, states)
+            if state < KVPoll.Success and waited > limit:
+                state = KVPoll.Failed
+            elif state is KVPoll.Success and (got := self.transfer.aux(room).room) != room:
+                # Never another request's first token. A local Failed, before the consensus:
+                # every rank of the group then drops the request (one rank dropping it alone
+                # would leave its queues different from its peers').
+                mismatch[room] = f"aux data of room {got} arrived for room {room}"
+                state = KVPoll.Failed
+            states.append(state)
+        agreed = consensus(self.ps, rooms, states)
         failed = [room for room, state in zip(rooms, agreed) if state is KVPoll.Failed]
-        why = dict(zip(failed, agreed_reasons(self.ps, [self.transfer.reason(r) for r in failed])))
+        local = [mismatch.get(r) or self.transfer.reason(r) for r in failed]
+        why = dict(zip(failed, agreed_reasons(self.ps, local)))
         ready, keep = [], []
         for req, state, room in zip(self.transfer_queue, agreed, rooms):
             if state is KVPoll.Success:
                 aux = self.transfer.aux(room)
-                if aux.room != room:  # never another request's first token
-                    self._drop(req, room, f"aux data of room {aux.room} arrived for room {room}")
-                    continue
                 req.output_ids = [aux.first_token]
                 req.output_logprobs = [aux.logprob]
                 req.input_logprobs = list(aux.input_logprobs)

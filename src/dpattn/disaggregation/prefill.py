@@ -107,14 +107,15 @@ class PrefillScheduler(Scheduler):
             self.transfer.poll_bootstrap([])
             return
         now = time.monotonic()
-        states = self.transfer.poll_bootstrap(_rooms(self.bootstrap_queue))
+        rooms = _rooms(self.bootstrap_queue)
+        states = self.transfer.poll_bootstrap(rooms)
         states = [
             KVPoll.Failed
             if s < KVPoll.WaitingForInput and now - self._since[r.rid] > self.bootstrap_timeout_s
             else s
             for r, s in zip(self.bootstrap_queue, states)
         ]
-        agreed = consensus(self.ps, states)
+        agreed = consensus(self.ps, rooms, states, "bootstrap")
         failed = [r for r, s in zip(self.bootstrap_queue, agreed) if s is KVPoll.Failed]
         local = [self.transfer.reason(room) for room in _rooms(failed)]
         why = dict(zip([r.rid for r in failed], agreed_reasons(self.ps, local)))
@@ -169,7 +170,8 @@ class PrefillScheduler(Scheduler):
     def _poll_inflight(self) -> None:
         if not self.inflight_queue:
             return
-        states = consensus(self.ps, self.transfer.poll_sent(_rooms(self.inflight_queue)))
+        rooms = _rooms(self.inflight_queue)
+        states = consensus(self.ps, rooms, self.transfer.poll_sent(rooms), "inflight")
         keep = []
         for req, state in zip(self.inflight_queue, states):
             if state is KVPoll.Success:

@@ -1,4 +1,4 @@
-"""Transfer states and the attention-TP consensus on them (DESIGN §8).
+"""Transfer states and the attention-TP consensus on them (docs/design.md §8).
 
 The order matters: Failed < Bootstrapping < WaitingForInput < Transferring < Success, so the
 minimum over the ranks of a DP group is the state the whole group has reached (a Failed on any
@@ -45,17 +45,57 @@ def advance(current: KVPoll, new: KVPoll) -> KVPoll:
     return max(current, new)
 
 
-def consensus(ps: ParallelState, states: list[KVPoll]) -> list[KVPoll]:
+class GroupDivergence(RuntimeError):
+    """The ranks of one attention-TP group hold different queues: a scheduler bug that would
+    otherwise surface later as a hang or a mismatched collective in the MLP sync."""
+
+
+def consensus(
+    ps: ParallelState, rooms: list[int], states: list[KVPoll], queue: str = "transfer"
+) -> list[KVPoll]:
     """The min of each request's state over the attention-TP group (CPU group).
 
-    Every rank of a group calls this with the same number of states (its queues are identical
-    to its peers'); one all-gather of a [1, n] row, no call when there is nothing to agree on.
+    The ranks of a group hold identical queues, so each passes the same rooms in the same
+    order; that is checked, not assumed: one all-gather of the room count, then one of a
+    [1, 2n] row (rooms, then states). A rank whose count or rooms differ from its peers' makes
+    every rank of the group raise `GroupDivergence` naming each rank's rooms. No call when there
+    is nothing to agree on (an empty queue on one rank only cannot be seen here: its peers then
+    wait in a collective it never enters, until the collective timeout, or --debug-lockstep
+    names it at once).
     """
+    if len(rooms) != len(states):
+        raise ValueError(f"{len(rooms)} rooms but {len(states)} states")
     if not states or ps.attn_tp_size == 1:
         return list(states)
-    row = torch.tensor([[int(s) for s in states]], dtype=torch.int64)
-    grid = ps.attn_tp_cpu.all_gather(row)
-    return [KVPoll(int(v)) for v in grid.min(dim=0).values.tolist()]
+    group = ps.attn_tp_cpu
+    counts = group.all_gather(torch.tensor([[len(rooms)]], dtype=torch.int64)).flatten()
+    if (counts != counts[0]).any():
+        per_rank = group.all_gather_object(list(rooms))
+        raise GroupDivergence(_divergence(ps, queue, per_rank))
+    as_int64 = [r - 2**64 if r >= 2**63 else r for r in rooms]  # u64 rooms, compared bitwise
+    row = torch.tensor([[*as_int64, *(int(s) for s in states)]], dtype=torch.int64)
+    grid = group.all_gather(row)
+    n = len(rooms)
+    if (grid[:, :n] != grid[0, :n]).any():
+        per_rank = [[r % 2**64 for r in held] for held in grid[:, :n].tolist()]
+        raise GroupDivergence(_divergence(ps, queue, per_rank))
+    return [KVPoll(int(v)) for v in grid[:, n:].min(dim=0).values.tolist()]
+
+
+def _divergence(ps: ParallelState, queue: str, per_rank: list[list[int]]) -> str:
+    ranks = ps.attn_tp_cpu.ranks
+    held = "; ".join(
+        f"rank {r}: {len(rooms)} rooms {_short(rooms)}" for r, rooms in zip(ranks, per_rank)
+    )
+    return (
+        f"the {queue} queues of DP group {ps.dp_rank} diverged across its attention-TP ranks "
+        f"(they must hold the same rooms in the same order): {held}"
+    )
+
+
+def _short(rooms: list[int], limit: int = 8) -> str:
+    shown = ", ".join(str(r) for r in rooms[:limit])
+    return f"[{shown}{', ...' if len(rooms) > limit else ''}]"
 
 
 def aborted(req: Req, reason: str) -> RequestOutput:

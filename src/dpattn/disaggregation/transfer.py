@@ -84,7 +84,8 @@ class DecodeTransfer(ABC):
 
     @abstractmethod
     def aux(self, room: int) -> KVAux:
-        """The aux data of a room that reached Success on every rank."""
+        """The aux data of a room this rank polled as Success (the scheduler checks its room
+        before the group agrees on the state)."""
 
     @abstractmethod
     def reason(self, room: int) -> str: ...

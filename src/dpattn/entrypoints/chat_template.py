@@ -66,12 +66,28 @@ class ChatTemplate:
                 ids.append(i)
         return ids
 
-    def render(self, tokenizer: Any, messages: list[dict[str, str]]) -> str:
-        return str(
-            tokenizer.apply_chat_template(
-                messages, chat_template=self.source, tokenize=False, add_generation_prompt=True
-            )
+    def render(
+        self,
+        tokenizer: Any,
+        messages: list[dict[str, str]],
+        continue_final: bool = False,
+        variables: dict[str, Any] | None = None,
+    ) -> str:
+        """The prompt, ending with the assistant turn's opening. continue_final (SGLang's
+        continue_final_message): a last assistant message is left open, its text the end of the
+        prompt, for the model to continue; variables: extra template variables (SGLang's
+        chat_template_kwargs)."""
+        tail = ""
+        if continue_final and messages and messages[-1]["role"] == "assistant":
+            messages, tail = messages[:-1], messages[-1]["content"]
+        text = tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.source,
+            tokenize=False,
+            add_generation_prompt=True,
+            **(variables or {}),
         )
+        return str(text) + tail
 
 
 def resolve_chat_template(spec: str | None, tokenizer: Any, model_path: str) -> ChatTemplate | None:

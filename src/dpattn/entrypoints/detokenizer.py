@@ -63,7 +63,7 @@ class IncrementalDetokenizer:
 
     def finish(self, matched_stop: str | int | None = None) -> str:
         text = self._decode(self.ids)
-        if isinstance(matched_stop, str) and matched_stop in text:
+        if matched_stop in self.stop and matched_stop in text:  # none held: no_stop_trim
             text = text[: text.index(matched_stop)]
         out, self.sent = text[self.sent :], max(self.sent, len(text))
         return out

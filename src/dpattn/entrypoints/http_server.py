@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP server over the Engine (FastAPI + uvicorn, SSE streaming).
 
-POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /generate (native, mirrors
-Engine.generate; streamed deltas carry the new text only), GET /health, GET /metrics. A request
-pins its DP group with the `X-Data-Parallel-Rank` header or a `dp_rank` body field. Errors are
+POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /generate (SGLang's native
+route: generate_route.py), SGLang's worker routes (sglang_api.py), GET /health, GET /metrics. A
+request pins its DP group with the `X-Data-Parallel-Rank` header or a `dp_rank` (SGLang:
+`data_parallel_rank`) body field; SGLang's extension keys: sglang_fields.py. Errors are
 OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`).
 """
 
@@ -47,6 +48,7 @@ from dpattn.entrypoints.serving import (
     sse,
     streaming_response,
 )
+from dpattn.entrypoints.sglang_api import add_sglang_routes
 from dpattn.entrypoints.tokenize_route import add_tokenize_routes
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions; chat: up to the context
@@ -100,7 +102,9 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
                 (ids, sampling_params(req.sampling_dict(new, j), param), rank) for j in range(req.n)
             ]
         sub = Submission(st)
-        await sub.start(items, logprob, top_logprobs_num, logprob_start_len, bootstrap_of(req))
+        sub.untrimmed = set(range(len(items))) if req.no_stop_trim else set()
+        boot = bootstrap_of(req, len(prompts))
+        await sub.start(items, logprob, top_logprobs_num, logprob_start_len, boot)
         return sub, dict(created=int(time.time()), model=st.model_name)
 
     async def finish(sub: Submission, request: Request) -> Response | None:
@@ -126,7 +130,7 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
         # echo + logprobs: the prompt's own token logprobs (how evaluation harnesses score)
         start = 0 if req.echo and want_lp else -1
         sub, meta = await submit(request, req, prompts, max_new, want_lp, top_n, start)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", **meta}
+        meta = {"id": req.rid or f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", **meta}
         texts = [x if isinstance(x, str) else None for x in raw]  # echo: the prompt as sent
 
         def choice(
@@ -187,7 +191,8 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
                 "no_chat_template",
             )
         try:
-            text = template.render(tok, req.conversation())
+            conv = req.conversation()
+            text = template.render(tok, conv, req.continue_final_message, req.chat_template_kwargs)
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise bad(f"the chat template failed on these messages: {e}", "messages") from None
         ids = tok.encode(text, add_special_tokens=False)
@@ -195,7 +200,7 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
         req.stop_token_ids = [*(req.stop_token_ids or []), *template.stop_token_ids(tok)]
         top_n = (req.top_logprobs or 0) if req.logprobs else 0
         sub, meta = await submit(request, req, [ids], req.max_tokens, req.logprobs, top_n)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", **meta}
+        meta = {"id": req.rid or f"chatcmpl-{uuid.uuid4().hex}", **meta}
         lp = (
             (lambda d: chat_logprobs(st.tokenizer, d.new_ids, d.new_logprobs, d.new_top_logprobs))
             if req.logprobs
@@ -313,6 +318,7 @@ def create_app(
     add_openai_routes(app, st, chat)
     add_generate_route(app, st)
     add_tokenize_routes(app, st)
+    add_sglang_routes(app, st)
     return app
 
 

@@ -1,85 +1,31 @@
-"""OpenAI-compatible request models, their validation, and OpenAI-style errors.
+"""OpenAI-compatible request models and their validation (the errors: errors.py).
 
 Requests are validated strictly: an unknown field, a wrong JSON type or a parameter this engine
 cannot honour (penalties, tools, ...) is a 400
-that names the parameter, never a silent approximation.
+that names the parameter, never a silent approximation. SGLang's extension keys are accepted as
+sglang_fields.py's table says (honoured, a no-op, or refused naming the field).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from dpattn.entrypoints.detokenizer import token_bytes, token_text
+from dpattn.entrypoints.errors import ApiError as ApiError  # re-exported: the routes' import
+from dpattn.entrypoints.errors import bad, unsupported
+from dpattn.entrypoints.errors import from_validation_error as from_validation_error
+from dpattn.entrypoints.sglang_fields import (
+    MAX_N,
+    ChatExtensions,
+    CompletionExtensions,
+    GenerateExtensions,
+    apply_extensions,
+)
 
-MAX_N = 16  # choices per request (OpenAI allows more; each is a full engine request here)
 MAX_STOP = 16
 MAX_SEED = 2**63
-
-
-class ApiError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type_: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-def bad(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, param, code)
-
-
-def unsupported(param: str, why: str = "is not supported by this server") -> ApiError:
-    return ApiError(400, f"'{param}' {why}", param, "unsupported_parameter")
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
-
-
-def from_validation_error(err: ValidationError) -> ApiError:
-    """The first pydantic error as a 400 naming the offending parameter."""
-    e = err.errors()[0]
-    parts = [
-        str(p)
-        for p in e["loc"]
-        if isinstance(p, int) or not ("[" in p or "(" in p or p.lower() in _TYPE_TAGS)
-    ]
-    param = ".".join(parts) or None
-    kind = e["type"]
-    if kind == "extra_forbidden":
-        return unsupported(param or "?", "is not a supported parameter")
-    if kind == "missing":
-        return bad(f"'{param}' is required", param, "missing_required_parameter")
-    code = "invalid_type" if kind.endswith("_type") else "invalid_value"
-    tag = next((i for i, p in enumerate(e["loc"]) if str(p) not in parts), None)
-    alternatives = [  # a union field: pydantic reports one error per member type
-        str(x["loc"][tag])
-        for x in err.errors()
-        if tag is not None and len(x["loc"]) > tag and x["loc"][:tag] == e["loc"][:tag]
-    ]
-    if len(alternatives) > 1:
-        expected = ", ".join(dict.fromkeys(alternatives))
-        return bad(f"invalid type for '{param}': expected one of {expected}", param, code)
-    return bad(f"invalid value for '{param}': {e['msg']}", param, code)
 
 
 class _Strict(BaseModel):
@@ -108,9 +54,9 @@ class _Common(_Strict):
     user: str | None = None
     dp_rank: int | None = None  # extension: pin the request's DP group
     # Prefill/decode disaggregation: set by the PD router (dpattn router --pd-disaggregation)
-    bootstrap_host: str | None = None
-    bootstrap_port: int | None = None
-    bootstrap_room: int | None = None
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | list[int | None] | None = None  # null: the server's configured port
+    bootstrap_room: int | list[int] | None = None  # lists: as SGLang's router sends them
     # accepted only at their neutral values
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -177,7 +123,7 @@ class _Common(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(_Common, CompletionExtensions):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
@@ -185,6 +131,7 @@ class CompletionRequest(_Common):
     suffix: str | None = None
 
     def check(self) -> None:
+        apply_extensions(self, "p")
         self.check_common()
         if isinstance(self.prompt, list) and (not self.prompt or [] in self.prompt):
             raise bad("'prompt' must not be empty", "prompt")
@@ -223,7 +170,7 @@ class ChatMessage(_Strict):
         return "".join(p.text or "" for p in self.content)
 
 
-class ChatCompletionRequest(_Common):
+class ChatCompletionRequest(_Common, ChatExtensions):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -234,6 +181,7 @@ class ChatCompletionRequest(_Common):
     response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
+        apply_extensions(self, "c")
         if self.max_completion_tokens is not None:
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise bad("give 'max_tokens' or 'max_completion_tokens', not both", "max_tokens")
@@ -257,8 +205,8 @@ class ChatCompletionRequest(_Common):
         return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
 
 
-class GenerateRequest(_Strict):
-    """The native /generate body, mirroring Engine.generate."""
+class GenerateRequest(_Strict, GenerateExtensions):
+    """The native /generate body: SGLang's GenerateReqInput (generate_route.py)."""
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
@@ -268,9 +216,9 @@ class GenerateRequest(_Strict):
     logprob_start_len: int = -1
     dp_rank: int | list[int] | None = None
     stream: bool = False
-    bootstrap_host: str | None = None  # prefill/decode disaggregation (the PD router's)
-    bootstrap_port: int | None = None
-    bootstrap_room: int | None = None
+    bootstrap_host: str | list[str] | None = None  # prefill/decode disaggregation (a router's)
+    bootstrap_port: int | list[int | None] | None = None  # null: the server's configured port
+    bootstrap_room: int | list[int] | None = None  # lists: as SGLang's router sends them
 
 
 # ---- response pieces ----

@@ -21,14 +21,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
-from dpattn.disaggregation.frontend import nth_room
+from dpattn.disaggregation.frontend import BootstrapFields, per_sequence
 from dpattn.disaggregation.metrics import DisaggMetrics
 from dpattn.entrypoints.detokenizer import IncrementalDetokenizer
 from dpattn.entrypoints.engine import Delta, Engine
 from dpattn.entrypoints.metrics import ServerMetrics
 from dpattn.entrypoints.openai_protocol import ApiError, bad, from_validation_error
 from dpattn.executor.sampling_params import SamplingParams
-from dpattn.messages import BootstrapInfo
 
 DRAIN_TIMEOUT_S = 120.0  # an aborted request's last delta must arrive by then
 
@@ -150,6 +149,7 @@ class Submission:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[Choice, Delta, float]] = asyncio.Queue()
         self.choices: list[Choice] = []
+        self.untrimmed: set[int] = set()  # items whose text keeps the stop string (no_stop_trim)
         self.closed = False
         self.t0 = time.perf_counter()
         timeout = state.request_timeout_s
@@ -161,13 +161,15 @@ class Submission:
         logprob: bool,
         top_logprobs_num: int = 0,
         logprob_start_len: int = -1,
-        bootstrap: BootstrapInfo | None = None,
+        bootstrap: BootstrapFields | None = None,
     ) -> None:
         """Submit (input_ids, SamplingParams, dp_rank) items, all or none (429 if full);
-        disaggregated: item i is known to both servers by room bootstrap.room + i."""
+        disaggregated: each item's bootstrap room comes from the body's fields, derived alike
+        on both servers (frontend.BootstrapFields)."""
         st = self.state
         st.reserve(len(items))
         try:
+            boots = per_sequence(st.engine.cfg, bootstrap, len(items))
             for i, (ids, params, dp_rank) in enumerate(items):
                 if dp_rank is None and i and ids == items[i - 1][0]:
                     # n > 1: the choices of one prompt share a DP group, where the prompt is
@@ -181,15 +183,16 @@ class Submission:
                     dp_rank,
                     logprob_start_len=logprob_start_len,
                     top_logprobs_num=top_logprobs_num,
-                    bootstrap=nth_room(bootstrap, i),
+                    bootstrap=boots[i],
                 )
                 rid = await self.loop.run_in_executor(None, submit)
+                stops = [] if i in self.untrimmed else params.stop  # no_stop_trim: none cut
                 choice = Choice(
                     i,
                     rid,
                     st.engine.dp_rank_of(rid),
                     len(ids),
-                    IncrementalDetokenizer(st.tokenizer, params.stop, params.skip_special_tokens),
+                    IncrementalDetokenizer(st.tokenizer, stops, params.skip_special_tokens),
                     self.t0,
                 )
                 self.choices.append(choice)

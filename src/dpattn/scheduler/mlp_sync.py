@@ -157,3 +157,30 @@ def prepare_mlp_sync_batch(
         batch_to_gather.is_extend_in_batch = decision.is_extend_in_batch
         batch_to_gather.can_run_graph = decision.can_run_graph
     return batch, decision
+
+
+def batch_to_run(
+    batch: ScheduleBatch | None, decision: SyncDecision, rank: int
+) -> ScheduleBatch | None:
+    """The batch whose forward this rank runs after the sync: None when no rank runs one (rule
+    6), a PREBUILT batch's inner idle batch (its own requests run no rows), else the batch.
+
+    When the ranks decided on a forward, every rank must join it: a rank without a batch to run
+    would leave the others waiting in the MLP collectives until they time out. Rule 4 makes that
+    impossible; should it ever happen, this says so at once, naming the rank."""
+    if not decision.run_forward:
+        return None
+    if batch is None:
+        raise RuntimeError(
+            f"rank {rank}: the MLP sync decided on a forward (global_num_tokens "
+            f"{decision.global_num_tokens}) but this rank has no batch to join it"
+        )
+    if batch.forward_mode is not ForwardMode.PREBUILT:
+        return batch
+    if batch.inner_idle_batch is None:
+        raise RuntimeError(
+            f"rank {rank}: the MLP sync decided on a forward (global_num_tokens "
+            f"{decision.global_num_tokens}) but this rank's PREBUILT batch has no inner idle "
+            "batch to join it"
+        )
+    return batch.inner_idle_batch

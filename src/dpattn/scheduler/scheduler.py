@@ -19,7 +19,7 @@ from dpattn.executor.sampler import sample
 from dpattn.executor.sampling_batch_info import SamplingBatchInfo
 from dpattn.kvcache.prefix_cache import make_prefix_cache
 from dpattn.messages import RequestOutput, StepStats
-from dpattn.scheduler.mlp_sync import SyncDecision, prepare_mlp_sync_batch
+from dpattn.scheduler.mlp_sync import SyncDecision, batch_to_run, prepare_mlp_sync_batch
 from dpattn.scheduler.schedule_batch import FinishReason, Req, ScheduleBatch
 
 LPM_MAX_QUEUE = 128
@@ -86,25 +86,24 @@ class Scheduler:
         )
         sync_s = time.perf_counter() - t0
         ran: dict[str, Any] = {}
-        if batch is not None and decision.run_forward:
-            run = batch.inner_idle_batch if batch.forward_mode is ForwardMode.PREBUILT else batch
-            if run is not None:
-                fb = run.to_forward_batch()
-                plan = self.runner.gather_plan(fb)
-                t0 = time.perf_counter()
-                logits, prompt = self.runner.forward_with_logprobs(fb, plan)
-                forward_s = time.perf_counter() - t0
-                idle = run.forward_mode is ForwardMode.IDLE
-                ran = dict(
-                    forward_mode=run.forward_mode.name.lower(),
-                    num_tokens=run.num_tokens,
-                    padded_tokens=plan.total,
-                    padding_mode=plan.mode.value,
-                    idle_batch=idle,
-                    forward_s=forward_s,
-                )
-                if not idle:
-                    self._process(run, logits, prompt)
+        run = batch_to_run(batch, decision, self.ps.rank)
+        if run is not None:
+            fb = run.to_forward_batch()
+            plan = self.runner.gather_plan(fb)
+            t0 = time.perf_counter()
+            logits, prompt = self.runner.forward_with_logprobs(fb, plan)
+            forward_s = time.perf_counter() - t0
+            idle = run.forward_mode is ForwardMode.IDLE
+            ran = dict(
+                forward_mode=run.forward_mode.name.lower(),
+                num_tokens=run.num_tokens,
+                padded_tokens=plan.total,
+                padding_mode=plan.mode.value,
+                idle_batch=idle,
+                forward_s=forward_s,
+            )
+            if not idle:
+                self._process(run, logits, prompt)
         if batch is not None and batch.forward_mode is ForwardMode.PREBUILT:
             self._process_prebuilt(batch)
         self.last_stats = StepStats(

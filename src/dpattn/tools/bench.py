@@ -61,7 +61,9 @@ def run_offline(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
     first_token: dict[str, float] = {}
     finished: dict[str, float] = {}
     done = threading.Semaphore(0)
-    bar = tqdm(total=cfg.num_prompts, desc="requests", disable=not cfg.progress, leave=False)
+    bar = tqdm(
+        total=cfg.num_prompts, desc="requests", disable=None if cfg.progress else True, leave=False
+    )
 
     def on_delta(delta: Delta) -> None:
         now = time.perf_counter()

@@ -1,12 +1,15 @@
 """Online benchmark: a request stream (by rate or concurrency) against a running server's
-OpenAI-compatible /v1/completions, streamed; JSON summary and a PNG plot."""
+OpenAI-compatible /v1/completions, streamed; a summary table, a JSON report and a PNG plot."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -83,7 +86,9 @@ async def _run(cfg: OnlineBenchConfig) -> tuple[list[RequestRecord], float, dict
         card = (await client.get("/v1/models")).json()["data"][0]
         model = cfg.model or card["id"]
         gate = asyncio.Semaphore(cfg.concurrency or cfg.num_prompts)
-        bar = tqdm(total=cfg.num_prompts, desc="requests", disable=not cfg.progress, leave=False)
+        # disable=None: no bar where stderr is not a terminal (it would repaint into a log)
+        disable = None if cfg.progress else True
+        bar = tqdm(total=cfg.num_prompts, desc="requests", disable=disable, leave=False)
         t0 = time.perf_counter()
 
         async def launch(prompt: str) -> RequestRecord:
@@ -102,8 +107,23 @@ async def _run(cfg: OnlineBenchConfig) -> tuple[list[RequestRecord], float, dict
         return list(records), time.perf_counter() - t0, card
 
 
+@contextmanager
+def quiet_http_client() -> Iterator[None]:
+    """httpx logs every request at INFO (`HTTP Request: POST ... "HTTP/1.1 200 OK"`): one line
+    per request over the progress bar. Off for the run, unless the program logs at debug."""
+    logger = logging.getLogger("httpx")
+    level = logger.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def run_online(cfg: OnlineBenchConfig, plot_path: str | None = None) -> dict[str, Any]:
-    records, elapsed, card = asyncio.run(_run(cfg))
+    with quiet_http_client():
+        records, elapsed, card = asyncio.run(_run(cfg))
     ok = [r for r in records if r.error is None and r.end is not None]
     itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
     tokens = sum(len(r.token_times) for r in ok)
@@ -145,6 +165,40 @@ def plot_title(report: dict[str, Any]) -> str:
         f"{cfg['num_prompts']} prompts, {load}, {cfg['input_len']} words in, "
         f"{cfg['output_len']} tokens out"
     )
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report to read: what ran, the throughput, and the latency percentiles in ms (the
+    layout of the DP-attention comparison's table: labels left, figures right-aligned)."""
+    head = [
+        ["completed requests", str(report["completed"])],
+        ["failed requests", str(report["failed"])],
+        ["elapsed s", f"{report['elapsed_s']:.2f}"],
+        ["requests / s", f"{report['requests_per_s']:.2f}"],
+        ["output tok / s", f"{report['output_tokens_per_s']:.1f}"],
+    ]
+    stats = ("mean", "p50", "p90", "p99", "max")
+    grid = [["ms", *stats]]
+    for label, key in (
+        ("TTFT", "ttft_s"),
+        ("inter-token latency", "itl_s"),
+        ("request latency", "latency_s"),
+    ):
+        q = report[key]
+        grid.append([label, *(f"{q[s] * 1e3:.1f}" if s in q else "-" for s in stats)])
+    lines = [plot_title(report), "", *_aligned(head), "", *_aligned(grid)]
+    lines += [f"error: {e}" for e in report["errors"]]
+    if report.get("plot"):
+        lines.append(f"plot: {report['plot']}")
+    return "\n".join(lines)
+
+
+def _aligned(table: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in table
+    ]
 
 
 def plot(records: list[RequestRecord], elapsed: float, path: str, title: str = "") -> None:
