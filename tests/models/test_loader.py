@@ -57,9 +57,9 @@ _RENAMES = [
     (re.compile(r"mlp\.gate\.weight$"), "mlp.gate"),
     (re.compile(r"mlp\.down_proj\.weight$"), "mlp.down_proj"),
     # DeepSeek: MLA projections, the V3 router's correction bias, shared experts
-    *(
-        (re.compile(rf"self_attn\.{n}\.weight$"), f"self_attn.{n}")
-        for n in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+    (
+        re.compile(r"self_attn\.(q_[ab]_proj|kv_a_proj_with_mqa|kv_b_proj)\.weight$"),
+        r"self_attn.\1",
     ),
     (re.compile(r"mlp\.gate\.e_score_correction_bias$"), "mlp.e_score_correction_bias"),
     (re.compile(r"shared_experts\.down_proj\.weight$"), "shared_experts.down_proj"),
@@ -159,14 +159,10 @@ def models(
     mla_models: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Path]:
-    from dpattn.models.tiny import make_tiny_model
-
     root = tmp_path_factory.mktemp("loader-gemma3")
     return {
         **tiny_models,
         **mla_models,
-        # multi-token-prediction layer keys past the last layer: skipped at load
-        "deepseek_v3_mtp": make_tiny_model("deepseek_v3", root / "mtp", mtp_layers=1),
         **{f"{arch}_per_expert": p for arch, p in per_expert_models.items()},
         "qwen3_moe_mixed": mixed_moe_model,
         "gemma3": make_tiny_gemma3(root / "tied", tie=True),
@@ -174,21 +170,8 @@ def models(
     }
 
 
-MODEL_NAMES = [
-    "llama",
-    "qwen3",
-    "qwen3_moe",
-    "mixtral",
-    "qwen3_moe_per_expert",
-    "mixtral_per_expert",
-    "qwen3_moe_mixed",
-    "gemma3",
-    "gemma3_untied",
-    "deepseek_v2",
-    "deepseek_v3",
-    "deepseek_v3_noq",
-    "deepseek_v3_mtp",
-]
+MODEL_NAMES = """llama qwen3 qwen3_moe mixtral qwen3_moe_per_expert mixtral_per_expert qwen3_moe_mixed
+gemma3 gemma3_untied deepseek_v2 deepseek_v3 deepseek_v3_noq""".split()
 
 
 # ---- equality with the full-read path ----
@@ -223,26 +206,6 @@ def test_bf16_equal_full_read(models: dict[str, Path], name: str) -> None:
 def test_dense_scattered_layout_equal_full_read(models: dict[str, Path], tp: int) -> None:
     # moe_dense_tp_size=1: the dense layer whole on every rank
     assert_equal_full_read(models["qwen3_moe_mixed"], (tp, 1, False, 1), torch.float32)
-
-
-def test_mtp_layers_are_skipped_with_one_log_line(
-    models: dict[str, Path], caplog: pytest.LogCaptureFixture
-) -> None:
-    model = build(models["deepseek_v3_mtp"], (1, 1, False, None), 0, torch.float32)
-    with caplog.at_level("INFO", logger="dpattn.models.deepseek"):
-        loader.load_weights(model, models["deepseek_v3_mtp"])
-    assert [r.message for r in caplog.records if "multi-token" in r.message] == [
-        "skipping the checkpoint's multi-token-prediction layers (1)"
-    ]
-
-
-def test_quantized_checkpoint_is_refused(models: dict[str, Path]) -> None:
-    """An FP8 checkpoint read as plain weights (without its block scales) would be garbage."""
-    cfg = AutoConfig.from_pretrained(models["deepseek_v3"])
-    cfg.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    ps = thread_parallel_state(ThreadWorld(1), Layout(1, 1), 0)
-    with pytest.raises(ValueError, match="quantization_config"):
-        build_model(cfg, ps, ModelOptions())
 
 
 # ---- only slices are read ----
