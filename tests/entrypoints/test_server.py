@@ -87,8 +87,12 @@ def test_stop_strings_and_logprobs(client: openai.OpenAI) -> None:
     assert (stopped.text, stopped.finish_reason) == (cut, "stop")
     stream = client.completions.create(**kw, max_tokens=20, stop=stop, stream=True)
     assert _stream_texts(stream)[:2] == ({0: cut}, {0: "stop"})
-    chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, logprobs=True
+    chat = client.chat.completions.create(  # greedy: an unseeded sample may end early
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        logprobs=True,
+        temperature=0,
     ).choices[0]
     assert len(chat.logprobs.content) == 5
     raw = b"".join(bytes(t.bytes) for t in chat.logprobs.content)
