@@ -56,8 +56,7 @@ class ModelRunner:
         self.vocab_size = int(hc.vocab_size)  # the frontend checks token ids against this
         model_context = cfg.context_length or int(getattr(hc, "max_position_embeddings", 4096))
         attn = self.model.layers[0].self_attn
-        # An MLA layer caches one latent row of head_dim values (one "head", no V).
-        v_dim = getattr(attn, "cache_v_dim", attn.head_dim)
+        v_dim = attn.cache_v_dim  # 0: an MLA layer caches one latent row per token, no V
         self.kv_budget = self._kv_budget(
             attn.num_kv_heads, attn.head_dim, v_dim, opts.dtype, model_context
         )

@@ -38,6 +38,7 @@ class Attention(nn.Module):
             raise ValueError(f"{num_kv_heads} KV heads do not fit attn_tp {a}")
         self.layer_id = layer_id
         self.head_dim = head_dim
+        self.cache_v_dim = head_dim  # the KV pool's V width (an MLA layer caches no V)
         self.num_heads = num_heads // a
         self.num_kv_heads = max(1, num_kv_heads // a)
         # Fewer KV heads than ranks: each rank keeps (a copy of) the KV head its Q heads use.

@@ -250,19 +250,17 @@ class TorchNativeBackend(AttentionBackend):
         md = self.metadata
         return md is None or not md.groups or any(g.max_q == 1 for g in md.groups)
 
-    def _gather_kv(
-        self, g: RequestGroup, pool_k: torch.Tensor, pool_v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, g: RequestGroup, pool: torch.Tensor, half: int) -> torch.Tensor:
+        """The pool rows of the group's keys, into half `half` (0: K or the MLA latent, 1: V) of
+        the workspace."""
         n = g.kv_slots.numel()
-        shape = (n, *pool_k.shape[1:])
-        size = pool_k[0].numel() * n
+        size = pool[0].numel() * n
         ws = self._workspace
-        if ws is None or ws.numel() < 2 * size or ws.dtype != pool_k.dtype:
-            ws = self._workspace = pool_k.new_empty(2 * size)
+        if ws is None or ws.numel() < 2 * size or ws.dtype != pool.dtype:
+            ws = self._workspace = pool.new_empty(2 * size)
+        out = ws[half * size : (half + 1) * size].view(n, *pool.shape[1:])
         # index_select is 3-4x faster than advanced indexing for this gather on CPU.
-        k = torch.index_select(pool_k, 0, g.kv_slots, out=ws[:size].view(shape))
-        v = torch.index_select(pool_v, 0, g.kv_slots, out=ws[size : 2 * size].view(shape))
-        return k, v
+        return torch.index_select(pool, 0, g.kv_slots, out=out)
 
     def forward(
         self,
@@ -277,8 +275,13 @@ class TorchNativeBackend(AttentionBackend):
         # index_copy_ is markedly faster than advanced-index assignment on CPU.
         pool_k.index_copy_(0, self.out_cache_loc, k)
         pool_v.index_copy_(0, self.out_cache_loc, v)
-        gather = lambda g: self._gather_kv(g, pool_k, pool_v)  # noqa: E731
-        return self._attend_groups(q, gather, scaling, sliding_window, v.shape[-1])
+        return self._attend_groups(
+            q,
+            lambda g: (self._gather(g, pool_k, 0), self._gather(g, pool_v, 1)),
+            scaling,
+            sliding_window,
+            v.shape[-1],
+        )
 
     def forward_latent(
         self,
@@ -293,7 +296,7 @@ class TorchNativeBackend(AttentionBackend):
         pool.index_copy_(0, self.out_cache_loc, latent)
 
         def gather(g: RequestGroup) -> tuple[torch.Tensor, torch.Tensor]:
-            rows = self._gather_rows(g, pool)
+            rows = self._gather(g, pool, 0)
             return expand(rows) if expand is not None else (rows, rows[..., :v_dim])
 
         return self._attend_groups(q, gather, scaling, None, v_dim)
@@ -320,16 +323,6 @@ class TorchNativeBackend(AttentionBackend):
             o = _attend(group, q_g, *gather(group), scaling, sliding_window)
             out.index_copy_(0, group.token_index, o)
         return out
-
-    def _gather_rows(self, g: RequestGroup, pool: torch.Tensor) -> torch.Tensor:
-        """An MLA layer's latent rows of the group's keys (the workspace's first half)."""
-        n = g.kv_slots.numel()
-        shape = (n, *pool.shape[1:])
-        size = pool[0].numel() * n
-        ws = self._workspace
-        if ws is None or ws.numel() < size or ws.dtype != pool.dtype:
-            ws = self._workspace = pool.new_empty(2 * size)
-        return torch.index_select(pool, 0, g.kv_slots, out=ws[:size].view(shape))
 
 
 def _attend(

@@ -95,7 +95,7 @@ class MoE(nn.Module):
                 f"{num_experts} experts do not form {routing.num_groups} groups "
                 f"of which {routing.topk_groups} are kept"
             )
-        self.num_experts, self.routing, self.top_k = num_experts, routing, routing.top_k
+        self.num_experts, self.routing = num_experts, routing
         self.local_experts = num_experts // t if ep else num_experts
         self.first_expert = r * self.local_experts if ep else 0
         local_inter = inter if ep else inter // t
@@ -122,6 +122,10 @@ class MoE(nn.Module):
             lambda f: shard(shard(f, 0, e_index, e_parts), 2, i_index, i_parts),
         )
         self.act = ACTIVATIONS[act]
+
+    @property
+    def top_k(self) -> int:
+        return self.routing.top_k
 
     def prepack(self) -> None:
         pack_params(self, "gate")  # the experts run grouped GEMMs over their 3-d weights

@@ -54,7 +54,8 @@ def check_config(cfg: Any) -> None:
     def refuse(field: str, value: Any, why: str) -> None:
         raise ValueError(f"unsupported {_arch(cfg)} config: {field}={value!r} ({why})")
 
-    rope_type = rope_parameters(cfg).get("rope_type", rope_parameters(cfg).get("type", "default"))
+    rope = rope_parameters(cfg)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         refuse("rope_parameters.rope_type", rope_type, f"dpattn implements {ROPE_TYPES}")
     method = getattr(cfg, "topk_method", None)
