@@ -300,6 +300,8 @@ def _run(args: argparse.Namespace) -> int:
             dp_padding_mode=args.dp_padding_mode,
             mla_mode=args.mla_mode,
             dtype=args.dtype,
+            quantization=args.quantization,
+            quant_group_size=args.quant_group_size,
             backend=args.backend,
             device=args.device,
             num_prompts=args.num_prompts,

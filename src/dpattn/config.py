@@ -76,6 +76,20 @@ class RunnerConfig:
         group=LAYOUT,
         choices=("auto", "absorbed", "decompressed"),
     )
+    # None: the checkpoint's own (models/quantized.py: gguf for a GGUF model, fp8 for an FP8
+    # checkpoint, else none), resolved before any rank starts.
+    quantization: str | None = option(
+        None,
+        "weight format (layers/quant.py): none (as loaded, the reference), gguf (a GGUF "
+        "model's own integer weights), int8 / int4 (weight-only, quantized at load per "
+        "--quant-group-size inputs), fp8 (block-wise checkpoints, dequantized at load); "
+        "default: the checkpoint's own",
+        group=LAYOUT,
+        choices=("none", "gguf", "int8", "int4", "fp8"),
+    )
+    quant_group_size: int = option(
+        128, "int8 / int4: inputs per scale", group=LAYOUT, choices=(32, 64, 128, 256)
+    )
     # None: sized from memory (kvcache/budget.py); SGLang's flag name, the old one kept too.
     kv_pool_tokens: int | None = option(
         None,

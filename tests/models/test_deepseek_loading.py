@@ -39,9 +39,9 @@ def test_mtp_layers_are_skipped_with_one_log_line(
 
 
 def test_quantized_checkpoint_is_refused(mla_models: dict[str, Path]) -> None:
-    """An FP8 checkpoint read as plain weights (without its block scales) would be garbage."""
+    """A quantization dpattn cannot read (only FP8 block-wise and GGUF) is refused, named."""
     cfg = AutoConfig.from_pretrained(mla_models["deepseek_v3"])
-    cfg.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    cfg.quantization_config = {"quant_method": "gptq", "bits": 4}
     ps = thread_parallel_state(ThreadWorld(1), Layout(1, 1), 0)
     with pytest.raises(ValueError, match="quantization_config"):
         build_model(cfg, ps, ModelOptions())

@@ -25,6 +25,7 @@ from dpattn.entrypoints.request_state import Delta, RequestState
 from dpattn.entrypoints.validation import RequestLimits
 from dpattn.messages import RankReady, Shutdown, StepStats
 from dpattn.models.model_path import resolve_model_path
+from dpattn.models.quantized import resolve_quantization
 from dpattn.runtime.launch import refuse_in_spawned_child
 from dpattn.runtime.rank_worker import load_tokenizer
 from dpattn.runtime.router import DpRouter
@@ -42,6 +43,8 @@ class Engine(EngineRequests):
         refuse_in_spawned_child()
         model_path = resolve_model_path(model_path)  # None: the one default model
         self.cfg = EngineConfig.from_options(model_path, tp_size, dp_size, **options)
+        runner = self.cfg.runner  # a --quantization the checkpoint cannot take fails here
+        runner.quantization = resolve_quantization(model_path, runner.quantization)
         self.layout = Layout(tp_size, dp_size)
         self.tokenizer = load_tokenizer(model_path)
         # The effective limits, as the ranks report them (RankReady): set by _wait_ready.

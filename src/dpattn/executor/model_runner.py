@@ -31,8 +31,10 @@ from dpattn.layers.attention_backend import TorchNativeBackend
 from dpattn.layers.dp_attention import GatherPlan
 from dpattn.layers.forward_context import ForwardContext, forward_context
 from dpattn.layers.linear import can_prepack, prepack
+from dpattn.layers.quant import WeightFormat
 from dpattn.models.llama import ModelOptions
 from dpattn.models.loader import load_weights
+from dpattn.models.quantized import resolve_quantization
 from dpattn.models.registry import build_model, text_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,9 +51,16 @@ class ModelRunner:
         with torch.device(ps.device):
             # .to(): buffers made from CPU tensors (rotary frequencies) follow the parameters
             self.model = build_model(self.hf_config, ps, opts).to(ps.device).eval()
-        load_weights(self.model, Path(cfg.model_path))
-        if not cfg.disable_weight_prepack and can_prepack(ps.device):
-            prepack(self.model)
+        quantization = cfg.quantization or resolve_quantization(cfg.model_path, None)
+        load_weights(self.model, Path(cfg.model_path), quantization)
+        fmt = WeightFormat(
+            quantization,
+            cfg.quant_group_size,
+            dense_prepack=not cfg.disable_weight_prepack and can_prepack(ps.device),
+            int4_kernel=ps.device.type == "cpu",
+        )
+        if fmt.dense_prepack or quantization not in ("none", "fp8"):
+            prepack(self.model, fmt)
         hc = self.hf_config
         self.vocab_size = int(hc.vocab_size)  # the frontend checks token ids against this
         model_context = cfg.context_length or int(getattr(hc, "max_position_embeddings", 4096))

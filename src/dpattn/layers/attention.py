@@ -9,6 +9,7 @@ from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.forward_context import get_forward_context
 from dpattn.layers.linear import linear, pack_params, pack_weight
 from dpattn.layers.norm import RMSNorm
+from dpattn.layers.quant import Int4Weight
 from dpattn.layers.rotary import Rotary
 from dpattn.layers.weights import param, shard
 
@@ -62,7 +63,9 @@ class Attention(nn.Module):
             self.q_bias = param((q_rows,), dtype, rows(a, rank))
             self.k_bias = param((kv_rows,), dtype, rows(kv_parts, kv_index))
             self.v_bias = param((kv_rows,), dtype, rows(kv_parts, kv_index))
-        self.qkv_proj: torch.Tensor | None = None  # q, k, v in one packed weight (prepack)
+        self.qkv_proj: torch.Tensor | Int4Weight | None = (
+            None  # q, k, v in one packed weight (prepack)
+        )
         self.qkv_bias: torch.Tensor | None = None
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype, norm_offset) if qk_norm_eps else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype, norm_offset) if qk_norm_eps else None
@@ -70,7 +73,7 @@ class Attention(nn.Module):
     def prepack(self) -> None:
         """One GEMM for q, k and v (a decode step's projections are small: fewer calls)."""
         names = ("q_proj", "k_proj", "v_proj")
-        self.qkv_proj = pack_weight(torch.cat([self._parameters.pop(n) for n in names]))
+        self.qkv_proj = pack_weight(*[self._parameters.pop(n) for n in names])
         if self.bias:
             biases = ("q_bias", "k_bias", "v_bias")
             self.qkv_bias = torch.cat([self._parameters.pop(n) for n in biases])

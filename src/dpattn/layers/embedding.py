@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
-from dpattn.layers.linear import linear, pack_weight
+from dpattn.layers.linear import embedding, linear, lookup_table, pack_weight
+from dpattn.layers.quant import GroupQuant, Int4Weight
 from dpattn.layers.weights import param
 
 
@@ -42,19 +42,27 @@ class VocabParallelEmbedding(nn.Module):
             return torch.cat([rows, full.new_zeros((pad, *full.shape[1:]))])
 
         self.weight = param((self.shard_size, hidden), dtype, load)
-        self.head: torch.Tensor | None = None  # the LM head's packed copy (see prepack)
+        self.head: torch.Tensor | Int4Weight | None = None  # the LM head's packed copy
+        self.table: torch.Tensor | GroupQuant | None = None  # lookup rows, when not `weight`
 
     def prepack(self) -> None:
-        # Tied embeddings keep their rows for the lookup (a bf16 copy's `plain` is those rows);
-        # an untied fp32 head needs only the copy.
-        self.head = pack_weight(self.weight if self.lookup else self._parameters.pop("weight"))
+        # Tied embeddings keep their rows for the lookup (a bf16 copy's `plain` is those rows;
+        # a GGUF model's integer rows replace them); an untied head needs only the copy.
+        weight = self.weight if self.lookup else self._parameters.pop("weight")
+        self.head = pack_weight(weight)
+        if self.lookup:
+            table = lookup_table(weight)
+            if table is not weight:
+                del self.weight
+                self.table = table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.weight if self.table is None else self.table
         if self.ps.attn_tp_size == 1:
-            return F.embedding(ids, self.weight)
+            return embedding(ids, table)
         local = ids - self.lo
         outside = (local < 0) | (local >= self.shard_size)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = embedding(local.masked_fill(outside, 0), table)
         out = out.masked_fill(outside[:, None], 0)
         return self.ps.attn_tp.all_reduce(out)
 

@@ -21,12 +21,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpattn.layers.quant import (
+    KERNEL_GROUPS,
+    GroupQuant,
+    Int4Weight,
+    WeightFormat,
+    current_format,
+    dense,
+    effective,
+    group_quant,
+    note_dense,
+    weight_format,
+)
+
 SKINNY_ROWS = 128  # above this F.linear's packed GEMM is as fast or faster (measured)
 _BLOCK_ROWS = 4096  # weight rows per block for tall weights (vocab-sized)
 _TALL = 8 * _BLOCK_ROWS
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    if isinstance(weight, Int4Weight):
+        return weight(x, bias)
     if weight.is_mkldnn:  # prepacked
         plain = getattr(weight, "plain", None)
         if plain is not None and x.dim() == 2 and x.shape[0] == 1:
@@ -76,25 +93,74 @@ def can_prepack(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available()
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A projection weight [out, in] in oneDNN's layout, fp32 (linear() takes either form). A
-    bf16 / fp16 weight stays beside it as `plain`, for one-row calls (see the module's doc)."""
+def pack_weight(*weights: torch.Tensor, quantize: bool = True) -> torch.Tensor | Int4Weight:
+    """These projection weights [out, in], stacked by rows, in the format linear() runs them
+    with under the current WeightFormat (layers/quant.py): an Int4Weight, or dense, oneDNN-
+    packed on CPU (fp32; a bf16 / fp16 weight stays beside it as `plain`, for one-row calls,
+    see the module's doc). `quantize=False`: a weight that stays in the model dtype (a router,
+    MLA's kv_b_proj, which the absorbed path also reads as a plain tensor)."""
+    fmt = current_format()
+    gq = group_quant(weights, fmt) if quantize else None
+    if gq is not None and fmt.int4_kernel and gq.group in KERNEL_GROUPS:
+        return Int4Weight(gq)
+    weights = tuple(dense(w) for w in weights)
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    if gq is not None:
+        if fmt.method != "gguf":  # quantized at load: the values the format would compute with
+            weight = effective(gq).to(weight.device, weight.dtype)
+        note_dense(
+            f"{fmt.method}: no int4 kernel for group {gq.group} on {weight.device.type}: "
+            "those weights stay dense"
+        )
+    elif quantize and fmt.method == "gguf":
+        note_dense("gguf: tensors stored in float or in a type without a split stay dense")
+    if not fmt.dense_prepack:
+        return weight.detach()
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous())
     if weight.dtype in (torch.bfloat16, torch.float16):
         packed.plain = weight.detach()  # type: ignore[attr-defined]
     return packed
 
 
-def pack_params(module: nn.Module, *names: str) -> None:
+def pack_params(module: nn.Module, *names: str, quantize: bool = True) -> None:
     """Replace these parameters of `module` by their packed form (the plain copy is freed)."""
     for name in names:
         weight = module._parameters.pop(name)
         assert weight is not None
-        setattr(module, name, pack_weight(weight))
+        setattr(module, name, pack_weight(weight, quantize=quantize))
 
 
-def prepack(model: nn.Module) -> None:
-    """Pack the projections of every layer that offers it (`prepack()`), once, after loading."""
-    for module in model.modules():
-        if hasattr(module, "prepack"):
-            module.prepack()
+def pack_experts(module: nn.Module, *names: str) -> None:
+    """Per-expert weights [E, out, in]: a list of packed experts when the format quantizes
+    them, else left as they are (the MoE layer runs grouped GEMMs over the 3-d weight)."""
+    if current_format().method in ("none", "fp8"):
+        return
+    for name in names:
+        weight = module._parameters.pop(name)
+        assert weight is not None
+        setattr(module, name, [pack_weight(w) for w in weight.unbind(0)])
+
+
+def lookup_table(weight: torch.Tensor) -> torch.Tensor | GroupQuant:
+    """An embedding's rows for lookups: a GGUF model's integer rows where it has them (a
+    quarter of fp32's bytes; lookups dequantize only the rows they take), else the weight."""
+    gq = getattr(weight, "group_quant", None)
+    return gq if gq is not None and current_format().method == "gguf" else weight
+
+
+def embedding(ids: torch.Tensor, table: torch.Tensor | GroupQuant) -> torch.Tensor:
+    if isinstance(table, GroupQuant):
+        return table.take(ids)
+    return F.embedding(ids, table)
+
+
+def prepack(model: nn.Module, fmt: WeightFormat) -> None:
+    """Put every projection into `fmt` (`prepack()` of each layer that offers it), once, after
+    loading; an error names the layer."""
+    with weight_format(fmt):
+        for name, module in model.named_modules():
+            if hasattr(module, "prepack"):
+                try:
+                    module.prepack()
+                except ValueError as e:
+                    raise ValueError(f"{name or 'model'}: {e}") from None

@@ -98,7 +98,9 @@ class MLAAttention(nn.Module):
 
     def prepack(self) -> None:
         names = ("q_a_proj", "q_b_proj") if self.q_lora_rank else ("q_proj",)
-        pack_params(self, *names, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+        pack_params(self, *names, "kv_a_proj_with_mqa", "o_proj")
+        # the absorbed path reads kv_b_proj's plain per-head split: both forms stay one weight
+        pack_params(self, "kv_b_proj", quantize=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]

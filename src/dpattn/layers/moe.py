@@ -16,7 +16,7 @@ from torch import nn
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.activation import ACTIVATIONS
 from dpattn.layers.forward_context import get_forward_context
-from dpattn.layers.linear import linear, pack_params
+from dpattn.layers.linear import linear, pack_experts, pack_params
 from dpattn.layers.mlp import DenseMLP, gate_up_loader
 from dpattn.layers.weights import param, shard
 
@@ -128,7 +128,8 @@ class MoE(nn.Module):
         return self.routing.top_k
 
     def prepack(self) -> None:
-        pack_params(self, "gate")  # the experts run grouped GEMMs over their 3-d weights
+        pack_params(self, "gate", quantize=False)  # the router stays in its own dtype
+        pack_experts(self, "w13", "w2")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Padding rows (attention-TP padding, MAX_LEN slots) are not routed: they would cost
@@ -186,7 +187,12 @@ class MoE(nn.Module):
         """xs sorted by expert, counts[e] rows each: the experts' MLPs over their slices."""
         if xs.shape[0] == 0:
             return xs.new_zeros(xs.shape)
-        if xs.dtype == torch.float32 and xs.device.type == "cpu" and _GROUPED_MM:
+        if (
+            xs.dtype == torch.float32
+            and xs.device.type == "cpu"
+            and _GROUPED_MM
+            and isinstance(self.w13, torch.Tensor)  # not quantized per expert
+        ):
             # fp32 on CPU: one grouped GEMM beats the per-expert loop (bf16 does not, measured)
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = F.grouped_mm(xs, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)

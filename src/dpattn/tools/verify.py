@@ -19,6 +19,7 @@ from dpattn.config import RunnerConfig, resolve_backend, resolve_device
 from dpattn.distributed.parallel_state import Layout, ParallelState
 from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
 from dpattn.executor.model_runner import DTYPES, ModelRunner
+from dpattn.models.quantized import reference_weights, resolve_quantization
 from dpattn.runtime.launch import run_ranks
 from dpattn.scheduler.mlp_sync import SyncRow, decide, gather_rows
 from dpattn.tools.logit_compare import RowCheck, Tolerance, check_row, default_tolerance
@@ -34,6 +35,8 @@ class VerifyConfig:
     dp_padding_mode: str = "auto"
     mla_mode: str = "auto"
     dtype: str = "float32"
+    quantization: str | None = None  # None: the checkpoint's own
+    quant_group_size: int = 128
     backend: str | None = None  # None: nccl on cuda, gloo on cpu (config.resolve_backend)
     device: str | None = None  # None: cuda when available (config.resolve_device)
     num_prompts: int = 5
@@ -110,6 +113,8 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
             cfg.moe_dense_tp_size,
             cfg.dp_padding_mode,
             mla_mode=cfg.mla_mode,
+            quantization=cfg.quantization,
+            quant_group_size=cfg.quant_group_size,
             disable_cuda_graph=True,  # no scheduler, no graph vote: every step runs eagerly
         ),
         ps,
@@ -168,12 +173,20 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
 
 
 def reference_logits(
-    model_path: str, dtype: str, sequences: dict[int, list[int]], device: str = "cpu"
+    model_path: str,
+    dtype: str,
+    sequences: dict[int, list[int]],
+    device: str = "cpu",
+    quantization: str = "none",
+    group_size: int = 128,
 ) -> dict[int, torch.Tensor]:
-    """transformers' logits for each sequence, on `device` (the layout's own), returned on CPU."""
+    """transformers' logits for each sequence, on `device` (the layout's own), returned on CPU.
+    `quantization`: with the dense weights dpattn's kernels compute with (models/quantized.py),
+    so that the quantized arithmetic, not the quantization, is what verify measures."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+    reference_weights(model, model_path, quantization, group_size)
     model = model.to(device).eval()
     with torch.inference_mode():
         return {
@@ -182,9 +195,16 @@ def reference_logits(
         }
 
 
+def kernel_dtype(cfg: VerifyConfig) -> str:
+    """The activation dtype the projections compute in: the int4 kernel's bf16 for the integer
+    formats on CPU (layers/quant.py), else the model dtype."""
+    integer = cfg.quantization in ("gguf", "int8", "int4")
+    return "bfloat16" if integer and cfg.device in (None, "cpu") else cfg.dtype
+
+
 def tolerance(cfg: VerifyConfig) -> Tolerance:
-    """The dtype's default tolerance, with the fields the config sets overridden."""
-    d = default_tolerance(cfg.dtype)
+    """The kernels' dtype's default tolerance, with the fields the config sets overridden."""
+    d = default_tolerance(kernel_dtype(cfg))
     return Tolerance(
         d.atol if cfg.atol is None else cfg.atol,
         d.rtol if cfg.rtol is None else cfg.rtol,
@@ -195,10 +215,11 @@ def tolerance(cfg: VerifyConfig) -> Tolerance:
 def verify(cfg: VerifyConfig) -> dict[str, Any]:
     if cfg.num_prompts < 1:
         raise ValueError("verify needs at least one prompt")
-    tol = tolerance(cfg)
     layout = Layout(cfg.tp, cfg.dp)
     cfg.device = resolve_device(cfg.device)
     cfg.backend = resolve_backend(cfg.backend, cfg.device)
+    cfg.quantization = resolve_quantization(cfg.model_path, cfg.quantization)
+    tol = tolerance(cfg)
     results = run_ranks(
         functools.partial(rank_main, cfg=cfg), layout, cfg.backend, device=cfg.device
     )
@@ -214,8 +235,10 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         merged_tokens.update(res["tokens"])
         merged_logits.update(res["logits"])
         merged_steps.update(res["row_steps"])
+    ref_path = cfg.reference_model_path or cfg.model_path
+    quant = cfg.quantization if ref_path == cfg.model_path else "none"
     ref = reference_logits(
-        cfg.reference_model_path or cfg.model_path, cfg.dtype, merged_tokens, cfg.device
+        ref_path, cfg.dtype, merged_tokens, cfg.device, quant, cfg.quant_group_size
     )
     per_request: dict[int, dict[str, Any]] = {}
     by_step: dict[int, list[RowCheck]] = {}
@@ -238,6 +261,10 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         len(rows) == cfg.decode_steps + 1 for rows in merged_logits.values()
     )
     ok_logits = all(c.ok for c in checks) and max_kl <= tol.max_kl
+    quant_error = None
+    if quant not in ("none", "fp8"):  # what the quantization itself costs, for the user to see
+        plain = reference_logits(ref_path, cfg.dtype, merged_tokens, cfg.device)
+        quant_error = _quantization_error(merged_logits, merged_tokens, plain, cfg.decode_steps)
     return {
         "ok": complete and ok_logits and all(res["leaked"] == (0, 0) for res in results),
         "model": cfg.model_path,
@@ -259,6 +286,32 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         # every group's rows at each step: the checks of a step that issued them
         "step_checks": [{"step": k, **_summary(cs)} for k, cs in sorted(by_step.items())],
         "kv_leaked": [res["leaked"] for res in results],
+        "quantization": cfg.quantization,
+        "kernel_dtype": kernel_dtype(cfg),
+        "quantization_error": quant_error,
+    }
+
+
+def _quantization_error(
+    logits: dict[int, list[list[float]]],
+    tokens: dict[int, list[int]],
+    plain: dict[int, torch.Tensor],
+    decode_steps: int,
+) -> dict[str, float]:
+    """This run's logits against the unquantized checkpoint's (transformers, same tokens): the
+    KL of the next-token distributions and how often the greedy tokens agree."""
+    kls, agree = [], []
+    for rid, rows in logits.items():
+        start = len(tokens[rid]) - decode_steps - 1
+        for i, row in enumerate(rows):
+            c = check_row(torch.tensor(row), plain[rid][start + i], Tolerance(0.0, 0.0, 0.0))
+            kls.append(c.kl)
+            agree.append(c.greedy_agree)
+    return {
+        "kl_mean": sum(kls) / len(kls),
+        "kl_max": max(kls),
+        "greedy_agreement": sum(agree) / len(agree),
+        "rows": len(kls),
     }
 
 

@@ -1,0 +1,224 @@
+"""Weight formats of the projections: the one place a projection's weight format is chosen.
+
+Model files declare plain parameters and call `linear()`; after loading, the model runner packs
+them (`linear.prepack`) under a `WeightFormat`, and `pack_weight` asks `pack()` here what each
+projection becomes:
+
+- `none`: the weight as loaded (the reference path; oneDNN-prepacked on CPU).
+- `gguf`: a GGUF model's own integer weights (the loader attaches each shard's `GroupQuant`).
+- `int8` / `int4`: quantized at load, per group of `group_size` inputs (int8 symmetric, int4
+  with a minimum per group, as GGUF's Q4_K).
+
+Every integer format runs on torch's group-wise int4 CPU kernel (`_weight_int4pack_mm_for_cpu`,
+bf16 activations and scales): 4-bit values directly, wider ones (GGUF's 5- and 8-bit types,
+int8) as two nibbles over a doubled input, w = 16 s h + s l + z, which keeps every value
+exact; the 4 bytes per weight of fp32 become 0.5 or 1. Scales and offsets are rounded to bf16
+(relative 2^-9, beside a 4-bit step of 1/15): `effective()` is the dense weight the kernel
+computes with, which `dpattn verify` gives transformers as its reference. Groups the kernel
+lacks (GGUF's Q6_K scales every 16 weights) and devices without the kernel keep the dense
+weight, with one log line naming them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "gguf", "int8", "int4", "fp8")
+KERNEL_GROUPS = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
+_N_ALIGN = 16  # its output rows come in tiles of 16
+
+
+@dataclass(frozen=True)
+class GroupQuant:
+    """Integer weights with a scale and an offset per group of `group` consecutive inputs:
+    w[..., k] = scale[..., k // group] * q[..., k] + zero[..., k // group], in fp32."""
+
+    q: torch.Tensor  # int8 [..., K]
+    scale: torch.Tensor  # fp32 [..., K / group]
+    zero: torch.Tensor | None  # fp32 like scale; None: 0
+    group: int
+    bits: int = 8
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.q.float().unflatten(-1, (-1, self.group)) * self.scale[..., None]
+        if self.zero is not None:
+            w = w + self.zero[..., None]
+        return w.flatten(-2)
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` dequantized (an embedding lookup), equal to dequantize()[ids]."""
+        zero = None if self.zero is None else self.zero[ids]
+        return GroupQuant(self.q[ids], self.scale[ids], zero, self.group, self.bits).dequantize()
+
+    @staticmethod
+    def cat(parts: Sequence[GroupQuant]) -> GroupQuant | None:
+        """Row-stacked parts (q, k and v into one), or None when their groups differ."""
+        if len(parts) == 1:
+            return parts[0]
+        if len({p.group for p in parts}) > 1:
+            return None
+        zeros = [p.zero if p.zero is not None else torch.zeros_like(p.scale) for p in parts]
+        has_zero = any(p.zero is not None for p in parts)
+        return GroupQuant(
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat(zeros) if has_zero else None,
+            parts[0].group,
+            max(p.bits for p in parts),
+        )
+
+
+def quantize(w: torch.Tensor, bits: int, group: int) -> GroupQuant:
+    """Weight-only quantization of w [..., K]: int8 symmetric (q in [-127, 127]) or int4 with a
+    minimum per group (q in [0, 15]). Scales are rounded to bf16 first (what the kernel uses)."""
+    k = w.shape[-1]
+    if k % group:
+        raise ValueError(f"group size {group} does not divide the input width {k}")
+    g = w.detach().float().unflatten(-1, (-1, group))
+    if bits == 8:
+        scale = _bf16((g.abs().amax(-1) / 127).clamp_min(1e-30))
+        q = torch.round(g / scale[..., None]).clamp_(-127, 127)
+        return GroupQuant(q.to(torch.int8).flatten(-2), scale, None, group, 8)
+    if bits != 4:
+        raise ValueError(f"no {bits}-bit weight-only quantization (int8 or int4)")
+    lo = g.amin(-1)
+    scale = _bf16(((g.amax(-1) - lo) / 15).clamp_min(1e-30))
+    zero = _bf16(lo)
+    q = torch.round((g - zero[..., None]) / scale[..., None]).clamp_(0, 15)
+    return GroupQuant(q.to(torch.int8).flatten(-2), scale, zero, group, 4)
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+def _kernel_parts(
+    gq: GroupQuant,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The kernel's nibbles (values 0..15), scales and offsets: w = sum (u - 8) * s + z.
+
+    No offset of the integer values is folded into z: a symmetric format keeps z = 8 s or 0,
+    exact in bf16, so only the scale is rounded."""
+    q = gq.q.int()
+    s = _bf16(gq.scale)  # 16 s stays exact in bf16
+    z = gq.zero if gq.zero is not None else torch.zeros_like(s)
+    lo, hi = int(q.min()), int(q.max())
+    if 0 <= lo and hi <= 15:  # (u - 8) s + 8 s + z
+        return [q], [s], [_bf16(z + 8 * gq.scale)]
+    if -8 <= lo and hi <= 7:  # u = q + 8
+        return [q + 8], [s], [_bf16(z)]
+    # q = 16 h + l, h in [-8, 7], l in [0, 15]: (h + 8 - 8) 16 s  +  (l - 8) s + 8 s + z
+    return [(q >> 4) + 8, q & 15], [16 * s, s], [torch.zeros_like(s), _bf16(z + 8 * gq.scale)]
+
+
+def effective(gq: GroupQuant) -> torch.Tensor:
+    """The dense fp32 weight the int4 kernel computes with for `gq` (bf16 scales and offsets,
+    exact values): what `dpattn verify` gives transformers as the reference."""
+    nibbles, scales, zeros = _kernel_parts(gq)
+    w = torch.zeros(gq.q.shape, dtype=torch.float32)
+    for u, s, z in zip(nibbles, scales, zeros):
+        w += GroupQuant(u - 8, s, z, gq.group).dequantize()
+    return w
+
+
+class Int4Weight:
+    """A projection weight [N, K] in the CPU int4 kernel's packed layout (see the module doc)."""
+
+    def __init__(self, gq: GroupQuant) -> None:
+        n, k = gq.q.shape
+        self.shape = torch.Size((n, k))
+        self.group = gq.group
+        nibbles, scales, zeros = _kernel_parts(gq)
+        self.nibbles = len(nibbles)
+        pad = -n % _N_ALIGN
+        values = F.pad(torch.cat(nibbles, dim=1), (0, 0, 0, pad))
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(values.contiguous(), 2)
+        sz = torch.stack([torch.cat(scales, 1), torch.cat(zeros, 1)], dim=-1)  # [N, K'/g, 2]
+        sz = F.pad(sz, (0, 0, 0, 0, 0, pad))
+        self.scales_and_zeros = sz.transpose(0, 1).to(torch.bfloat16).contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_and_zeros.nbytes
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        n = self.shape[0]
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] == 0:
+            out = rows.new_zeros((0, n))
+        else:
+            xs = rows.to(torch.bfloat16)
+            if self.nibbles == 2:
+                xs = torch.cat([xs, xs], dim=-1)
+            out = torch._weight_int4pack_mm_for_cpu(
+                xs, self.packed, self.group, self.scales_and_zeros
+            )
+            out = out[:, :n].to(x.dtype)
+        out = out.reshape(*x.shape[:-1], n)
+        return out if bias is None else out + bias
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How `pack_weight` turns this rank's projections into what linear() runs."""
+
+    method: str = "none"
+    group_size: int = 128
+    dense_prepack: bool = False  # oneDNN-prepack the weights that stay dense (CPU)
+    int4_kernel: bool = False  # the device has the int4 kernel (CPU)
+
+
+_current = WeightFormat(dense_prepack=True)  # pack_weight called outside prepack (tests)
+_logged: set[str] = set()
+
+
+@contextmanager
+def weight_format(fmt: WeightFormat) -> Iterator[None]:
+    global _current
+    before, _current = _current, fmt
+    try:
+        yield
+    finally:
+        _current = before
+
+
+def current_format() -> WeightFormat:
+    return _current
+
+
+def group_quant(weights: Sequence[torch.Tensor], fmt: WeightFormat) -> GroupQuant | None:
+    """The integer form of these row-stacked weights under `fmt`, or None (stays dense)."""
+    if fmt.method == "gguf":
+        parts = [getattr(w, "group_quant", None) for w in weights]
+        if any(p is None for p in parts):
+            return None  # a tensor the GGUF file stores in float (or a type without a split)
+        return GroupQuant.cat(parts)  # type: ignore[arg-type]
+    if fmt.method in ("int8", "int4"):
+        w = torch.cat(list(weights)) if len(weights) > 1 else weights[0]
+        return quantize(w, 8 if fmt.method == "int8" else 4, fmt.group_size)
+    return None
+
+
+def dense(w: torch.Tensor) -> torch.Tensor:
+    """`w` with its dense values: a GGUF weight the loader left unread is filled from its
+    integer form (exactly the values the fp32 checkpoint holds) the first time it is asked."""
+    gq = getattr(w, "group_quant", None)
+    if gq is not None and not getattr(w, "dense_filled", False):
+        w.data.copy_(gq.dequantize().view_as(w))
+        w.dense_filled = True  # type: ignore[attr-defined]
+    return w
+
+
+def note_dense(reason: str) -> None:
+    """One log line per reason a quantized format keeps some weights dense."""
+    if reason not in _logged:
+        _logged.add(reason)
+        log.warning("dpattn: %s", reason)
