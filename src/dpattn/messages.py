@@ -122,6 +122,8 @@ class RankReady:
     vocab_size: int = 0
     kv_source: str = ""  # how the KV pool was sized, for the start-up log
     kv_bytes_per_token: int = 0  # this rank's KV cache bytes per token (every layer)
+    weight_bytes: int = 0  # this rank's weights, in the format they run in
+    rss_bytes: int = 0  # the rank process's resident memory once ready (weights + KV pool)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 
 from dpattn.layers.linear import embedding, linear, lookup_table, pack_weight
 from dpattn.layers.quant import (
+    INT4_MAX_ROWS,
     GroupQuant,
     Int4Weight,
     WeightFormat,
@@ -31,11 +32,14 @@ def _kernel_vs_effective(gq: GroupQuant, rows: int = 5) -> float:
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("shape", [(64, 256), (40, 128), (3, 64)])  # N not a multiple of 16 too
-def test_int4_kernel_computes_with_its_effective_weight(bits: int, shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("rows", [5, INT4_MAX_ROWS + 12])  # the int4 kernel; the batch path
+def test_int4_kernel_computes_with_its_effective_weight(
+    bits: int, shape: tuple[int, int], rows: int
+) -> None:
     torch.manual_seed(0)
     gq = quantize(torch.randn(shape), bits, 32)
-    # bf16 output rounding only: a wrong nibble, scale or offset is off by far more than 2^-8
-    assert _kernel_vs_effective(gq) < 2**-7
+    # bf16 rounding only: a wrong nibble, scale or offset is off by far more than 2^-8
+    assert _kernel_vs_effective(gq, rows) < 2**-7
 
 
 def test_quantize_error_and_ranges() -> None:
@@ -71,6 +75,7 @@ def test_value_ranges_keep_every_value(lo: int, hi: int, nibbles: int) -> None:
     # bf16 scales: relative 2^-9 of each weight's size (plus the offset's rounding)
     assert torch.allclose(effective(gq), exact, rtol=2**-8, atol=2**-8)
     assert _kernel_vs_effective(gq) < 2**-7
+    assert _kernel_vs_effective(gq, INT4_MAX_ROWS + 1) < 2**-7
 
 
 def test_mutated_weights_are_caught() -> None:
@@ -114,7 +119,9 @@ def test_gguf_weights_and_lookup() -> None:
     (its exact values, filled on demand) when not; lookups dequantize only the rows taken."""
     torch.manual_seed(4)
     fmt = WeightFormat("gguf", dense_prepack=True, int4_kernel=True)
-    q8 = GroupQuant(torch.randint(-128, 128, (48, 64), dtype=torch.int8), torch.rand(48, 2), None, 32)
+    q8 = GroupQuant(
+        torch.randint(-128, 128, (48, 64), dtype=torch.int8), torch.rand(48, 2), None, 32
+    )
     p = torch.nn.Parameter(torch.empty(48, 64), requires_grad=False)
     p.group_quant = q8  # type: ignore[attr-defined]
     with weight_format(fmt):

@@ -52,6 +52,7 @@ class Engine(EngineRequests):
         self.limits: RequestLimits | None = None
         self.kv_source = ""
         self.kv_bytes_per_token = 0  # KV bytes one token costs one rank (its share of the heads)
+        self.weight_bytes = self.rss_bytes = 0  # a DP group leader's, as it reported them
         self._zmq = zmq.Context()
         if self.cfg.node_rank != 0:
             raise ValueError("the Engine runs on node 0; other nodes use run_follower_node")
@@ -113,6 +114,7 @@ class Engine(EngineRequests):
                 self.kv_free[msg.dp_rank] = self.kv_total[msg.dp_rank] = msg.kv_free
                 self.kv_source = msg.kv_source
                 self.kv_bytes_per_token = msg.kv_bytes_per_token
+                self.weight_bytes, self.rss_bytes = msg.weight_bytes, msg.rss_bytes
                 limits = RequestLimits(
                     msg.vocab_size, msg.context_length, msg.kv_free, self.layout.dp_size
                 )

@@ -47,6 +47,8 @@ class EngineRequests:
     failure: str | None
     kv_source: str
     kv_bytes_per_token: int
+    weight_bytes: int
+    rss_bytes: int
     kv_free: list[int]
     kv_total: list[int]
     kv_cached: list[int]
@@ -77,7 +79,19 @@ class EngineRequests:
             f"KV cache: {bpt} bytes per token per rank, {per_rank} tokens per DP group "
             f"({bpt * per_rank / 2**20:.2f} MiB on each of its ranks), "
             f"{self.kv_capacity_tokens} tokens in the system ({self.layout.dp_size} DP "
-            f"group{'s' if self.layout.dp_size > 1 else ''}; {self.kv_source})"
+            f"group{'s' if self.layout.dp_size > 1 else ''}; {self.kv_source}); "
+            f"{self.memory_summary()}"
+        )
+
+    def memory_summary(self) -> str:
+        """A rank's resident memory at start and what its weights and KV pool take of it."""
+        mib = 2**20
+        kv = self.kv_bytes_per_token * (self.kv_total[0] if self.kv_total else 0)
+        rss = max(self.rss_bytes, 1)
+        return (
+            f"rank memory: {self.rss_bytes / mib:.0f} MiB resident, weights "
+            f"{self.weight_bytes / mib:.0f} MiB ({self.cfg.runner.quantization}), KV pool "
+            f"{kv / mib:.0f} MiB ({100 * kv / rss:.0f}%)"
         )
 
     def reset_kv_peak(self) -> None:

@@ -76,3 +76,15 @@ def keep_freed_memory(keep_bytes: int = KEEP_FREED_BYTES) -> bool:
         return False
     # mallopt returns 1 on success; both must hold, else big blocks are trimmed on free.
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, keep_bytes))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS), 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

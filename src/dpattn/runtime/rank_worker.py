@@ -19,6 +19,7 @@ from dpattn.disaggregation.factory import build_scheduler
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.distributed.shm_group import ShmTorchGroup
 from dpattn.executor.model_runner import ModelRunner
+from dpattn.layers.quant import weight_bytes
 from dpattn.logs import RankLogger, configure_logging, rank_logger
 from dpattn.messages import (
     AbortReq,
@@ -30,7 +31,7 @@ from dpattn.messages import (
     Shutdown,
     TokenizedGenerateReq,
 )
-from dpattn.runtime.host_memory import rank_memory_policy
+from dpattn.runtime.host_memory import rank_memory_policy, resident_bytes
 from dpattn.scheduler.mlp_sync import SyncRow
 from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.step_log import StepLog
@@ -111,6 +112,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
                 runner.vocab_size,
                 runner.kv_budget.source,
                 runner.kv_budget.bytes_per_token,
+                weight_bytes(runner.model),
+                resident_bytes(),
             )
         )
     step_log = StepLog(runner.kv_pool.size, cfg.log_interval) if leader else None
