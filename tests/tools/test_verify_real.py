@@ -45,7 +45,8 @@ def gemma() -> Path:
 
 @pytest.mark.parametrize("tp,dp", [(1, 1), (2, 1), (2, 2)])
 def test_default_model_passes(gemma: Path, tp: int, dp: int) -> None:
-    rc, report = run_verify("--tp", str(tp), "--dp", str(dp))  # no --model-path: the default
+    # no --model-path: the default; the fp32 path (the default model runs gguf, tested below)
+    rc, report = run_verify("--tp", str(tp), "--dp", str(dp), "--quantization", "none")
     assert rc == 0 and report["ok"], report
     assert report["model"] == str(gemma) and report["dtype"] == "float32"
     assert report["greedy_agreement"] == 1.0 and report["max_kl"] <= report["kl_tolerance"]
@@ -64,6 +65,19 @@ def test_another_checkpoint_fails(gemma: Path, tmp_path: Path) -> None:
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01 + 0.01
     save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
     del tensors
-    rc, report = run_verify("--tp", "2", "--dp", "2", "--reference-model-path", str(other))
+    rc, report = run_verify(
+        "--tp", "2", "--dp", "2", "--quantization", "none", "--reference-model-path", str(other)
+    )
     assert rc == 1 and report["ok"] is False
     assert report["max_abs_logit_diff"] > report["max_bound"]
+
+
+@pytest.mark.parametrize("tp,dp", [(1, 1), (2, 2)])
+def test_default_model_gguf_passes(gemma: Path, tp: int, dp: int) -> None:
+    """The default --quantization gguf against transformers with the weights its kernels
+    compute with (bf16 bound), and its own error against the fp32 checkpoint reported."""
+    rc, report = run_verify("--tp", str(tp), "--dp", str(dp))
+    assert rc == 0 and report["ok"], report
+    assert report["quantization"] == "gguf" and report["kernel_dtype"] == "bfloat16"
+    err = report["quantization_error"]
+    assert err["kl_mean"] < 0.01 and err["greedy_agreement"] >= 0.9, err
