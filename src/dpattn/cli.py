@@ -116,6 +116,17 @@ def _bench(args: argparse.Namespace) -> int:
             args.seed,
         )
         report = run_online(online, args.plot)
+    elif args.compare_llamacpp:
+        from dpattn.tools.bench_llamacpp import format_table as llamacpp_table
+        from dpattn.tools.bench_llamacpp import run_compare
+
+        report = run_compare(
+            resolve_model_path(args.model_path),
+            engine_options(args),
+            repeats=args.compare_repeats,
+            seed=args.seed,
+        )
+        print(llamacpp_table(report), flush=True)
     elif args.compare_dp_attention:
         from dpattn.tools.bench_dp_attention import (
             DpAttentionBenchConfig,
@@ -268,6 +279,10 @@ def _check_request_options(args: argparse.Namespace) -> None:
         )
     if not 0 <= args.range_ratio <= 1:
         raise ValueError(f"--range-ratio must be in [0, 1] (got {args.range_ratio})")
+    if args.compare_llamacpp:
+        from dpattn.tools.bench_llamacpp import check_options
+
+        check_options(args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         "transformers' generate on the same prompts",
     )
     bench.add_argument(
+        "--compare-llamacpp",
+        action="store_true",
+        help="greedy generation at batch 1, 16 and 64 against llama.cpp (llama-cpp-python, built "
+        "once into the cache) on the default model's GGUF, same prompts and thread count; "
+        "--compare-repeats rounds each",
+    )
+    bench.add_argument(
         "--compare-repeats",
         type=int,
         default=3,

@@ -22,6 +22,7 @@ class VocabParallelEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         self.lookup = lookup
+        self.serves_logits = True  # the model sets False for an untied embedding (prepack)
         self.ps = ps
         a = ps.attn_tp_size
         self.vocab_size = vocab_size
@@ -49,7 +50,8 @@ class VocabParallelEmbedding(nn.Module):
         # Tied embeddings keep their rows for the lookup (a bf16 copy's `plain` is those rows;
         # a GGUF model's integer rows replace them); an untied head needs only the copy.
         weight = self.weight if self.lookup else self._parameters.pop("weight")
-        self.head = pack_weight(weight)
+        if self.serves_logits:
+            self.head = pack_weight(weight)
         if self.lookup:
             table = lookup_table(weight)
             if table is not weight:

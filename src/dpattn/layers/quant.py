@@ -22,6 +22,7 @@ weight, with one log line naming them.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,7 +93,10 @@ def quantize(w: torch.Tensor, bits: int, group: int) -> GroupQuant:
     minimum per group (q in [0, 15]). Scales are rounded to bf16 first (what the kernel uses)."""
     k = w.shape[-1]
     if k % group:
-        raise ValueError(f"group size {group} does not divide the input width {k}")
+        raise ValueError(
+            f"group size {group} does not divide the input width {k} (this rank's shard; "
+            "--quant-group-size must divide every projection's)"
+        )
     g = w.detach().float().unflatten(-1, (-1, group))
     if bits == 8:
         scale = _bf16((g.abs().amax(-1) / 127).clamp_min(1e-30))
@@ -211,22 +215,23 @@ class WeightFormat:
     int4_kernel: bool = False  # the device has the int4 kernel (CPU)
 
 
-_current = WeightFormat(dense_prepack=True)  # pack_weight called outside prepack (tests)
+_DEFAULT = WeightFormat(dense_prepack=True)  # pack_weight called outside prepack (tests)
+_state = threading.local()  # per thread: thread-backend ranks prepack at the same time
 _logged: set[str] = set()
 
 
 @contextmanager
 def weight_format(fmt: WeightFormat) -> Iterator[None]:
-    global _current
-    before, _current = _current, fmt
+    before = current_format()
+    _state.fmt = fmt
     try:
         yield
     finally:
-        _current = before
+        _state.fmt = before
 
 
 def current_format() -> WeightFormat:
-    return _current
+    return getattr(_state, "fmt", _DEFAULT)
 
 
 def group_quant(weights: Sequence[torch.Tensor], fmt: WeightFormat) -> GroupQuant | None:

@@ -167,6 +167,7 @@ class Gemma3Model(nn.Module):
             if self.tie_word_embeddings
             else VocabParallelEmbedding(ps, cfg.vocab_size, h, opts.dtype, lookup=False)
         )
+        self.embed_tokens.serves_logits = self.tie_word_embeddings
         self.final_logit_softcapping = getattr(cfg, "final_logit_softcapping", None)
 
     has_moe = False

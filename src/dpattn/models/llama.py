@@ -140,6 +140,7 @@ class DecoderModel(nn.Module):
             if self.tie_word_embeddings
             else VocabParallelEmbedding(ps, cfg.vocab_size, cfg.hidden_size, dtype, lookup=False)
         )
+        self.embed_tokens.serves_logits = self.tie_word_embeddings
 
     @property
     def has_moe(self) -> bool:

@@ -85,7 +85,9 @@ class _Grouped(LazyTensor):
 
     def new_zeros(self, size: Any, dtype: torch.dtype | None = None) -> LazyTensor:
         size = tuple(size)
-        return _Grouped(self.inner.new_zeros((*size[:-1], size[-1] // self.group), dtype), 1)
+        return _Grouped(
+            self.inner.new_zeros((*size[:-1], size[-1] // self.group), dtype), self.group
+        )
 
     def _read(self, ctx: ReadContext) -> torch.Tensor:
         return self.inner._read(ctx)
@@ -100,10 +102,11 @@ def _sidecar(path: Path) -> dict[str, dict[str, LazyTensor]]:
     for name, t in tensors.items():
         key, part = name.rsplit(":", 1)
         parts[part][key] = t
-    for part in ("scale", "zero"):
-        for key, t in parts[part].items():
-            group = parts["q"][key].shape[-1] // t.shape[-1]
-            parts[part][key] = _Grouped(t, group)
+    for key, scale in parts["scale"].items():
+        # offsets for all (zeros where a type has none): fused parts (gate and up) may differ
+        zero = parts["zero"].get(key, scale.new_zeros(scale.shape, torch.float32))
+        group = parts["q"][key].shape[-1] // scale.shape[-1]
+        parts["scale"][key], parts["zero"][key] = _Grouped(scale, group), _Grouped(zero, group)
     return parts
 
 
@@ -120,14 +123,14 @@ def attach_gguf(model: torch.nn.Module, path: Path) -> set[str]:
         load = p.weight_loader  # type: ignore[attr-defined]
         try:
             q = load(parts["q"][name]).materialize()
-            scale = load(parts["scale"][name]).materialize()
-            zero = load(parts["zero"][name]).materialize() if name in parts["zero"] else None
+            scale = load(parts["scale"][name]).materialize().float()
+            zero = load(parts["zero"][name]).materialize().float()
         except (RuntimeError, ValueError):
             continue  # fused parts with different groups, or a shard inside a group: dense
         p.group_quant = GroupQuant(  # type: ignore[attr-defined]
             q.to(p.device),
-            scale.float().to(p.device),
-            None if zero is None else zero.float().to(p.device),
+            scale.to(p.device),
+            zero.to(p.device) if zero.any() else None,
             q.shape[-1] // scale.shape[-1],
         )
         taken.add(name)
@@ -163,12 +166,11 @@ def reference_weights(
     if method == "gguf":
         parts = _sidecar(Path(path))
         for key, q in parts["q"].items():
-            zero = parts["zero"].get(key)
-            scale = parts["scale"][key]
+            scale, zero = parts["scale"][key], parts["zero"][key].materialize().float()
             gguf[key] = GroupQuant(
                 q.materialize(),
                 scale.materialize().float(),
-                None if zero is None else zero.materialize().float(),
+                zero if zero.any() else None,
                 scale.group,  # type: ignore[attr-defined]
             )
     tied = getattr(model.config, "tie_word_embeddings", False)
