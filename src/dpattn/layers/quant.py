@@ -39,7 +39,7 @@ _N_ALIGN = 16  # its output rows come in tiles of 16
 # row blocks for the dense GEMM costs less (Gemma 3's LM head, 2 cores: 12 ms at 1 row, 72 ms
 # at 16 and 283 ms at 64 on the kernel; about 55 ms at 16-64 dequantized; measured).
 INT4_MAX_ROWS = 8
-_DENSE_BLOCK = 1024  # weight rows per dequantized block
+_DENSE_BLOCK = 4096  # weight rows per dequantized block (1024-4096 measured: 4096 fastest)
 # bf16 where the CPU multiplies it natively (AMX / AVX512-BF16); else fp32 (exact).
 _DENSE_DTYPE = (
     torch.bfloat16
@@ -180,7 +180,8 @@ class Int4Weight:
         for lo in range(0, n, _DENSE_BLOCK):
             hi = min(n, lo + _DENSE_BLOCK)
             w = block[: hi - lo]
-            torch.mul(self.values[lo:hi].view(hi - lo, -1, g), self.scale[lo:hi, :, None], out=w)
+            w.copy_(self.values[lo:hi].view(hi - lo, -1, g))  # then scale in place: 2x faster
+            w.mul_(self.scale[lo:hi, :, None])  # than one mixed-dtype mul (measured)
             if self.zero is not None:
                 w += self.zero[lo:hi, :, None]
             torch.mm(xs, w.view(hi - lo, k).t(), out=out[:, lo:hi])
