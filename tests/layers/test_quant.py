@@ -135,3 +135,12 @@ def test_gguf_weights_and_lookup() -> None:
     with weight_format(WeightFormat("gguf", dense_prepack=False, int4_kernel=True)):
         dense = pack_weight(p6)  # Q6_K's groups of 16: no kernel, the exact values
     assert torch.equal(dense, q6.dequantize())
+
+
+def test_packed_in_row_blocks() -> None:
+    """A weight taller than one packing block (packed 4,096 rows at a time, the last partial)."""
+    torch.manual_seed(5)
+    gq = GroupQuant(
+        torch.randint(-128, 128, (9000, 64), dtype=torch.int8), torch.rand(9000, 2), None, 32
+    )
+    assert _kernel_vs_effective(gq) < 2**-7

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -39,6 +39,7 @@ _N_ALIGN = 16  # its output rows come in tiles of 16
 # row blocks for the dense GEMM costs less (Gemma 3's LM head, 2 cores: 12 ms at 1 row, 72 ms
 # at 16 and 283 ms at 64 on the kernel; about 55 ms at 16-64 dequantized; measured).
 INT4_MAX_ROWS = 8
+_PACK_ROWS = 4096  # a multiple of the packer's row block (checked: same bytes as one call)
 _DENSE_BLOCK = 4096  # weight rows per dequantized block (1024-4096 measured: 4096 fastest)
 # bf16 where the CPU multiplies it natively (AMX / AVX512-BF16); else fp32 (exact).
 _DENSE_DTYPE = (
@@ -117,21 +118,22 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
 
 def _kernel_parts(
     gq: GroupQuant,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """The kernel's nibbles (values 0..15), scales and offsets: w = sum (u - 8) * s + z.
+) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
+    """How the kernel sees `gq`: a function from integer values to its nibbles (0..15, int32),
+    and each nibble's scales and offsets: w = sum (u - 8) * s + z.
 
     No offset of the integer values is folded into z: a symmetric format keeps z = 8 s or 0,
     exact in bf16, so only the scale is rounded."""
-    q = gq.q.int()
     s = _bf16(gq.scale)  # 16 s stays exact in bf16
     z = gq.zero if gq.zero is not None else torch.zeros_like(s)
-    lo, hi = int(q.min()), int(q.max())
+    lo, hi = int(gq.q.min()), int(gq.q.max())
     if 0 <= lo and hi <= 15:  # (u - 8) s + 8 s + z
-        return [q], [s], [_bf16(z + 8 * gq.scale)]
+        return lambda q: [q.int()], [s], [_bf16(z + 8 * gq.scale)]
     if -8 <= lo and hi <= 7:  # u = q + 8
-        return [q + 8], [s], [_bf16(z)]
+        return lambda q: [q.int() + 8], [s], [_bf16(z)]
     # q = 16 h + l, h in [-8, 7], l in [0, 15]: (h + 8 - 8) 16 s  +  (l - 8) s + 8 s + z
-    return [(q >> 4) + 8, q & 15], [16 * s, s], [torch.zeros_like(s), _bf16(z + 8 * gq.scale)]
+    split = lambda q: [(q.int() >> 4) + 8, q.int() & 15]  # noqa: E731
+    return split, [16 * s, s], [torch.zeros_like(s), _bf16(z + 8 * gq.scale)]
 
 
 def effective(gq: GroupQuant) -> torch.Tensor:
@@ -139,7 +141,7 @@ def effective(gq: GroupQuant) -> torch.Tensor:
     exact values): what `dpattn verify` gives transformers as the reference."""
     nibbles, scales, zeros = _kernel_parts(gq)
     w = torch.zeros(gq.q.shape, dtype=torch.float32)
-    for u, s, z in zip(nibbles, scales, zeros):
+    for u, s, z in zip(nibbles(gq.q), scales, zeros):
         w += GroupQuant(u - 8, s, z, gq.group).dequantize()
     return w
 
@@ -152,10 +154,17 @@ class Int4Weight:
         self.shape = torch.Size((n, k))
         self.group = gq.group
         nibbles, scales, zeros = _kernel_parts(gq)
-        self.nibbles = len(nibbles)
+        self.nibbles = len(scales)
         pad = -n % _N_ALIGN
-        values = F.pad(torch.cat(nibbles, dim=1), (0, 0, 0, pad))
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(values.contiguous(), 2)
+        q = F.pad(gq.q, (0, 0, 0, pad))
+        # Packed 4,096 rows at a time (the same bytes as one call): the int32 nibbles the
+        # packer takes would be 8x the values' bytes at once (Gemma's head: 2.7 GB).
+        self.packed = torch.cat(
+            [
+                torch._convert_weight_to_int4pack_for_cpu(torch.cat(nibbles(rows), dim=1), 2)
+                for rows in q.split(_PACK_ROWS)
+            ]
+        )
         sz = torch.stack([torch.cat(scales, 1), torch.cat(zeros, 1)], dim=-1)  # [N, K'/g, 2]
         sz = F.pad(sz, (0, 0, 0, 0, 0, pad))
         self.scales_and_zeros = sz.transpose(0, 1).to(torch.bfloat16).contiguous()
