@@ -26,7 +26,7 @@ def _kernel_vs_effective(gq: GroupQuant, rows: int = 5) -> float:
     """max |kernel - x_bf16 @ effective.T| relative to the output's size."""
     x = torch.randn(rows, gq.q.shape[1])
     out = Int4Weight(gq)(x)
-    ref = x.bfloat16().double() @ effective(gq).double().t()
+    ref = x.bfloat16().double() @ effective(gq).dequantize().double().t()
     return float((out.double() - ref).abs().max() / ref.abs().max())
 
 
@@ -53,8 +53,8 @@ def test_quantize_error_and_ranges() -> None:
     assert torch.all((q4.dequantize() - w).abs() <= q4.scale.repeat_interleave(32, 1) * 0.51)
     assert torch.all((q8.dequantize() - w).abs() <= q8.scale.repeat_interleave(64, 1) * 0.51)
     # the scales are bf16 values already: the kernel computes with exactly these weights
-    assert torch.equal(effective(q4), q4.dequantize())
-    assert torch.equal(effective(q8), q8.dequantize())
+    assert torch.equal(effective(q4).dequantize(), q4.dequantize())
+    assert torch.equal(effective(q8).dequantize(), q8.dequantize())
     with pytest.raises(ValueError, match="group size 48 does not divide the input width 128"):
         quantize(w, 4, 48)
 
@@ -73,7 +73,7 @@ def test_value_ranges_keep_every_value(lo: int, hi: int, nibbles: int) -> None:
     assert Int4Weight(gq).nibbles == nibbles
     exact = gq.dequantize()
     # bf16 scales: relative 2^-9 of each weight's size (plus the offset's rounding)
-    assert torch.allclose(effective(gq), exact, rtol=2**-8, atol=2**-8)
+    assert torch.allclose(effective(gq).dequantize(), exact, rtol=2**-8, atol=2**-8)
     assert _kernel_vs_effective(gq) < 2**-7
     assert _kernel_vs_effective(gq, INT4_MAX_ROWS + 1) < 2**-7
 
@@ -84,7 +84,7 @@ def test_mutated_weights_are_caught() -> None:
     gq = quantize(torch.randn(32, 64), 8, 32)
     wrong = GroupQuant(gq.q, gq.scale * 1.05, gq.zero, 32)
     x = torch.randn(4, 64)
-    ref = x.bfloat16().double() @ effective(gq).double().t()
+    ref = x.bfloat16().double() @ effective(gq).dequantize().double().t()
     err = float((Int4Weight(wrong)(x).double() - ref).abs().max() / ref.abs().max())
     assert err > 2**-6
 

@@ -107,7 +107,7 @@ def pack_weight(*weights: torch.Tensor, quantize: bool = True) -> torch.Tensor |
     weight = weights[0] if len(weights) == 1 else torch.cat(weights)
     if gq is not None:
         if fmt.method != "gguf":  # quantized at load: the values the format would compute with
-            weight = effective(gq).to(weight.device, weight.dtype)
+            weight = effective(gq).dequantize().to(weight.device, weight.dtype)
         note_dense(
             f"{fmt.method}: no int4 kernel for group {gq.group} on {weight.device.type}: "
             "those weights stay dense"

@@ -183,9 +183,9 @@ def reference_weights(
                 gq = gguf.get(key)
                 if gq is None or gq.group not in KERNEL_GROUPS:
                     continue
-                w = effective(gq)
+                w = effective(gq).dequantize()
             else:
-                w = effective(quantize(p, 8 if method == "int8" else 4, group_size))
+                w = effective(quantize(p, 8 if method == "int8" else 4, group_size)).dequantize()
             if name == "lm_head.weight" and tied:  # the lookup keeps the exact rows: untie
                 model.lm_head.weight = torch.nn.Parameter(w.to(p.dtype), requires_grad=False)
                 model.config.tie_word_embeddings = False
