@@ -56,6 +56,7 @@ def rank_memory_policy(enabled: bool) -> Iterator[None]:
         limit_kernel_caches()
     yield
     if enabled:
+        release_freed_memory()  # loading's transients (packing weights: many 10-40 MB blocks)
         keep_freed_memory()
 
 
@@ -66,6 +67,13 @@ def _glibc() -> ctypes.CDLL | None:
     libc = ctypes.CDLL(name)
     # musl and macOS have no gnu_get_libc_version, nor these mallopt parameters
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
+def release_freed_memory() -> None:
+    """Give the heap's freed memory back to the system (glibc's malloc_trim)."""
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def keep_freed_memory(keep_bytes: int = KEEP_FREED_BYTES) -> bool:
