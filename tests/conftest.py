@@ -57,6 +57,26 @@ def all_models(tiny_models: dict[str, Path], mixed_moe_model: Path) -> dict[str,
     return {**tiny_models, "qwen3_moe_mixed": mixed_moe_model}
 
 
+FP8_BLOCK = (24, 40)  # not square; the tiny dims (64, 48, 40, 32, 128) leave partial edge blocks
+
+
+@pytest.fixture(scope="session")
+def fp8_models(
+    tiny_models: dict[str, Path],
+    mla_models: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[Path, Path, Path]]:
+    """arch -> (original, FP8 block-wise copy in FP8_BLOCK blocks, its dequantized reference)."""
+    from dpattn.models.tiny_fp8 import make_fp8_checkpoint, write_dequantized
+
+    root = tmp_path_factory.mktemp("tiny-fp8")
+    out = {}
+    for arch, src in [("llama", tiny_models["llama"]), ("deepseek_v3", mla_models["deepseek_v3"])]:
+        fp8 = make_fp8_checkpoint(src, root / arch, FP8_BLOCK)
+        out[arch] = (src, fp8, write_dequantized(fp8, root / f"{arch}-ref"))
+    return out
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gloo: spawns real gloo rank processes (a few s each)")
     config.addinivalue_line(

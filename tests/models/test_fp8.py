@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import FP8_BLOCK
 from safetensors import safe_open
 from test_loader import build
 from transformers import AutoModelForCausalLM
@@ -26,12 +27,10 @@ from dpattn.models.fp8 import (
 from dpattn.models.tiny_fp8 import (
     is_quantized_key,
     main,
-    make_fp8_checkpoint,
     quantize_block,
-    write_dequantized,
 )
 
-BLOCK = (24, 40)  # not square, and tiny dims (64, 48, 40, 32, 128) leave partial edge blocks
+BLOCK = FP8_BLOCK  # the fp8_models fixture's
 
 
 class Recording:
@@ -129,19 +128,6 @@ def test_dequantize_fp8_dtype_and_passthrough() -> None:
 
 
 # ---- tiny FP8 checkpoints ----
-
-
-@pytest.fixture(scope="module")
-def fp8_models(
-    tiny_models: dict[str, Path], mla_models: dict[str, Path], tmp_path_factory: Any
-) -> dict[str, tuple[Path, Path, Path]]:
-    """arch -> (original, fp8 copy in BLOCK blocks, its dequantized reference)."""
-    root = tmp_path_factory.mktemp("tiny-fp8")
-    out = {}
-    for arch, src in [("llama", tiny_models["llama"]), ("deepseek_v3", mla_models["deepseek_v3"])]:
-        fp8 = make_fp8_checkpoint(src, root / arch, BLOCK)
-        out[arch] = (src, fp8, write_dequantized(fp8, root / f"{arch}-ref"))
-    return out
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:

@@ -29,7 +29,6 @@ from dpattn.executor.model_runner import ModelRunner
 from dpattn.layers.quant import GroupQuant, Int4Weight, WeightFormat, current_format, weight_format
 from dpattn.models.quantized import GGUF_SIDECAR
 from dpattn.models.tiny import make_tiny_model
-from dpattn.models.tiny_fp8 import make_fp8_checkpoint, write_dequantized
 from dpattn.runtime.launch import run_ranks
 
 GROUP = 32  # the tiny models' hidden size is 64: group 128 (the default) would not divide it
@@ -180,19 +179,6 @@ def test_every_rank_packs_int4(tiny_models: dict[str, Path]) -> None:
 
 
 # --------------------------------------------------------------------------- fp8
-
-
-@pytest.fixture(scope="module")
-def fp8_models(
-    tiny_models: dict[str, Path], mla_models: dict[str, Path], tmp_path_factory: Any
-) -> dict[str, tuple[Path, Path, Path]]:
-    """arch -> (original, FP8 copy in 32 x 32 blocks, its dequantized reference)."""
-    root = tmp_path_factory.mktemp("verify-fp8")
-    out = {}
-    for arch, src in [("llama", tiny_models["llama"]), ("deepseek_v3", mla_models["deepseek_v3"])]:
-        fp8 = make_fp8_checkpoint(src, root / arch, block=(32, 32))
-        out[arch] = (src, fp8, write_dequantized(fp8, root / f"{arch}-ref"))
-    return out
 
 
 FP8_CASES = [
