@@ -13,6 +13,9 @@ those of a native bf16 kernel, which CPUs without bf16 FMA (AVX2) run 5-10x slow
 one row, where the plain bf16 weight kept beside the copy wins: the step reads half the bytes
 (Gemma 3 270M's 18 layers at one row: 13-19 ms against 25-33 ms packed; equal at 2 rows; the
 packed copy wins from 4, measured on 2 cores).
+
+A quantized projection (layers/quant.py) is an Int4Weight, which linear() calls; pack_weight is
+where each projection's format is chosen.
 """
 
 from __future__ import annotations
@@ -131,9 +134,10 @@ def pack_params(module: nn.Module, *names: str, quantize: bool = True) -> None:
 
 
 def pack_experts(module: nn.Module, *names: str) -> None:
-    """Per-expert weights [E, out, in]: a list of packed experts when the format quantizes
-    them, else left as they are (the MoE layer runs grouped GEMMs over the 3-d weight)."""
-    if current_format().method in ("none", "fp8"):
+    """Per-expert weights [E, out, in]: a list of packed experts when the format quantizes them
+    at load, else left as they are (the MoE layer runs grouped GEMMs over the 3-d weight; the
+    GGUF sidecar holds 2-d tensors only)."""
+    if current_format().method not in ("int8", "int4"):
         return
     for name in names:
         weight = module._parameters.pop(name)
