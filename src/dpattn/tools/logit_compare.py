@@ -30,6 +30,12 @@ def default_tolerance(dtype: str) -> Tolerance:
         # on rows whose max|logit| is 16-60, i.e. <= ~1e-5 relative; KL ~1e-10. rtol 5e-5
         # leaves a margin of 2-5; a 1% change of one weight tensor is far outside.
         return Tolerance(atol=1e-4, rtol=5e-5, max_kl=1e-6)
+    if dtype == "bfloat16-vs-float32":
+        # bf16 arithmetic (the int4 kernel's activations and outputs) against an fp32 reference:
+        # transformers' own bf16 Gemma 3 differs from its fp32 by up to 1/13 of a row's
+        # max|logit| on verify's prompt lengths (measured); the kernels, bf16 in the
+        # projections only, stay within twice the bf16-against-bf16 rtol.
+        return Tolerance(atol=0.25, rtol=8 / 128, max_kl=5e-2)
     # bf16 keeps 8 significant bits: a ulp is |logit| / 128, and a few ulps of difference are
     # rounding, not a bug (atol 0.25 covers the small logits of the tiny models).
     return Tolerance(atol=0.25, rtol=4 / 128, max_kl=5e-2)

@@ -203,8 +203,11 @@ def kernel_dtype(cfg: VerifyConfig) -> str:
 
 
 def tolerance(cfg: VerifyConfig) -> Tolerance:
-    """The kernels' dtype's default tolerance, with the fields the config sets overridden."""
-    d = default_tolerance(kernel_dtype(cfg))
+    """The kernels' dtype's default tolerance (bf16 kernels in an fp32 model: against fp32),
+    with the fields the config sets overridden."""
+    kernel = kernel_dtype(cfg)
+    mixed = kernel == "bfloat16" and cfg.dtype == "float32"
+    d = default_tolerance("bfloat16-vs-float32" if mixed else kernel)
     return Tolerance(
         d.atol if cfg.atol is None else cfg.atol,
         d.rtol if cfg.rtol is None else cfg.rtol,
