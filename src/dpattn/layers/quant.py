@@ -1,8 +1,8 @@
 """Weight formats of the projections: the one place a projection's weight format is chosen.
 
 Model files declare plain parameters and call `linear()`; after loading, the model runner packs
-them (`linear.prepack`) under a `WeightFormat`, and `pack_weight` asks `pack()` here what each
-projection becomes:
+them (`linear.prepack`) under a `WeightFormat`, and `linear.pack_weight` asks `group_quant()`
+here what each projection becomes:
 
 - `none`: the weight as loaded (the reference path; oneDNN-prepacked on CPU).
 - `gguf`: a GGUF model's own integer weights (the loader attaches each shard's `GroupQuant`).
@@ -12,11 +12,12 @@ projection becomes:
 Every integer format runs on torch's group-wise int4 CPU kernel (`_weight_int4pack_mm_for_cpu`,
 bf16 activations and scales): 4-bit values directly, wider ones (GGUF's 5- and 8-bit types,
 int8) as two nibbles over a doubled input, w = 16 s h + s l + z, which keeps every value
-exact; the 4 bytes per weight of fp32 become 0.5 or 1. Scales and offsets are rounded to bf16
-(relative 2^-9, beside a 4-bit step of 1/15): `effective()` is the dense weight the kernel
-computes with, which `dpattn verify` gives transformers as its reference. Groups the kernel
-lacks (GGUF's Q6_K scales every 16 weights) and devices without the kernel keep the dense
-weight, with one log line naming them.
+exact; the 4 bytes per weight of fp32 become 0.5 or 1 (plus the int8 values the batch path
+dequantizes: batches of more than 8 rows run fp32 GEMMs over dequantized row blocks). Scales
+and offsets are rounded to bf16 (relative 2^-9, beside a 4-bit step of 1/15): `effective()`
+is the weight the kernel computes with, which `dpattn verify` gives transformers as its
+reference. Groups the kernel lacks (GGUF's Q6_K scales every 16 weights) and devices without
+the kernel keep the dense weight, with one log line naming them.
 """
 
 from __future__ import annotations
