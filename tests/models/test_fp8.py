@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FP8_BLOCK
 from safetensors import safe_open
 from test_loader import build
 from transformers import AutoModelForCausalLM
@@ -30,7 +29,7 @@ from dpattn.models.tiny_fp8 import (
     quantize_block,
 )
 
-BLOCK = FP8_BLOCK  # the fp8_models fixture's
+BLOCK = (24, 40)  # the fp8_models fixture's (tests/conftest.py FP8_BLOCK; checked below)
 
 
 class Recording:
