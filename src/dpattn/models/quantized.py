@@ -159,7 +159,10 @@ def reference_weights(
     model: torch.nn.Module, path: str | Path, method: str, group_size: int
 ) -> dict[str, torch.Tensor]:
     """Replace, in transformers' `model`, each weight dpattn runs quantized by the dense weight
-    its kernel computes with (int4 kernel groups; GGUF types without one stay as read)."""
+    its kernel computes with (int4 kernel groups; GGUF types without one stay as read). A
+    fused weight whose GGUF parts have different groups (q and v, gate and up) runs dense in
+    dpattn: there this reference is off by its scales' bf16 rounding (none in the default
+    model: its fused parts share groups of 32)."""
     if method in ("none", "fp8"):  # fp8 is dequantized at load: the checkpoint as read
         return {}
     gguf: dict[str, GroupQuant] = {}
