@@ -240,6 +240,8 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         merged_steps.update(res["row_steps"])
     ref_path = cfg.reference_model_path or cfg.model_path
     quant = cfg.quantization if ref_path == cfg.model_path else "none"
+    if quant == "gguf" and kernel_dtype(cfg) == cfg.dtype:
+        quant = "none"  # no int4 kernel on the device: a GGUF model runs its exact values
     ref = reference_logits(
         ref_path, cfg.dtype, merged_tokens, cfg.device, quant, cfg.quant_group_size
     )
