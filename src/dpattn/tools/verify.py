@@ -198,8 +198,12 @@ def reference_logits(
 def kernel_dtype(cfg: VerifyConfig) -> str:
     """The activation dtype the projections compute in: the int4 kernel's bf16 for the integer
     formats on CPU (layers/quant.py), else the model dtype."""
-    integer = cfg.quantization in ("gguf", "int8", "int4")
-    return "bfloat16" if integer and cfg.device in (None, "cpu") else cfg.dtype
+    return "bfloat16" if runs_int4_kernel(cfg) else cfg.dtype
+
+
+def runs_int4_kernel(cfg: VerifyConfig) -> bool:
+    """The integer formats run torch's int4 kernel on CPU; on a GPU they run dense."""
+    return cfg.quantization in ("gguf", "int8", "int4") and cfg.device in (None, "cpu")
 
 
 def tolerance(cfg: VerifyConfig) -> Tolerance:
@@ -240,7 +244,7 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         merged_steps.update(res["row_steps"])
     ref_path = cfg.reference_model_path or cfg.model_path
     quant = cfg.quantization if ref_path == cfg.model_path else "none"
-    if quant == "gguf" and kernel_dtype(cfg) == cfg.dtype:
+    if quant == "gguf" and not runs_int4_kernel(cfg):
         quant = "none"  # no int4 kernel on the device: a GGUF model runs its exact values
     ref = reference_logits(
         ref_path, cfg.dtype, merged_tokens, cfg.device, quant, cfg.quant_group_size
