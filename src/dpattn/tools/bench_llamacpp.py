@@ -22,12 +22,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dpattn.models.gguf_convert import PIP_NAME, converted_dir, package_installed
+from dpattn.models.gguf_convert import PIP_NAME, converted_dir, ensure_gguf, package_installed
 from dpattn.tools.llamacpp_client import (
     LlamaCppDriver,
     _cpus,
     build_info,
-    ensure_gguf,
     llamacpp_python,
 )
 

