@@ -53,7 +53,6 @@ class GroupQuant:
     scale: torch.Tensor  # fp32 [..., K / group]
     zero: torch.Tensor | None  # fp32 like scale; None: 0
     group: int
-    bits: int = 8
 
     def dequantize(self) -> torch.Tensor:
         w = self.q.float().unflatten(-1, (-1, self.group)) * self.scale[..., None]
@@ -64,7 +63,7 @@ class GroupQuant:
     def take(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` dequantized (an embedding lookup), equal to dequantize()[ids]."""
         zero = None if self.zero is None else self.zero[ids]
-        return GroupQuant(self.q[ids], self.scale[ids], zero, self.group, self.bits).dequantize()
+        return GroupQuant(self.q[ids], self.scale[ids], zero, self.group).dequantize()
 
     @staticmethod
     def cat(parts: Sequence[GroupQuant]) -> GroupQuant | None:
@@ -80,7 +79,6 @@ class GroupQuant:
             torch.cat([p.scale for p in parts]),
             torch.cat(zeros) if has_zero else None,
             parts[0].group,
-            max(p.bits for p in parts),
         )
 
 
@@ -97,50 +95,61 @@ def quantize(w: torch.Tensor, bits: int, group: int) -> GroupQuant:
     if bits == 8:
         scale = _bf16((g.abs().amax(-1) / 127).clamp_min(1e-30))
         q = torch.round(g / scale[..., None]).clamp_(-127, 127)
-        return GroupQuant(q.to(torch.int8).flatten(-2), scale, None, group, 8)
+        return GroupQuant(q.to(torch.int8).flatten(-2), scale, None, group)
     if bits != 4:
         raise ValueError(f"no {bits}-bit weight-only quantization (int8 or int4)")
     lo = g.amin(-1)
     scale = _bf16(((g.amax(-1) - lo) / 15).clamp_min(1e-30))
     zero = _bf16(lo)
     q = torch.round((g - zero[..., None]) / scale[..., None]).clamp_(0, 15)
-    return GroupQuant(q.to(torch.int8).flatten(-2), scale, zero, group, 4)
+    return GroupQuant(q.to(torch.int8).flatten(-2), scale, zero, group)
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
-def _kernel_parts(
-    gq: GroupQuant,
-) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
-    """How the kernel sees `gq`: a function from integer values to its nibbles (0..15, int32),
-    and each nibble's scales and offsets: w = sum (u - 8) * s + z.
+@dataclass(frozen=True)
+class _KernelForm:
+    """How the int4 kernel sees a GroupQuant: `split` maps its integer values to nibbles
+    (0..15, int32), each with its bf16 scales and offsets: w = sum (u - 8) * s + z; and the
+    same weight as one scale and offset, w = scale * q + zero (fp32)."""
 
-    No offset of the integer values is folded into z: a symmetric format keeps z = 8 s or 0,
+    split: Callable[[torch.Tensor], list[torch.Tensor]]
+    scales: list[torch.Tensor]
+    zeros: list[torch.Tensor]
+    effective: GroupQuant
+
+
+def _kernel_form(gq: GroupQuant) -> _KernelForm:
+    """No offset of the integer values is folded into z: a symmetric format keeps z = 8 s or 0,
     exact in bf16, so only the scale is rounded."""
     s = _bf16(gq.scale)  # 16 s stays exact in bf16
     z = gq.zero if gq.zero is not None else torch.zeros_like(s)
     lo, hi = int(gq.q.min()), int(gq.q.max())
-    if 0 <= lo and hi <= 15:  # (u - 8) s + 8 s + z
-        return lambda q: [q.int()], [s], [_bf16(z + 8 * gq.scale)]
-    if -8 <= lo and hi <= 7:  # u = q + 8
-        return lambda q: [q.int() + 8], [s], [_bf16(z)]
+    if 0 <= lo and hi <= 15:  # (q - 8) s + 8 s + z
+        zk = _bf16(z + 8 * gq.scale)
+        return _KernelForm(
+            lambda q: [q.int()], [s], [zk], GroupQuant(gq.q, s, zk - 8 * s, gq.group)
+        )
+    if -8 <= lo and hi <= 7:  # u = q + 8: (u - 8) s + z
+        zk = _bf16(z)
+        return _KernelForm(lambda q: [q.int() + 8], [s], [zk], GroupQuant(gq.q, s, zk, gq.group))
     # q = 16 h + l, h in [-8, 7], l in [0, 15]: (h + 8 - 8) 16 s  +  (l - 8) s + 8 s + z
-    split = lambda q: [(q.int() >> 4) + 8, q.int() & 15]  # noqa: E731
-    return split, [16 * s, s], [torch.zeros_like(s), _bf16(z + 8 * gq.scale)]
+    zk = _bf16(z + 8 * gq.scale)
+    return _KernelForm(
+        lambda q: [(q.int() >> 4) + 8, q.int() & 15],
+        [16 * s, s],
+        [torch.zeros_like(s), zk],
+        GroupQuant(gq.q, s, zk - 8 * s, gq.group),
+    )
 
 
 def effective(gq: GroupQuant) -> GroupQuant:
     """`gq` as the int4 kernel computes with it: the same values, the scale rounded to bf16 and
     the offset the kernel's bf16 offsets add up to (w = s q + z, fp32). Its dequantize() is the
     dense weight `dpattn verify` gives transformers as the reference, and what a batch uses."""
-    _, scales, zeros = _kernel_parts(gq)
-    s = scales[-1]  # the low nibble's: the value's own scale
-    lo = int(gq.q.min())
-    shift = 0 if len(scales) == 1 and lo < 0 else 8  # sum (u - 8) s = s q - shift s
-    z = sum(zeros[1:], zeros[0]) - shift * s
-    return GroupQuant(gq.q, s, z, gq.group, gq.bits)
+    return _kernel_form(gq).effective
 
 
 class Int4Weight:
@@ -150,26 +159,26 @@ class Int4Weight:
         n, k = gq.q.shape
         self.shape = torch.Size((n, k))
         self.group = gq.group
-        nibbles, scales, zeros = _kernel_parts(gq)
-        self.nibbles = len(scales)
+        form = _kernel_form(gq)
+        self.nibbles = len(form.scales)
         pad = -n % _N_ALIGN
         q = F.pad(gq.q, (0, 0, 0, pad))
         # Packed 4,096 rows at a time (the same bytes as one call): the int32 nibbles the
         # packer takes would be 8x the values' bytes at once (Gemma's head: 2.7 GB).
         self.packed = torch.cat(
             [
-                torch._convert_weight_to_int4pack_for_cpu(torch.cat(nibbles(rows), dim=1), 2)
+                torch._convert_weight_to_int4pack_for_cpu(torch.cat(form.split(rows), dim=1), 2)
                 for rows in q.split(_PACK_ROWS)
             ]
         )
-        sz = torch.stack([torch.cat(scales, 1), torch.cat(zeros, 1)], dim=-1)  # [N, K'/g, 2]
+        sz = torch.stack([torch.cat(form.scales, 1), torch.cat(form.zeros, 1)], dim=-1)
         sz = F.pad(sz, (0, 0, 0, 0, 0, pad))
         self.scales_and_zeros = sz.transpose(0, 1).to(torch.bfloat16).contiguous()
         # The batch path: the values unpacked, each row block dequantized when a batch runs.
         # fp32, exact: bf16 weights cost Gemma 3 a KL of 0.01 against fp32 (measured)
-        exact = effective(gq)
+        exact = form.effective
         self.values, self.scale = gq.q, exact.scale
-        self.zero = exact.zero if bool(exact.zero.any()) else None
+        self.zero = exact.zero if exact.zero is not None and bool(exact.zero.any()) else None
 
     @property
     def nbytes(self) -> int:

@@ -135,18 +135,18 @@ def _q6_k(b: np.ndarray) -> Decoded:
     return q, _f16(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32), None
 
 
-# type -> (decoder, group, bits)
-_SPLITS: dict[GGMLQuantizationType, tuple[Callable[[np.ndarray], Decoded], int, int]] = {
-    T.Q8_0: (_q8_0, 32, 8),
-    T.Q4_0: (_q4_0, 32, 4),
-    T.Q4_1: (_q4_1, 32, 4),
-    T.Q5_0: (_q5_0, 32, 5),
-    T.Q5_1: (_q5_1, 32, 5),
-    T.Q2_K: (_q2_k, 16, 2),
-    T.Q3_K: (_q3_k, 16, 3),
-    T.Q4_K: (_q4_k, 32, 4),
-    T.Q5_K: (_q5_k, 32, 5),
-    T.Q6_K: (_q6_k, 16, 6),
+# type -> (decoder, group); the values' ranges are in the module doc
+_SPLITS: dict[GGMLQuantizationType, tuple[Callable[[np.ndarray], Decoded], int]] = {
+    T.Q8_0: (_q8_0, 32),
+    T.Q4_0: (_q4_0, 32),
+    T.Q4_1: (_q4_1, 32),
+    T.Q5_0: (_q5_0, 32),
+    T.Q5_1: (_q5_1, 32),
+    T.Q2_K: (_q2_k, 16),
+    T.Q3_K: (_q3_k, 16),
+    T.Q4_K: (_q4_k, 32),
+    T.Q5_K: (_q5_k, 32),
+    T.Q6_K: (_q6_k, 16),
 }
 SPLIT_TYPES: frozenset[GGMLQuantizationType] = frozenset(_SPLITS)
 
@@ -157,7 +157,7 @@ def split_gguf(
     """None for a type without a split (the caller dequantizes it)."""
     if tensor_type not in _SPLITS:
         return None
-    decode, group, bits = _SPLITS[tensor_type]
+    decode, group = _SPLITS[tensor_type]
     rows, cols = shape
     block, size = GGML_QUANT_SIZES[tensor_type]
     if cols % block:
@@ -171,4 +171,4 @@ def split_gguf(
         return torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))
 
     zero_t = None if zero is None else rows_of(zero)
-    return GroupQuant(q=rows_of(q), scale=rows_of(scale), zero=zero_t, group=group, bits=bits)
+    return GroupQuant(q=rows_of(q), scale=rows_of(scale), zero=zero_t, group=group)

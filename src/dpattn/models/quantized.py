@@ -157,14 +157,14 @@ def _projections(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Paramet
 
 def reference_weights(
     model: torch.nn.Module, path: str | Path, method: str, group_size: int
-) -> dict[str, torch.Tensor]:
+) -> None:
     """Replace, in transformers' `model`, each weight dpattn runs quantized by the dense weight
     its kernel computes with (int4 kernel groups; GGUF types without one stay as read). A
     fused weight whose GGUF parts have different groups (q and v, gate and up) runs dense in
     dpattn: there this reference is off by its scales' bf16 rounding (none in the default
     model: its fused parts share groups of 32)."""
     if method in ("none", "fp8"):  # fp8 is dequantized at load: the checkpoint as read
-        return {}
+        return
     gguf: dict[str, GroupQuant] = {}
     if method == "gguf":
         parts = _sidecar(Path(path))
@@ -178,7 +178,6 @@ def reference_weights(
             )
     tied = getattr(model.config, "tie_word_embeddings", False)
     embed_key = next((k for k in gguf if k.endswith("embed_tokens.weight")), None)
-    replaced: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, p in _projections(model):
             key = embed_key if name == "lm_head.weight" and tied and embed_key else name
@@ -194,5 +193,3 @@ def reference_weights(
                 model.config.tie_word_embeddings = False
             else:
                 p.copy_(w.view_as(p))
-            replaced[name] = w
-    return replaced
