@@ -63,9 +63,8 @@ class Attention(nn.Module):
             self.q_bias = param((q_rows,), dtype, rows(a, rank))
             self.k_bias = param((kv_rows,), dtype, rows(kv_parts, kv_index))
             self.v_bias = param((kv_rows,), dtype, rows(kv_parts, kv_index))
-        self.qkv_proj: torch.Tensor | Int4Weight | None = (
-            None  # q, k, v in one packed weight (prepack)
-        )
+        # q, k, v in one packed weight (prepack)
+        self.qkv_proj: torch.Tensor | Int4Weight | None = None
         self.qkv_bias: torch.Tensor | None = None
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype, norm_offset) if qk_norm_eps else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype, norm_offset) if qk_norm_eps else None

@@ -78,12 +78,13 @@ class SafetensorsSource:
         return f"SafetensorsSource({self.file.name}:{self.key})"
 
 
-def open_checkpoint(path: str | Path, pattern: str = "*.safetensors") -> dict[str, LazyTensor]:
-    """Every tensor of the checkpoint's *.safetensors files (a GGUF model's integer sidecar
-    aside), lazily: nothing is read yet."""
-    files = sorted(
-        f for f in Path(path).glob(pattern) if pattern != "*.safetensors" or f.name != GGUF_SIDECAR
-    )
+def open_checkpoint(path: str | Path, sidecar: bool = False) -> dict[str, LazyTensor]:
+    """Every tensor of the checkpoint's *.safetensors files, lazily: nothing is read yet. A
+    GGUF model's integer sidecar is apart: `sidecar` opens it alone."""
+    if sidecar:
+        files = [Path(path) / GGUF_SIDECAR]
+    else:
+        files = sorted(f for f in Path(path).glob("*.safetensors") if f.name != GGUF_SIDECAR)
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     tensors: dict[str, LazyTensor] = {}

@@ -97,7 +97,7 @@ def _sidecar(path: Path) -> dict[str, dict[str, LazyTensor]]:
     """{part: {HF key: lazy tensor}} for part q, scale and zero (scales seen as [..., K])."""
     from dpattn.models.loader import open_checkpoint  # loader imports this module
 
-    tensors = open_checkpoint(path, GGUF_SIDECAR)
+    tensors = open_checkpoint(path, sidecar=True)
     parts: dict[str, dict[str, LazyTensor]] = {"q": {}, "scale": {}, "zero": {}}
     for name, t in tensors.items():
         key, part = name.rsplit(":", 1)

@@ -86,13 +86,19 @@ def keep_freed_memory(keep_bytes: int = KEEP_FREED_BYTES) -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, keep_bytes))
 
 
-def resident_bytes() -> int:
-    """This process's resident memory now (VmRSS), 0 where /proc is missing."""
+def status_bytes(field: str, pid: int | str = "self") -> int | None:
+    """A memory field of /proc/PID/status (VmRSS: resident now, VmHWM: its peak) in bytes; None
+    where /proc is missing or the process is gone."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return None
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now, 0 where /proc is missing."""
+    return status_bytes("VmRSS") or 0

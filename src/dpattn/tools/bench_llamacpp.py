@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dpattn.models.gguf_convert import PIP_NAME, converted_dir, ensure_gguf, package_installed
+from dpattn.runtime.host_memory import status_bytes
 from dpattn.tools.llamacpp_client import (
     LlamaCppDriver,
     _cpus,
@@ -84,22 +85,12 @@ def _prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[i
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def _vm_hwm_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def rank_peak_rss_mb(engine: Any) -> list[float | None]:
     """The engine's rank processes' peak RSS so far (this process's where ranks are threads)."""
     pids = [getattr(p, "pid", None) for p in getattr(engine.ranks, "procs", [])]
     pids = [p for p in pids if isinstance(p, int)] or [os.getpid()]
-    return [_vm_hwm_mb(p) for p in pids]
+    peaks = [status_bytes("VmHWM", p) for p in pids]
+    return [None if b is None else b / 2**20 for b in peaks]
 
 
 def dpattn_threads(engine: Any) -> int:
