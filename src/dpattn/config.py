@@ -26,6 +26,7 @@ ROUTER_POLICIES = (
 SGLANG_LOAD_BALANCE = {"total_requests": "shortest_queue", "total_tokens": "minimum_tokens"}
 LOAD_BALANCE_METHODS = (*ROUTER_POLICIES, "auto", *SGLANG_LOAD_BALANCE)
 SCHEDULE_POLICIES = ("fcfs", "lpm")
+GRAMMAR_BACKENDS = ("xgrammar", "none")
 BACKENDS = ("gloo", "nccl", "thread")  # gloo / nccl: one process per rank
 DEVICES = ("cpu", "cuda")
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
@@ -131,6 +132,15 @@ class SchedulerConfig:
         "fcfs",
         "waiting-queue order: fcfs, or lpm (longest cached prefix first)",
         choices=SCHEDULE_POLICIES,
+    )
+    grammar_backend: str = option(
+        "xgrammar",
+        "constrained decoding (json_schema / regex / ebnf): xgrammar, or none (such requests "
+        "fail with a 400)",
+        choices=GRAMMAR_BACKENDS,
+    )
+    grammar_compile_timeout: float = option(
+        30.0, "seconds a request waits for its grammar to compile before it fails (400)"
     )
 
 

@@ -86,6 +86,7 @@ class RequestOutput:
     input_logprobs: list[float] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     error: str = ""  # why an aborted request ended, when the engine knows (disaggregation)
+    error_status: int = 0  # 400: the request itself was at fault (its grammar did not compile)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (with the first news)
 
 
@@ -108,6 +109,11 @@ class StepStats:
     running: int = 0
     queued: int = 0
     retractions: int = 0  # running requests the DP group sent back to wait, since start
+    # Constrained decoding: rows sampled under a grammar this step, and the time their masks
+    # cost the step (waiting for the fill thread, then applying the bitmask to the logits).
+    constrained: int = 0
+    grammar_s: float = 0.0
+    grammar_queue: int = 0  # requests waiting for their grammar to compile
     # Disaggregated servers: requests per queue stage, cumulative transfer figures
     # (disaggregation/metrics.py).
     disaggregation: dict[str, float] = field(default_factory=dict)

@@ -79,10 +79,13 @@ class DecodeScheduler(Scheduler):
         if req.bootstrap is None:
             self._fail(req, "a decode server needs bootstrap_room (use the PD router)")
             return
+        super().add_request(req)  # a grammar compiles before the request takes KV slots
+
+    def _admit(self, req: Req) -> None:
         self.prealloc_queue.append(req)
 
     def abort_request(self, rid: str) -> None:
-        for req in self.prealloc_queue:
+        for req in [*self.grammars.remove(rid), *self.prealloc_queue]:
             if req.rid == rid:
                 self.transfer.cancel(req.bootstrap, "aborted on the decode server")  # type: ignore[arg-type]
                 self._finish(req, FinishReason.ABORT)
@@ -219,13 +222,17 @@ class DecodeScheduler(Scheduler):
             rows.free(req.row)
         req.row, req.kv_len = None, 0
 
-    def _fail(self, req: Req, reason: str) -> None:
+    def _fail(self, req: Req, reason: str, status: int = 0) -> None:
         log.warning("request %s failed: %s", req.rid, reason)
         self.failures[req.rid] = reason
         if len(self.failures) > 1000:
             self.failures.pop(next(iter(self.failures)))
         self._finish(req, FinishReason.ABORT, emit=False)
-        self.outputs.append(aborted(req, reason))
+        self.outputs.append(aborted(req, reason, status))
+
+    def _fail_grammar(self, req: Req, why: str) -> None:
+        self.transfer.cancel(req.bootstrap, why)  # type: ignore[arg-type]
+        self._fail(req, why, 400)
 
     # ---- PREBUILT ----
     def _process_prebuilt(self, batch: ScheduleBatch) -> None:

@@ -128,7 +128,7 @@ class PrefillScheduler(Scheduler):
                 self._fail(req, reason)
             elif state >= KVPoll.WaitingForInput:
                 self._since.pop(req.rid, None)
-                self.waiting.append(req)
+                super().add_request(req)  # waits for its grammar, if it has one
             else:
                 keep.append(req)
         self.bootstrap_queue = keep
@@ -196,13 +196,16 @@ class PrefillScheduler(Scheduler):
         self._sent_upto.pop(req.rid, None)
         super()._finish(req, reason, emit)
 
-    def _fail(self, req: Req, reason: str) -> None:
+    def _fail(self, req: Req, reason: str, status: int = 0) -> None:
         log.warning("request %s failed: %s", req.rid, reason)
         assert req.bootstrap is not None
         self._since.pop(req.rid, None)
         self.transfer.abort(req.bootstrap.room, reason)
         super()._finish(req, FinishReason.ABORT, emit=False)
-        self.outputs.append(aborted(req, reason))
+        self.outputs.append(aborted(req, reason, status))
+
+    def _fail_grammar(self, req: Req, why: str) -> None:
+        self._fail(req, why, 400)  # the decode side hears why too
 
     def _release(self, req: Req, reason: str) -> None:
         """An inflight request given up: its client already has the first token and the end."""

@@ -98,10 +98,17 @@ def _short(rooms: list[int], limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(rooms) > limit else ''}]"
 
 
-def aborted(req: Req, reason: str) -> RequestOutput:
-    """The end of a request that disaggregation gave up, with the reason for its client."""
+def aborted(req: Req, reason: str, status: int = 0) -> RequestOutput:
+    """The end of a request that disaggregation gave up, with the reason for its client
+    (status 400: the request's own fault, e.g. its grammar)."""
     return RequestOutput(
-        req.rid, [], [], FinishReason.ABORT.value, prompt_tokens=len(req.input_ids), error=reason
+        req.rid,
+        [],
+        [],
+        FinishReason.ABORT.value,
+        prompt_tokens=len(req.input_ids),
+        error=reason,
+        error_status=status,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dpattn.executor.grammar import check_grammar
 from dpattn.executor.sampling_params import SamplingParams
 
 
@@ -29,6 +30,7 @@ class RequestLimits:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, not {type(params).__name__}")
         params.validate()  # a hand-built SamplingParams skipped from_dict's check
+        check_grammar(params)  # a grammar that does not parse never reaches a rank
         self.check_ids(params.stop_token_ids, "stop_token_ids", allow_empty=True)
         self.check_ids(list(params.logit_bias), "logit_bias", allow_empty=True)
         self.check_length(len(input_ids), params.max_new_tokens)

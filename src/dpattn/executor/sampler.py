@@ -161,12 +161,17 @@ def argmax_rows(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     return j * chunk + x.gather(1, cols).argmax(-1)
 
 
-def sample(logits: torch.Tensor, info: SamplingBatchInfo) -> SampleOutput:
-    """Sample one token per row of fp32 ``logits`` [B, V], plus logprobs where asked."""
+def sample(
+    logits: torch.Tensor, info: SamplingBatchInfo, raw: torch.Tensor | None = None
+) -> SampleOutput:
+    """Sample one token per row of fp32 ``logits`` [B, V], plus logprobs where asked.
+
+    ``raw``: the model's own logits when ``logits`` were masked by grammars (logprobs are the
+    model's own distribution, mask or bias or not)."""
     if logits.dim() != 2 or logits.shape[0] != info.batch_size:
         raise ValueError(f"logits {tuple(logits.shape)} do not match batch of {info.batch_size}")
     dev = logits.device
-    raw = logits  # logprobs are the model's own distribution, bias or not
+    raw = logits if raw is None else raw
     if info.logit_bias is not None:
         logits = logits.index_put(info.logit_bias[:2], info.logit_bias[2], accumulate=True)
     if info.all_greedy:

@@ -14,6 +14,7 @@ from typing import Any
 
 MAX_SEED = 2**63  # torch generators take 64-bit seeds; the frontend draws 63-bit ones
 GREEDY_TEMPERATURE = 1e-5
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
 
 
 @dataclass
@@ -32,6 +33,11 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     # Detokenization (the frontend's; ranks ignore it): drop special tokens from the text.
     skip_special_tokens: bool = True
+    # Constrained decoding (SGLang's names; at most one): every output token is masked by the
+    # grammar, and the request stops when the grammar is complete (executor/grammar.py).
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
@@ -95,6 +101,24 @@ class SamplingParams:
             self.seed is None or (integer(self.seed) and 0 <= self.seed < MAX_SEED),
             "seed must be an integer in [0, 2**63)",
         )
+        grammars = {k: getattr(self, k) for k in GRAMMAR_KINDS if getattr(self, k) is not None}
+        need(
+            all(isinstance(v, str) and v for v in grammars.values()),
+            "json_schema, regex and ebnf must be non-empty strings",
+        )
+        need(
+            len(grammars) <= 1,
+            f"give at most one of json_schema, regex, ebnf (got {sorted(grammars)})",
+        )
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(kind, text) of the request's grammar, or None: the key grammars are cached by."""
+        for kind in GRAMMAR_KINDS:
+            text = getattr(self, kind)
+            if text is not None:
+                return kind, text
+        return None
 
     @property
     def greedy(self) -> bool:

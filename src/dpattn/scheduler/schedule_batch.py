@@ -9,10 +9,13 @@ from enum import Enum
 import torch
 
 from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
-from dpattn.executor.logprobs import PromptLogprobRequest
+from dpattn.executor.grammar import MaskFill, Matcher
+from dpattn.executor.logprobs import PromptLogprobRequest, PromptLogprobs
+from dpattn.executor.sampler import sample
+from dpattn.executor.sampling_batch_info import SamplingBatchInfo
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.kvcache.radix_tree import TreeNode
-from dpattn.messages import BootstrapInfo
+from dpattn.messages import BootstrapInfo, RequestOutput
 
 
 class FinishReason(str, Enum):
@@ -48,6 +51,7 @@ class Req:
     retracted: bool = False  # sent back to wait once: re-admitted only with room to finish
     generator: torch.Generator | None = None
     bootstrap: BootstrapInfo | None = None  # disaggregation: prefill's bootstrap address, room
+    grammar: Matcher | None = None  # constrained decoding: the grammar's state after output_ids
 
     @property
     def all_ids(self) -> list[int]:
@@ -156,3 +160,67 @@ class ScheduleBatch:
             is_extend_in_batch=self.is_extend_in_batch,
             can_run_graph=self.can_run_graph,
         )
+
+
+def collect_prompt_logprobs(reqs: list[Req], prompt: PromptLogprobs) -> None:
+    """Append one extend's prompt logprobs (and alternatives) to the requests that asked."""
+    start = 0
+    for req, k in zip(reqs, prompt.counts):
+        req.input_logprobs += prompt.logprobs[start : start + k]
+        if req.top_logprobs_num:
+            tops = prompt.top[start : start + k]
+            req.input_top_logprobs += [t[: req.top_logprobs_num] for t in tops]
+        start += k
+
+
+def sample_requests(
+    reqs: list[Req], logits: torch.Tensor, masks: MaskFill | None, rows: list[int]
+) -> tuple[list[int], list[float], list[list[tuple[float, int]]], dict[str, float]]:
+    """One token per request from its row of ``logits`` (batch rows ``rows``), under its
+    grammar's mask where it has one: (tokens, logprobs, top alternatives, grammar stats)."""
+    raw, stats = logits, {}
+    if masks is not None:
+        if any(r.return_logprob for r in reqs):
+            logits = logits.clone()  # logprobs stay the model's own
+        stats = masks.apply(logits, rows)
+    info = SamplingBatchInfo.from_params(
+        [r.params for r in reqs],
+        [r.rng() for r in reqs],
+        [r.return_logprob for r in reqs],
+        [r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
+        device=logits.device,
+    )
+    out = sample(logits, info, raw)
+    tokens = out.next_token_ids.tolist()  # the step's one device -> host sync
+    logprobs = out.logprobs.tolist() if out.logprobs is not None else [0.0] * len(reqs)
+    tops = top_lists(out.top_logprobs, [r.top_logprobs_num for r in reqs])
+    return tokens, logprobs, tops, stats
+
+
+def token_output(
+    req: Req, token: int, logprob: float, top: list[tuple[float, int]], reason: FinishReason | None
+) -> RequestOutput:
+    """The news of one sampled token; the prompt's logprobs travel once, with the first."""
+    first = len(req.output_ids) == 1
+    return RequestOutput(
+        req.rid,
+        [token],
+        [logprob] if req.return_logprob else [],
+        reason.value if reason is not None else None,
+        req.matched_stop if reason is not None else None,
+        prompt_tokens=len(req.input_ids),
+        new_top_logprobs=[top] if req.top_logprobs_num else [],
+        input_logprobs=req.input_logprobs if first else [],
+        input_top_logprobs=req.input_top_logprobs if first else [],
+        cached_tokens=max(0, req.cached_tokens) if first else 0,
+    )
+
+
+def top_lists(
+    top: tuple[torch.Tensor, torch.Tensor] | None, nums: list[int]
+) -> list[list[tuple[float, int]]]:
+    """Per row, its first nums[i] (logprob, token id) alternatives."""
+    if top is None:
+        return [[] for _ in nums]
+    vals, ids = top[0].tolist(), top[1].tolist()
+    return [list(zip(v[:n], i[:n])) for v, i, n in zip(vals, ids, nums)]

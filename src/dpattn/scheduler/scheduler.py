@@ -13,14 +13,22 @@ import torch
 
 from dpattn.config import SchedulerConfig
 from dpattn.executor.forward_batch import ForwardMode
+from dpattn.executor.grammar import MaskFill, make_backend
 from dpattn.executor.logprobs import PromptLogprobs
 from dpattn.executor.model_runner import ModelRunner
-from dpattn.executor.sampler import sample
-from dpattn.executor.sampling_batch_info import SamplingBatchInfo
 from dpattn.kvcache.prefix_cache import make_prefix_cache
 from dpattn.messages import RequestOutput, StepStats
+from dpattn.scheduler.grammar_queue import GrammarQueue
 from dpattn.scheduler.mlp_sync import SyncDecision, batch_to_run, prepare_mlp_sync_batch
-from dpattn.scheduler.schedule_batch import FinishReason, Req, ScheduleBatch
+from dpattn.scheduler.schedule_batch import (
+    FinishReason,
+    Req,
+    ScheduleBatch,
+    collect_prompt_logprobs,
+    sample_requests,
+    token_output,
+)
+from dpattn.scheduler.stop import StopRules
 
 LPM_MAX_QUEUE = 128
 
@@ -46,9 +54,10 @@ class Scheduler:
         self.ps = runner.ps
         self.cfg = cfg
         self.eos_ids = eos_ids
-        # Called the first time a request has stop strings: a large vocabulary's tokenizer
-        # costs a rank ~300 MB of memory (Gemma 3), which serving without stop strings never pays.
+        # Called the first time a request has stop strings or a grammar: a large vocabulary's
+        # tokenizer costs a rank ~300 MB of memory (Gemma 3), which plain serving never pays.
         self.tokenizer = tokenizer
+        self.stop_rules = StopRules(eos_ids, tokenizer)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked: Req | None = None  # a prompt being prefilled over several steps
@@ -58,12 +67,46 @@ class Scheduler:
         self.cache = make_prefix_cache(
             runner.kv_pool, runner.req_to_token, cfg.disable_radix_cache, cfg.page_size
         )
+        backend = make_backend(
+            cfg.grammar_backend, tokenizer, runner.vocab_size, eos_ids, cfg.grammar_compile_timeout
+        )
+        self.grammars = GrammarQueue(backend, self.ps.attn_tp_cpu)
 
     # ---- requests in ----
     def add_request(self, req: Req) -> None:
+        """A request with a grammar waits for it to compile on every rank of the group first."""
+        if req.params.grammar is not None:
+            self.grammars.add(req)
+        else:
+            self._admit(req)
+
+    def _admit(self, req: Req) -> None:
         self.waiting.append(req)
 
+    def _poll_grammars(self) -> None:
+        ready, failed = self.grammars.poll()
+        for req in ready:
+            self._admit(req)
+        for req, why in failed:
+            self._fail_grammar(req, why)
+
+    def _fail_grammar(self, req: Req, why: str) -> None:
+        self._finish(req, FinishReason.ABORT, emit=False)
+        self.outputs.append(
+            RequestOutput(
+                req.rid,
+                [],
+                [],
+                "abort",
+                prompt_tokens=len(req.input_ids),
+                error=why,
+                error_status=400,
+            )
+        )
+
     def abort_request(self, rid: str) -> None:
+        for req in self.grammars.remove(rid):
+            self._finish(req, FinishReason.ABORT)
         for req in [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]:
             if req.rid == rid and not req.finished:
                 self._finish(req, FinishReason.ABORT)
@@ -74,11 +117,12 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self.grammars)
 
     # ---- one iteration ----
     def step(self, shutdown: bool = False) -> SyncDecision:
         start = time.perf_counter()
+        self._poll_grammars()
         batch = self._next_batch()
         t0 = time.perf_counter()
         batch, decision = prepare_mlp_sync_batch(
@@ -90,6 +134,7 @@ class Scheduler:
         if run is not None:
             fb = run.to_forward_batch()
             plan = self.runner.gather_plan(fb)
+            masks = self.grammars.start_fill(run.reqs, run.sample_mask)  # beside the forward
             t0 = time.perf_counter()
             logits, prompt = self.runner.forward_with_logprobs(fb, plan)
             forward_s = time.perf_counter() - t0
@@ -103,7 +148,7 @@ class Scheduler:
                 forward_s=forward_s,
             )
             if not idle:
-                self._process(run, logits, prompt)
+                ran.update(self._process(run, logits, prompt, masks))
         if batch is not None and batch.forward_mode is ForwardMode.PREBUILT:
             self._process_prebuilt(batch)
         self.last_stats = StepStats(
@@ -115,13 +160,15 @@ class Scheduler:
             step_s=time.perf_counter() - start,
             running=len(self.running),
             queued=len(self.waiting),
+            grammar_queue=len(self.grammars),
             retractions=self.num_retractions,
             **ran,
         )
         return decision
 
     def close(self) -> None:
-        """Release what lives outside the rank's memory (disaggregation: sockets, threads)."""
+        """Release what lives outside the rank's memory (threads; disaggregation: sockets)."""
+        self.grammars.close()
 
     def take_outputs(self) -> list[RequestOutput]:
         out, self.outputs = self.outputs, []
@@ -264,10 +311,15 @@ class Scheduler:
 
     # ---- results ----
     def _process(
-        self, batch: ScheduleBatch, logits: torch.Tensor, prompt: PromptLogprobs | None = None
-    ) -> None:
+        self,
+        batch: ScheduleBatch,
+        logits: torch.Tensor,
+        prompt: PromptLogprobs | None = None,
+        masks: MaskFill | None = None,
+    ) -> dict[str, Any]:
+        """Sample the rows that end a prompt or decode; returns the grammar masks' step stats."""
         if prompt is not None:
-            self._collect_prompt_logprobs(batch.reqs, prompt)
+            collect_prompt_logprobs(batch.reqs, prompt)
         rows = []
         extend = batch.forward_mode.is_extend_like()
         for i, (req, do_sample) in enumerate(zip(batch.reqs, batch.sample_mask)):
@@ -281,21 +333,11 @@ class Scheduler:
                 else:
                     rows.append(i)
         if not rows:
-            return
+            return {}
         reqs = [batch.reqs[i] for i in rows]
         if len(rows) != len(batch.reqs):  # a prefill chunk that is not a prompt's last
             logits = logits[torch.tensor(rows, device=logits.device)]
-        info = SamplingBatchInfo.from_params(
-            [r.params for r in reqs],
-            [r.rng() for r in reqs],
-            [r.return_logprob for r in reqs],
-            [r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
-            device=logits.device,
-        )
-        out = sample(logits, info)
-        tokens = out.next_token_ids.tolist()  # the step's one device -> host sync
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else [0.0] * len(reqs)
-        tops = _top_lists(out.top_logprobs, [r.top_logprobs_num for r in reqs])
+        tokens, logprobs, tops, stats = sample_requests(reqs, logits, masks, rows)
         for req, token, logprob, top in zip(reqs, tokens, logprobs, tops):
             req.output_ids.append(token)
             req.output_logprobs.append(logprob)
@@ -304,22 +346,9 @@ class Scheduler:
                 self._finish(req, reason, emit=False)
             elif extend:  # a prefill's last chunk: now it decodes
                 self.running.append(req)
-            self.outputs.append(
-                RequestOutput(
-                    req.rid,
-                    [token],
-                    [logprob] if req.return_logprob else [],
-                    reason.value if reason is not None else None,
-                    req.matched_stop if reason is not None else None,
-                    prompt_tokens=len(req.input_ids),
-                    new_top_logprobs=[top] if req.top_logprobs_num else [],
-                    # the prompt's logprobs travel once, with the first token
-                    input_logprobs=req.input_logprobs if len(req.output_ids) == 1 else [],
-                    input_top_logprobs=req.input_top_logprobs if len(req.output_ids) == 1 else [],
-                    cached_tokens=max(0, req.cached_tokens) if len(req.output_ids) == 1 else 0,
-                )
-            )
+            self.outputs.append(token_output(req, token, logprob, top, reason))
         self.running = [r for r in self.running if not r.finished]
+        return stats
 
     def _finish_scored(self, req: Req) -> None:
         self._finish(req, FinishReason.LENGTH, emit=False)
@@ -336,15 +365,6 @@ class Scheduler:
             )
         )
 
-    def _collect_prompt_logprobs(self, reqs: list[Req], prompt: PromptLogprobs) -> None:
-        start = 0
-        for req, k in zip(reqs, prompt.counts):
-            req.input_logprobs += prompt.logprobs[start : start + k]
-            if req.top_logprobs_num:
-                tops = prompt.top[start : start + k]
-                req.input_top_logprobs += [t[: req.top_logprobs_num] for t in tops]
-            start += k
-
     def _process_prebuilt(self, batch: ScheduleBatch) -> None:
         # Disaggregated decode: the prompt's KV and the first token arrived from a prefill server
         # into the row and slots reserved in prealloc; these requests start decoding.
@@ -356,22 +376,7 @@ class Scheduler:
             self.running.append(req)
 
     def _stop_reason(self, req: Req, token: int) -> FinishReason | None:
-        p = req.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
-            req.matched_stop = token
-            return FinishReason.STOP
-        tokenizer = self.tokenizer() if p.stop and self.tokenizer is not None else None
-        if tokenizer is not None:
-            # Only the tail can hold a newly completed stop string (an earlier one would have
-            # stopped an earlier step); 4 tokens per character covers split UTF-8 bytes.
-            text = tokenizer.decode(req.output_ids[-4 * max(map(len, p.stop)) - 4 :])
-            for s in p.stop:
-                if s in text:
-                    req.matched_stop = s
-                    return FinishReason.STOP
-        if len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.runner.context_length:
-            return FinishReason.LENGTH
-        return None
+        return self.stop_rules.reason(req, token, self.runner.context_length)
 
     def _free_kv(self, req: Req) -> None:
         self.cache.release(req)  # its computed KV stays cached until evicted
@@ -382,18 +387,9 @@ class Scheduler:
 
     def _finish(self, req: Req, reason: FinishReason, emit: bool = True) -> None:
         req.finish_reason = reason
+        req.grammar = None
         self._free_kv(req)
         if emit:
             self.outputs.append(
                 RequestOutput(req.rid, [], [], reason.value, prompt_tokens=len(req.input_ids))
             )
-
-
-def _top_lists(
-    top: tuple[torch.Tensor, torch.Tensor] | None, nums: list[int]
-) -> list[list[tuple[float, int]]]:
-    """Per row, its first nums[i] (logprob, token id) alternatives."""
-    if top is None:
-        return [[] for _ in nums]
-    vals, ids = top[0].tolist(), top[1].tolist()
-    return [list(zip(v[:n], i[:n])) for v, i, n in zip(vals, ids, nums)]
