@@ -57,6 +57,12 @@ class ChatTemplate:
     source: str  # Jinja, rendered by the tokenizer's apply_chat_template
     stop_tokens: tuple[str, ...] = ()
 
+    @property
+    def knows_tools(self) -> bool:
+        """The template renders `tools` (and tool calls / results) itself, as HF templates that
+        support tools do; else tool_prompt.py describes them in a system message."""
+        return "tools" in self.source
+
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Ids of the end-of-turn tokens the tokenizer knows (one token each)."""
         ids = []
@@ -69,14 +75,15 @@ class ChatTemplate:
     def render(
         self,
         tokenizer: Any,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         continue_final: bool = False,
         variables: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """The prompt, ending with the assistant turn's opening. continue_final (SGLang's
         continue_final_message): a last assistant message is left open, its text the end of the
         prompt, for the model to continue; variables: extra template variables (SGLang's
-        chat_template_kwargs)."""
+        chat_template_kwargs); tools: the request's tools, OpenAI's form (knows_tools only)."""
         tail = ""
         if continue_final and messages and messages[-1]["role"] == "assistant":
             messages, tail = messages[:-1], messages[-1]["content"]
@@ -85,7 +92,7 @@ class ChatTemplate:
             chat_template=self.source,
             tokenize=False,
             add_generation_prompt=True,
-            **(variables or {}),
+            **{**(variables or {}), **({"tools": tools} if tools else {})},
         )
         return str(text) + tail
 

@@ -3,10 +3,11 @@
 Body (SGLang's GenerateReqInput): `text` (str or list) or `input_ids` (list or list of lists),
 `sampling_params` (a dict, or one per prompt) with SGLang's names and defaults (max_new_tokens
 128, null: up to the context; temperature 1.0, top_p, top_k, min_p, stop, stop_token_ids,
-ignore_eos, skip_special_tokens, logit_bias, sampling_seed / seed, n outputs per prompt;
-sglang_fields.py), `return_logprob`, `top_logprobs_num`, `logprob_start_len`,
-`return_text_in_logprobs`, `rid`, `stream`, `dp_rank` / `data_parallel_rank` (int or one per
-prompt; or the X-Data-Parallel-Rank header), `model`, and the extension keys of sglang_fields.py.
+ignore_eos, skip_special_tokens, logit_bias, sampling_seed / seed, n outputs per prompt, one of
+json_schema / regex / ebnf to constrain the output; sglang_fields.py), `return_logprob`,
+`top_logprobs_num`, `logprob_start_len`, `return_text_in_logprobs`, `rid`, `stream`, `dp_rank` /
+`data_parallel_rank` (int or one per prompt; or the X-Data-Parallel-Rank header), `model`, and
+the extension keys of sglang_fields.py.
 
 The answer: `{"text", "output_ids", "meta_info"}` for one prompt with n = 1, else a list of them,
 prompt-major (prompt i's outputs at i * n .. i * n + n - 1). meta_info: `id` (the request's rid,
@@ -16,7 +17,8 @@ running), `prompt_tokens`, `completion_tokens`, `cached_tokens`, `e2e_latency` (
 the request arrived), `dp_rank`, and with return_logprob `output_token_logprobs` /
 `input_token_logprobs` as [logprob, token id, token text or null] (text with
 return_text_in_logprobs) and, with top_logprobs_num, `output_top_logprobs` /
-`input_top_logprobs` (a list of such entries per position).
+`input_top_logprobs` (a list of such entries per position). A grammar the ranks could not
+compile answers a 400 (an error event when streamed), as SGLang does.
 
 Streamed (`stream: true`, any batch): SSE events of the same shape whose `text`, `output_ids` and
 logprobs are cumulative: each event's text extends the one before, and the last event equals the
@@ -35,20 +37,18 @@ from fastapi.responses import JSONResponse, Response
 
 from dpattn.disaggregation.frontend import bootstrap_of
 from dpattn.entrypoints.detokenizer import token_text
-from dpattn.entrypoints.openai_protocol import GenerateRequest, bad
-from dpattn.entrypoints.request_state import logprob_meta
-from dpattn.entrypoints.serving import (
+from dpattn.entrypoints.http_common import (
     DONE,
     DP_RANK_HEADER,
-    Choice,
-    ServerState,
-    Submission,
     encode,
     parse_body,
     sampling_params,
     sse,
     streaming_response,
 )
+from dpattn.entrypoints.openai_protocol import GenerateRequest, bad
+from dpattn.entrypoints.request_state import logprob_meta
+from dpattn.entrypoints.serving import Choice, ServerState, Submission
 from dpattn.entrypoints.sglang_fields import apply_extensions, generate_sampling, seeded
 
 LOGPROB_KEYS = ("output_token_logprobs", "input_token_logprobs")
@@ -174,6 +174,8 @@ def add_generate_route(app: FastAPI, st: ServerState) -> None:
                 fields = {**seeded(p.fields, j), "max_new_tokens": new}
                 if p.no_stop_trim:
                     sub.untrimmed.add(len(items))
+                if p.grammar_param is not None:
+                    sub.grammar_params[len(items)] = p.grammar_param
                 items.append((ids, sampling_params(fields, param or f"sampling_params.{i}"), rank))
         rids = _rids(req.rid, len(items))
         outputs = _Outputs(st, req, batch, n, rids, single and n == 1)
@@ -184,7 +186,7 @@ def add_generate_route(app: FastAPI, st: ServerState) -> None:
 
             async def chunks() -> AsyncIterator[str]:
                 async for c, _, d in sub.events():
-                    if d.finish_reason == "error":
+                    if d.finish_reason == "error" or d.error_status:  # failed, or a 400
                         yield sse(sub.failure().body())  # type: ignore[union-attr]
                         break
                     if d.new_ids or d.finish_reason or d.input_logprobs:
@@ -194,7 +196,7 @@ def add_generate_route(app: FastAPI, st: ServerState) -> None:
             return streaming_response(sub, chunks())
         if not await sub.collect(request.receive):
             return Response(status_code=499)  # the client went away: nobody reads this
-        if any(c.finish_reason == "error" for c in sub.choices):
+        if any(c.finish_reason == "error" or c.error_status for c in sub.choices):
             raise sub.failure()  # type: ignore[misc]
         outs = [outputs.result(c) for c in sub.choices]
         return JSONResponse(outs[0] if outputs.single else outs)

@@ -20,47 +20,35 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from dpattn.disaggregation.frontend import bootstrap_of
+from dpattn.entrypoints.chat_route import add_chat_route
 from dpattn.entrypoints.chat_template import ChatTemplate, resolve_chat_template
 from dpattn.entrypoints.engine import Engine
 from dpattn.entrypoints.engine_watch import ExitOnEngineDeath
 from dpattn.entrypoints.generate_route import add_generate_route
+from dpattn.entrypoints.http_common import (
+    DONE,
+    encode,
+    finish_openai,
+    openai_usage,
+    parse_body,
+    sse,
+    streaming_response,
+    submit_openai,
+)
 from dpattn.entrypoints.http_guard import DEFAULT_MAX_BODY_BYTES, LimitBody, RequireApiKey
 from dpattn.entrypoints.metrics import CONTENT_TYPE
 from dpattn.entrypoints.openai_protocol import (
     ApiError,
-    ChatCompletionRequest,
     CompletionRequest,
     bad,
-    chat_logprobs,
     completion_logprobs,
-    usage,
 )
-from dpattn.entrypoints.serving import (
-    DONE,
-    DP_RANK_HEADER,
-    Choice,
-    ServerState,
-    Submission,
-    encode,
-    parse_body,
-    sampling_params,
-    sse,
-    streaming_response,
-)
+from dpattn.entrypoints.serving import Choice, ServerState
 from dpattn.entrypoints.sglang_api import add_sglang_routes
+from dpattn.entrypoints.structured import request_constraint
 from dpattn.entrypoints.tokenize_route import add_tokenize_routes
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions; chat: up to the context
-
-
-def _usage(sub: Submission, n: int) -> dict[str, Any]:
-    firsts = [c for c in sub.choices if c.index % n == 0]  # once per prompt
-    return usage(
-        sum(c.prompt_tokens for c in firsts),
-        sum(len(c.ids) for c in sub.choices),
-        sum(c.cached_tokens for c in firsts),
-    )
 
 
 def model_card(st: ServerState, created: int) -> dict[str, Any]:
@@ -79,45 +67,13 @@ def model_card(st: ServerState, created: int) -> dict[str, Any]:
 
 
 def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | None = None) -> None:
-    async def submit(
-        request: Request,
-        req: Any,
-        prompts: list[list[int]],
-        max_new: int | None,
-        logprob: bool,
-        top_logprobs_num: int = 0,
-        logprob_start_len: int = -1,
-    ) -> tuple[Submission, dict[str, Any]]:
-        """Checks that need the engine, then all choices of all prompts (prompt-major)."""
-        st.check_model(req.model)
-        rank = st.dp_rank(request.headers.get(DP_RANK_HEADER), req.dp_rank)
-        param = "prompt" if isinstance(req, CompletionRequest) else "messages"
-        items = []
-        for ids in prompts:
-            st.check_ids(ids, param)
-            # chat default: up to the context
-            new = max_new if max_new is not None else st.context_length - len(ids)
-            st.check_length(len(ids), new, param)
-            items += [
-                (ids, sampling_params(req.sampling_dict(new, j), param), rank) for j in range(req.n)
-            ]
-        sub = Submission(st)
-        sub.untrimmed = set(range(len(items))) if req.no_stop_trim else set()
-        boot = bootstrap_of(req, len(prompts))
-        await sub.start(items, logprob, top_logprobs_num, logprob_start_len, boot)
-        return sub, dict(created=int(time.time()), model=st.model_name)
-
-    async def finish(sub: Submission, request: Request) -> Response | None:
-        if not await sub.collect(request.receive):
-            return Response(status_code=499)  # client closed the request: nobody reads this
-        if (err := sub.failure()) is not None:
-            raise err
-        return None
+    add_chat_route(app, st, template)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req: CompletionRequest = await parse_body(request, CompletionRequest)
         req.check()
+        constraint = request_constraint(req)
         p = req.prompt
         raw = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
         prompts = [encode(st, x) if isinstance(x, str) else list(x) for x in raw]
@@ -129,7 +85,9 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
             )
         # echo + logprobs: the prompt's own token logprobs (how evaluation harnesses score)
         start = 0 if req.echo and want_lp else -1
-        sub, meta = await submit(request, req, prompts, max_new, want_lp, top_n, start)
+        sub, meta = await submit_openai(
+            st, request, req, prompts, max_new, want_lp, top_n, start, constraint
+        )
         meta = {"id": req.rid or f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", **meta}
         texts = [x if isinstance(x, str) else None for x in raw]  # echo: the prompt as sent
 
@@ -166,90 +124,17 @@ def add_openai_routes(app: FastAPI, st: ServerState, template: ChatTemplate | No
                         yield sse({**meta, "choices": [ch]})
                 else:
                     if req.include_usage:
-                        yield sse({**meta, "choices": [], "usage": _usage(sub, req.n)})
+                        yield sse({**meta, "choices": [], "usage": openai_usage(sub, req.n)})
                 yield DONE
 
             return streaming_response(sub, chunks())
-        if (resp := await finish(sub, request)) is not None:
+        if (resp := await finish_openai(sub, request)) is not None:
             return resp
         choices = [
             choice(c, c.text, c.ids, c.logprobs, c.top_logprobs, c.finish_reason)
             for c in sub.choices
         ]
-        return JSONResponse({**meta, "choices": choices, "usage": _usage(sub, req.n)})
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
-        req.check()
-        tok = st.tokenizer
-        if tok is None or template is None:
-            raise bad(
-                "this model has no chat template: start the server with --chat-template, "
-                "or use /v1/completions with a prompt",
-                "messages",
-                "no_chat_template",
-            )
-        try:
-            conv = req.conversation()
-            text = template.render(tok, conv, req.continue_final_message, req.chat_template_kwargs)
-        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
-            raise bad(f"the chat template failed on these messages: {e}", "messages") from None
-        ids = tok.encode(text, add_special_tokens=False)
-        # The model's turn ends at the template's end-of-turn token, not only at its EOS.
-        req.stop_token_ids = [*(req.stop_token_ids or []), *template.stop_token_ids(tok)]
-        top_n = (req.top_logprobs or 0) if req.logprobs else 0
-        sub, meta = await submit(request, req, [ids], req.max_tokens, req.logprobs, top_n)
-        meta = {"id": req.rid or f"chatcmpl-{uuid.uuid4().hex}", **meta}
-        lp = (
-            (lambda d: chat_logprobs(st.tokenizer, d.new_ids, d.new_logprobs, d.new_top_logprobs))
-            if req.logprobs
-            else None
-        )
-
-        if req.stream:
-            base = {**meta, "object": "chat.completion.chunk"}
-
-            async def chunks() -> AsyncIterator[str]:
-                for c in sub.choices:
-                    first = {"role": "assistant", "content": ""}
-                    ch = {"index": c.index, "delta": first, "logprobs": None, "finish_reason": None}
-                    yield sse({**base, "choices": [ch]})
-                async for c, text, d in sub.events():
-                    if d.finish_reason in ("abort", "error"):
-                        yield sse(sub.failure().body())  # type: ignore[union-attr]
-                        break
-                    if text or d.finish_reason or (lp and d.new_ids):
-                        delta = {"content": text} if text else {}
-                        logprobs = lp(d) if lp else None
-                        ch = {"index": c.index, "delta": delta, "logprobs": logprobs}
-                        yield sse({**base, "choices": [{**ch, "finish_reason": d.finish_reason}]})
-                else:
-                    if req.include_usage:
-                        yield sse({**base, "choices": [], "usage": _usage(sub, req.n)})
-                yield DONE
-
-            return streaming_response(sub, chunks())
-        if (resp := await finish(sub, request)) is not None:
-            return resp
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(st.tokenizer, c.ids, c.logprobs, c.top_logprobs)
-                if req.logprobs
-                else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in sub.choices
-        ]
-        body = {
-            **meta,
-            "object": "chat.completion",
-            "choices": choices,
-            "usage": _usage(sub, req.n),
-        }
-        return JSONResponse(body)
+        return JSONResponse({**meta, "choices": choices, "usage": openai_usage(sub, req.n)})
 
 
 def create_app(

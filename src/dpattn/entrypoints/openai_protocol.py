@@ -1,13 +1,14 @@
 """OpenAI-compatible request models and their validation (the errors: errors.py).
 
 Requests are validated strictly: an unknown field, a wrong JSON type or a parameter this engine
-cannot honour (penalties, tools, ...) is a 400
+cannot honour (penalties, ...) is a 400
 that names the parameter, never a silent approximation. SGLang's extension keys are accepted as
 sglang_fields.py's table says (honoured, a no-op, or refused naming the field).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -152,14 +153,42 @@ class ContentPart(_Strict):
     text: str | None = None
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCallIn(_Strict):
+    """A call in an assistant message of the history (a previous answer's tool_calls)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def for_template(self) -> dict[str, Any]:
+        # HF chat templates expect the arguments as a mapping (they serialise it themselves).
+        try:
+            args: Any = json.loads(self.function.arguments)
+        except ValueError:
+            args = self.function.arguments
+        fn = {"name": self.function.name, "arguments": args}
+        return {"id": self.id, "type": "function", "function": fn}
+
+
 class ChatMessage(_Strict):
-    # The roles chat templates know; content is required: a message without it (an assistant
-    # turn that only calls tools) cannot be rendered, since tools are not supported.
+    # The roles chat templates know. content may be null only in an assistant turn that calls
+    # tools; tool_call_id belongs to a tool message (the result of that call).
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[ContentPart]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def text(self, i: int) -> str:
+        if self.content is None:
+            if self.role != "assistant" or not self.tool_calls:
+                raise bad(f"'messages.{i}.content' is required", f"messages.{i}.content")
+            return ""
         if isinstance(self.content, str):
             return self.content
         for j, part in enumerate(self.content):
@@ -168,6 +197,21 @@ class ChatMessage(_Strict):
                     f"messages.{i}.content.{j}", "is not supported: only text parts are"
                 )
         return "".join(p.text or "" for p in self.content)
+
+    def for_template(self, i: int) -> dict[str, Any]:
+        """The message as HF chat templates take it."""
+        if self.tool_calls is not None and self.role != "assistant":
+            raise bad("only assistant messages carry 'tool_calls'", f"messages.{i}.tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise bad("only tool messages carry 'tool_call_id'", f"messages.{i}.tool_call_id")
+        out: dict[str, Any] = {"role": self.role, "content": self.text(i)}
+        if self.tool_calls:
+            out["tool_calls"] = [c.for_template() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
 
 class ChatCompletionRequest(_Common, ChatExtensions):
@@ -194,15 +238,11 @@ class ChatCompletionRequest(_Common, ChatExtensions):
                 raise bad("'top_logprobs' must be between 0 and 20", "top_logprobs")
             if self.top_logprobs > 0 and not self.logprobs:
                 raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        if self.tools:
-            raise unsupported("tools")
-        if self.tool_choice not in (None, "none"):
-            raise unsupported("tool_choice")
-        if self.response_format not in (None, {"type": "text"}):
-            raise unsupported("response_format", "is not supported (only {'type': 'text'})")
+        # tools, tool_choice and response_format: checked by the route (tool_calls.py,
+        # structured.py), which turns them into the output's constraint
 
-    def conversation(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+    def conversation(self) -> list[dict[str, Any]]:
+        return [m.for_template(i) for i, m in enumerate(self.messages)]
 
 
 class GenerateRequest(_Strict, GenerateExtensions):

@@ -27,6 +27,7 @@ class Delta:
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens the prefix cache served (in the first delta)
     error: str = ""  # with finish_reason "abort": why, when the engine says
+    error_status: int = 0  # with "abort": 400 where the request was at fault (its grammar)
 
 
 @dataclass
@@ -46,6 +47,8 @@ class RequestState:
     cached_tokens: int = 0
     finish_reason: str | None = None
     matched_stop: str | int | None = None
+    error: str = ""  # an abort's reason, when the engine says
+    error_status: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     listeners: list[Callable[[Delta], None]] = field(default_factory=list)
 
@@ -57,6 +60,8 @@ class RequestState:
         self.input_logprobs += o.input_logprobs
         self.input_top_logprobs += o.input_top_logprobs
         self.cached_tokens += o.cached_tokens
+        if o.error:
+            self.error, self.error_status = o.error, o.error_status
         return Delta(
             o.rid,
             o.new_ids,
@@ -68,6 +73,7 @@ class RequestState:
             o.input_top_logprobs,
             o.cached_tokens,
             error=o.error,
+            error_status=o.error_status,
         )
 
     def so_far(self, rid: str) -> Delta:
@@ -82,6 +88,8 @@ class RequestState:
             list(self.input_logprobs),
             list(self.input_top_logprobs),
             self.cached_tokens,
+            self.error,
+            self.error_status,
         )
 
     def meta_info(self, rid: str) -> dict[str, Any]:
@@ -95,6 +103,8 @@ class RequestState:
             "dp_rank": self.dp_rank,
             "cached_tokens": self.cached_tokens,
         }
+        if self.error:  # an abort's reason (e.g. a grammar that did not compile)
+            meta["error"] = self.error
         return meta | logprob_meta(
             self.output_ids,
             self.logprobs,

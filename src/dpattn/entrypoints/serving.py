@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-
-from fastapi import Request
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ValidationError
-from starlette.background import BackgroundTask
 
 from dpattn.disaggregation.frontend import BootstrapFields, per_sequence
 from dpattn.disaggregation.metrics import DisaggMetrics
 from dpattn.entrypoints.detokenizer import IncrementalDetokenizer
 from dpattn.entrypoints.engine import Delta, Engine
 from dpattn.entrypoints.metrics import ServerMetrics
-from dpattn.entrypoints.openai_protocol import ApiError, bad, from_validation_error
-from dpattn.executor.sampling_params import SamplingParams
+from dpattn.entrypoints.openai_protocol import ApiError, bad
+from dpattn.entrypoints.structured import grammar_error_param
 
 DRAIN_TIMEOUT_S = 120.0  # an aborted request's last delta must arrive by then
 
@@ -137,6 +131,7 @@ class Choice:
         self.finish_reason: str | None = None
         self.matched_stop: str | int | None = None
         self.error = ""  # why the engine aborted it, when it says
+        self.error_status = 0  # the HTTP status an abort answers (400: its grammar), 0: 503
         self.t_start = t0  # when the HTTP request was accepted
         self.t_last: float | None = None
 
@@ -150,6 +145,8 @@ class Submission:
         self.queue: asyncio.Queue[tuple[Choice, Delta, float]] = asyncio.Queue()
         self.choices: list[Choice] = []
         self.untrimmed: set[int] = set()  # items whose text keeps the stop string (no_stop_trim)
+        # item -> the request parameter its grammar came from (a grammar error's 400 names it)
+        self.grammar_params: dict[int, str] = {}
         self.closed = False
         self.t0 = time.perf_counter()
         timeout = state.request_timeout_s
@@ -201,8 +198,9 @@ class Submission:
         except BaseException as e:
             st.unreserve(len(items) - len(self.choices))
             self.close()
-            if isinstance(e, ValueError):
-                raise bad(str(e)) from None
+            if isinstance(e, ValueError):  # the item that failed: the next one to be a choice
+                param = grammar_error_param(e, self.grammar_params.get(len(self.choices)))
+                raise bad(str(e), param) from None
             if isinstance(e, RuntimeError):
                 raise ApiError(503, str(e), code="engine_unavailable") from None
             raise
@@ -260,7 +258,7 @@ class Submission:
         text = c.detok.add(list(delta.new_ids))
         if delta.finish_reason is not None:
             c.finish_reason, c.matched_stop = delta.finish_reason, delta.matched_stop
-            c.error = delta.error
+            c.error, c.error_status = delta.error, delta.error_status
             text += c.detok.finish(delta.matched_stop)
             st.unreserve(1)
             st.engine.release(c.rid)
@@ -326,71 +324,18 @@ class Submission:
         return True
 
     def failure(self) -> ApiError | None:
-        """The error to answer if a choice ended by the engine's abort or failure."""
-        for c in self.choices:
-            if c.finish_reason == "error":
-                msg = self.state.engine.failure or "engine failed"
-                return ApiError(503, msg, code="engine_failed")
-            if c.finish_reason == "abort":
-                why = c.error or "it cannot fit the KV cache"
-                return ApiError(
-                    503, f"the engine aborted the request ({why})", code="request_aborted"
-                )
-        return None
-
-
-# ---- HTTP helpers shared by the routes ----
-DP_RANK_HEADER = "x-data-parallel-rank"
-DONE = "data: [DONE]\n\n"
-
-
-def sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def parse_body(request: Request, cls: type[BaseModel]) -> Any:
-    """The JSON body as `cls`; malformed JSON, wrong types, unknown fields: 400."""
-    try:
-        data = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad(f"malformed JSON body: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad("the JSON body must be an object", code="invalid_json")
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        raise from_validation_error(e) from None
-
-
-def sampling_params(d: dict[str, Any] | None, param: str = "sampling_params") -> SamplingParams:
-    try:
-        return SamplingParams.from_dict(d)
-    except (ValueError, TypeError) as e:
-        raise bad(str(e), param) from None
-
-
-def encode(st: ServerState, text: str, param: str = "prompt") -> list[int]:
-    if st.tokenizer is None:
-        raise bad("this model has no tokenizer: send token ids", param)
-    return st.tokenizer.encode(text)
-
-
-def streaming_response(sub: Submission, chunks: AsyncIterator[str]) -> StreamingResponse:
-    """SSE response; whatever ends the stream (client gone included) aborts what still runs."""
-
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except ApiError as e:  # the request timeout, mid-stream: the status is already sent
-            yield sse(e.body())
-            yield DONE
-        finally:
-            sub.close()
-
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-        background=BackgroundTask(sub.close),  # the body may never start if the client left
-    )
+        """The error to answer if a choice ended by the engine's failure (503) or an abort: 400
+        where the rank said the request was at fault (its grammar), else 503."""
+        failed = [c for c in self.choices if c.finish_reason in ("error", "abort")]
+        failed.sort(key=lambda c: (c.finish_reason != "error", not c.error_status))
+        if not failed:
+            return None
+        c = failed[0]
+        if c.finish_reason == "error":
+            return ApiError(503, self.state.engine.failure or "engine failed", code="engine_failed")
+        if c.error_status:
+            why = c.error or "the request is invalid"
+            param = self.grammar_params.get(c.index)
+            return ApiError(c.error_status, f"the request failed: {why}", param, "invalid_value")
+        why = c.error or "it cannot fit the KV cache"
+        return ApiError(503, f"the engine aborted the request ({why})", code="request_aborted")

@@ -9,7 +9,8 @@ the JSON type SGLang gives it and:
 - a no-op, where every value asks for nothing dpattn lacks (`log_metrics`, `stream_reasoning`
   without a reasoning parser, ...);
 - or accepted only at the values listed, any other value refused with a 400 that names the
-  field (`return_hidden_states: true`, a `lora_path`, a `regex`, ...), never silently ignored.
+  field (`return_hidden_states: true`, a `lora_path`, a `structural_tag`, ...), never silently
+  ignored.
 Keys in no schema stay an error. The PD router's `bootstrap_*` keys are not here
 (disaggregation/). /generate's `sampling_params` are parsed here too, with SGLang's names and
 defaults (max_new_tokens 128).
@@ -24,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from dpattn.entrypoints.errors import ApiError, bad, from_validation_error, unsupported
+from dpattn.entrypoints.structured import sampling_constraint
 
 MAX_N = 16  # choices / outputs per prompt (OpenAI allows more; each is a full engine request)
 MAX_SEED = 2**63
@@ -39,7 +41,7 @@ class Ext:
 
 
 ANY = None
-STRUCTURED = "structured outputs (json_schema / regex / ebnf) are not supported yet"
+STRUCTURED = "constrained decoding (structured.py): the output follows "
 RANK = "synonym of dp_rank (both given: they must agree)"
 
 # fmt: off
@@ -55,6 +57,10 @@ EXTENSIONS: dict[str, Ext] = {
     "return_text_in_logprobs": Ext("g", bool, False, ANY, "honoured: logprob entries carry their token's text, else null"),
     "model": Ext("g", str | None, None, ANY, "honoured: checked against the served model (404), as on /v1"),
     "n": Ext("s", int, 1, ANY, "honoured: n outputs per prompt"),
+    "regex": Ext("cps", str | None, None, ANY, "honoured: " + STRUCTURED + "the regular expression"),
+    "ebnf": Ext("cps", str | None, None, ANY, "honoured: " + STRUCTURED + "the EBNF grammar"),
+    "json_schema": Ext("ps", str | None, None, ANY, "honoured: " + STRUCTURED + "the JSON schema (a string of JSON)"),
+    "response_format": Ext("p", dict[str, Any] | None, None, ANY, "honoured: " + STRUCTURED + "response_format, as on chat"),
     # -- no-ops: every value asks for nothing dpattn lacks --
     "separate_reasoning": Ext("c", bool, True, ANY, "no-op: no reasoning parser, no reasoning text to separate"),
     "stream_reasoning": Ext("c", bool, True, ANY, "no-op: no reasoning parser, no reasoning text to stream"),
@@ -66,11 +72,7 @@ EXTENSIONS: dict[str, Ext] = {
     "lora_path": Ext("cpg", str | list[str | None] | None, None, (None,), "LoRA adapters are not supported"),
     "lora_id": Ext("g", str | None, None, (None,), "LoRA adapters are not supported"),
     "session_params": Ext("cpg", dict[str, Any] | None, None, (None,), "sessions are not supported"),
-    "regex": Ext("cps", str | None, None, (None,), STRUCTURED),
-    "ebnf": Ext("cps", str | None, None, (None,), STRUCTURED),
-    "json_schema": Ext("ps", str | None, None, (None,), STRUCTURED),
-    "structural_tag": Ext("s", str | None, None, (None,), STRUCTURED),
-    "response_format": Ext("p", dict[str, Any] | None, None, (None, {"type": "text"}), STRUCTURED),
+    "structural_tag": Ext("s", str | None, None, (None,), "structural tags are not supported (json_schema, regex and ebnf are)"),
     "stop_regex": Ext("cps", str | list[str] | None, None, (None,), "regex stop conditions are not supported"),
     "min_tokens": Ext("cp", int | None, 0, (0, None), "a minimum output length is not supported"),
     "min_new_tokens": Ext("s", int | None, 0, (0, None), "a minimum output length is not supported"),
@@ -180,12 +182,14 @@ def apply_extensions(req: Any, kind: str, prefix: str = "") -> None:
 @dataclass
 class GenerateSampling:
     """One /generate sampling_params dict, parsed: SamplingParams fields (no max_new_tokens when
-    null: the route gives the rest of the context), n, no_stop_trim."""
+    null: the route gives the rest of the context), n, no_stop_trim, and the parameter its
+    grammar came from (json_schema / regex / ebnf; what a grammar error names)."""
 
     fields: dict[str, Any]
     max_new_tokens: int | None
     n: int
     no_stop_trim: bool
+    grammar_param: str | None = None
 
 
 def generate_sampling(d: Any, param: str = "sampling_params") -> GenerateSampling:
@@ -202,7 +206,11 @@ def generate_sampling(d: Any, param: str = "sampling_params") -> GenerateSamplin
         if not all(k.lstrip("-").isdigit() for k in sp.logit_bias):
             raise bad("'logit_bias' keys must be token ids", f"{param}.logit_bias")
         fields["logit_bias"] = {int(k): v for k, v in sp.logit_bias.items()}
-    return GenerateSampling(fields, sp.max_new_tokens, sp.n, sp.no_stop_trim)
+    grammar = sampling_constraint(sp, param)
+    if grammar is not None:
+        fields |= grammar.fields()
+    where = grammar.param if grammar is not None else None
+    return GenerateSampling(fields, sp.max_new_tokens, sp.n, sp.no_stop_trim, where)
 
 
 def seeded(fields: dict[str, Any], copy: int) -> dict[str, Any]:

@@ -12,8 +12,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from pydantic import Field
 
+from dpattn.entrypoints.http_common import parse_body
 from dpattn.entrypoints.openai_protocol import _Strict, bad
-from dpattn.entrypoints.serving import ServerState, parse_body
+from dpattn.entrypoints.serving import ServerState
 
 
 class TokenizeRequest(_Strict):

@@ -10,7 +10,9 @@ the same sampled tokens, so their masks, and hence their tokens, agree without c
 
 from __future__ import annotations
 
+import functools
 import json
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +28,7 @@ from dpattn.executor.sampling_params import SamplingParams
 
 GrammarKey = tuple[str, str]  # (kind, text): json_schema / regex / ebnf, as SamplingParams has it
 CACHE_SIZE = 256  # compiled grammars kept (a server sees the same few schemas again and again)
+MAX_COMPILE_THREADS = 8
 
 
 class GrammarStatus(IntEnum):
@@ -69,7 +72,7 @@ def check_grammar(params: SamplingParams) -> None:
     try:
         if kind == "json_schema":
             json.loads(text)
-            xgr.Grammar.from_json_schema(text, any_whitespace=False)
+            json_schema_grammar(text)
         elif kind == "regex":
             xgr.Grammar.from_regex(text)
         else:
@@ -78,15 +81,73 @@ def check_grammar(params: SamplingParams) -> None:
         raise ValueError(f"{kind}: {_reason(e)}") from None
 
 
+# xgrammar 0.2.9 writes a string with minLength / maxLength as a repetition of the first class,
+# which lets raw control characters through: invalid JSON that a strict parser refuses (its
+# issue 800); its unbounded strings use the second. Both admit UTF-8-encoded surrogates
+# (U+D800-DFFF), which a decoder turns into three U+FFFD: one character to the grammar, three
+# in the text, past a maxLength. Every string character takes the class without either.
+_STRING_CHARS = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
+
+
+def json_schema_grammar(text: str) -> Any:
+    """The xgrammar Grammar of a JSON schema: compact JSON (a model may not fill the output
+    with whitespace until max_tokens), strings of JSON's characters only."""
+    import xgrammar as xgr
+
+    ebnf = str(xgr.Grammar.from_json_schema(text, any_whitespace=False))  # parses back exactly
+    for loose in _STRING_CHARS:
+        ebnf = ebnf.replace(loose, _JSON_STRING_CHAR)
+    return xgr.Grammar.from_ebnf(ebnf)
+
+
 def _reason(e: Exception) -> str:
     # xgrammar's messages start with "[time] /path/file.cc:line: "; keep what follows.
     msg = str(e).strip()
     return msg.split(": ", 1)[1].strip() if msg.startswith("[") and ": " in msg else msg
 
 
+class _DaemonPool:
+    """Compile threads that never hold up the process: a concurrent.futures pool joins its
+    threads at exit, so one compile that never ends would keep a rank from exiting."""
+
+    def __init__(self, threads: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self.threads = 0
+        for _ in range(threads):
+            self.grow()
+
+    def grow(self) -> None:
+        self.threads += 1
+        threading.Thread(target=self._work, name="grammar-compile", daemon=True).start()
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((future, fn))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # the request fails with it; the thread goes on
+                    future.set_exception(e)
+
+    def close(self) -> None:
+        for _ in range(self.threads):
+            self._jobs.put(None)
+
+
 class XGrammarBackend:
-    """Compiles on a small thread pool (xgrammar releases the GIL while it compiles); keeps
-    the last CACHE_SIZE grammars, failures included, so a repeated bad grammar fails fast."""
+    """Compiles on a few daemon threads (xgrammar releases the GIL while it compiles); keeps
+    the last CACHE_SIZE grammars, failures included, so a repeated bad grammar fails fast.
+    A compile past the timeout fails its requests, and any later request for the same grammar
+    at once; its thread is replaced (up to MAX_COMPILE_THREADS) so other grammars still compile.
+    """
 
     def __init__(
         self,
@@ -100,7 +161,8 @@ class XGrammarBackend:
         self._vocab_size = vocab_size
         self._stop_ids = sorted(stop_token_ids)
         self.timeout_s = timeout_s
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="grammar-compile")
+        self._pool = _DaemonPool(threads)
+        self._stuck: set[GrammarKey] = set()  # compiles that ran past the timeout
         self._compiler: Any = None
         self._compiler_lock = threading.Lock()
         self._cache: OrderedDict[GrammarKey, Future[Any]] = OrderedDict()
@@ -125,8 +187,7 @@ class XGrammarBackend:
         kind, text = key
         compiler = self._get_compiler()
         if kind == "json_schema":
-            # Compact JSON: a model may not fill the output with whitespace until max_tokens.
-            return compiler.compile_json_schema(text, any_whitespace=False)
+            return compiler.compile_grammar(json_schema_grammar(text))
         if kind == "regex":
             return compiler.compile_regex(text)
         return compiler.compile_grammar(text)
@@ -135,7 +196,7 @@ class XGrammarBackend:
         if key in self._cache:
             self._cache.move_to_end(key)
             return
-        self._cache[key] = self._pool.submit(self._compile, key)
+        self._cache[key] = self._pool.submit(functools.partial(self._compile, key))
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
 
@@ -145,9 +206,13 @@ class XGrammarBackend:
             self.submit(key)
             return GrammarStatus.PENDING, ""
         if not future.done():
-            if waited_s > self.timeout_s:
-                return GrammarStatus.FAILED, f"grammar compile timed out after {self.timeout_s} s"
-            return GrammarStatus.PENDING, ""
+            if key not in self._stuck and waited_s <= self.timeout_s:
+                return GrammarStatus.PENDING, ""
+            if key not in self._stuck and self._pool.threads < MAX_COMPILE_THREADS:
+                self._pool.grow()  # that thread may never come back
+            self._stuck.add(key)
+            return GrammarStatus.FAILED, f"grammar compile timed out after {self.timeout_s} s"
+        self._stuck.discard(key)
         e = future.exception()
         if e is not None:
             return GrammarStatus.FAILED, f"{key[0]}: {_reason(e)}"
@@ -164,7 +229,7 @@ class XGrammarBackend:
         return xgr.allocate_token_bitmask(rows, self._vocab_size)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
 
 
 def fill_bitmask(bitmask: torch.Tensor, matchers: Sequence[Matcher | None]) -> list[int]:

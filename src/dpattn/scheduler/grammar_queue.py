@@ -10,6 +10,7 @@ to the waiting queue on every rank in the same step, or fails on every rank in t
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -48,15 +49,20 @@ class GrammarQueue:
         local = [self.backend.status(r.params.grammar, now - t) for r, t in self.reqs]  # type: ignore[arg-type]
         codes = torch.tensor([[int(s) for s, _ in local]], dtype=torch.int64)
         agreed = self.group.all_gather(codes).amin(0).tolist()
+        reasons: Iterator[str] = iter(())
+        if GrammarStatus.FAILED in agreed:  # every rank knows it: each says why, if it knows
+            mine = [why for code, (_, why) in zip(agreed, local) if code == GrammarStatus.FAILED]
+            told = zip(*self.group.all_gather_object(mine))
+            reasons = iter([next((w for w in ws if w), "") for ws in told])
         ready: list[Req] = []
         failed: list[tuple[Req, str]] = []
         keep: list[tuple[Req, float]] = []
-        for (req, t), code, (_, why) in zip(self.reqs, agreed, local):
+        for (req, t), code in zip(self.reqs, agreed):
             if code == GrammarStatus.READY:
                 req.grammar = self.backend.matcher(req.params.grammar)  # type: ignore[arg-type]
                 ready.append(req)
             elif code == GrammarStatus.FAILED:
-                failed.append((req, why or "the grammar failed to compile on another rank"))
+                failed.append((req, next(reasons) or "the grammar failed to compile"))
             else:
                 keep.append((req, t))
         self.reqs = keep

@@ -117,7 +117,9 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked or self.grammars)
+        # Requests waiting only for their grammar are not work: the loop backs off meanwhile
+        # instead of spinning against the compile threads (it still steps, and polls them).
+        return bool(self.waiting or self.running or self.chunked)
 
     # ---- one iteration ----
     def step(self, shutdown: bool = False) -> SyncDecision:
