@@ -100,7 +100,9 @@ def client() -> Iterator[openai.OpenAI]:
 
 def _chat(client: openai.OpenAI, prompt: str, **kwargs: Any) -> Any:
     return client.chat.completions.create(
-        model="default", messages=[{"role": "user", "content": prompt}], **kwargs
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": prompt}],
+        **kwargs,
     )
 
 
@@ -108,7 +110,7 @@ def test_parse_pydantic_models(client: openai.OpenAI) -> None:
     def one(i: int) -> Any:
         model, prompt = MODELS[i % len(MODELS)]
         out = client.chat.completions.parse(
-            model="default",
+            model=client.models.list().data[0].id,
             messages=[{"role": "user", "content": prompt + " Answer in JSON."}],
             response_format=model,
             temperature=1.0,
