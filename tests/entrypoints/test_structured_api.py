@@ -16,7 +16,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from server_harness import MODEL, ServerThread
+from server_harness import MODEL, ServerThread, _m, _metrics, _rank, _wait_for
 from test_structured import DATE, EBNF, SCHEMA, USER, City, chat_body
 
 from dpattn.executor.grammar import XGrammarBackend
@@ -118,7 +118,13 @@ def test_a_grammar_the_ranks_cannot_compile_is_a_400(server: ServerThread, boom:
 # ---- over HTTP: every output holds under its constraint (tiny random model) ----
 # Seeded throughout: xgrammar 0.2.9 admits overlong UTF-8 (e.g. e0 95 b0), which decodes to
 # three U+FFFD; a random model drawing byte tokens writes one in ~1 of 200 bounded strings.
-def test_parse_returns_pydantic_objects(client: openai.OpenAI) -> None:
+def test_parse_returns_pydantic_objects(server: ServerThread, client: openai.OpenAI) -> None:
+    def constrained() -> float:
+        return sum(
+            _m(_metrics(server.url), "dpattn_constrained_rows_total", **_rank(d)) for d in (0, 1)
+        )
+
+    before, tokens = constrained(), 0
     for seed in range(4):
         out = client.chat.completions.parse(
             model=MODEL, messages=USER, response_format=City, max_tokens=256, seed=seed
@@ -127,6 +133,9 @@ def test_parse_returns_pydantic_objects(client: openai.OpenAI) -> None:
         assert choice.finish_reason == "stop", choice
         assert isinstance(choice.message.parsed, City), choice.message.content
         City.model_validate_json(choice.message.content or "")
+        tokens += out.usage.completion_tokens
+    # every token of theirs was sampled under a mask, and /metrics counts them
+    assert _wait_for(lambda: constrained() - before == tokens)
 
 
 def test_json_schema_stream_and_n(client: openai.OpenAI) -> None:

@@ -50,6 +50,13 @@ class ServerMetrics:
 
         self.running = gauge("num_requests_running", "Requests decoding on the DP group")
         self.queued = gauge("num_requests_queued", "Requests waiting in the DP group's scheduler")
+        self.grammar_queue = gauge(
+            "num_requests_grammar_queue", "Requests waiting for their grammar to compile"
+        )
+        self.constrained = counter("constrained_rows", "Tokens sampled under a grammar's mask")
+        self.grammar_s = counter(
+            "grammar_mask_seconds", "Step time spent on grammar masks (fill wait and apply)"
+        )
         self.kv_used = gauge("kv_cache_used_tokens", "KV cache slots in use")
         self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of the KV cache pool in use")
         self.kv_cached = gauge(
@@ -94,6 +101,8 @@ class ServerMetrics:
             lbl = self.labels(d)
             for metric in (self.running, self.queued, self.kv_used, self.kv_usage):
                 metric.labels(*lbl)
+            for metric in (self.grammar_queue, self.constrained, self.grammar_s):
+                metric.labels(*lbl)
             for metric in (self.prompt_tokens, self.generation_tokens, self.idle_batches):
                 metric.labels(*lbl)
             for metric in (self.ttft, self.itl, self.e2e, self.extending_groups, self.sync_s):
@@ -112,6 +121,7 @@ class ServerMetrics:
         lbl = self.labels(dp_rank)
         self.running.labels(*lbl).set(stats.running)
         self.queued.labels(*lbl).set(stats.queued)
+        self.grammar_queue.labels(*lbl).set(stats.grammar_queue)
         if stats.forward_mode not in FORWARD_MODES:
             return  # no forward ran this step (e.g. only an abort was reported)
         self.forward_steps.labels(*lbl, stats.forward_mode).inc()
@@ -119,6 +129,9 @@ class ServerMetrics:
             self.idle_batches.labels(*lbl).inc()
         self.extending_groups.labels(*lbl).observe(stats.extending_groups)
         self.sync_s.labels(*lbl).observe(stats.sync_s)
+        if stats.constrained:
+            self.constrained.labels(*lbl).inc(stats.constrained)
+            self.grammar_s.labels(*lbl).inc(stats.grammar_s)
         self.mlp_padded.labels(*lbl).inc(stats.padded_tokens)
         self.mlp_real.labels(*lbl).inc(sum(stats.global_num_tokens))
         padding_mode = getattr(stats, "padding_mode", None)
