@@ -186,7 +186,14 @@ def _bench(args: argparse.Namespace) -> int:
                 comparison += compare_with_transformers(engine, repeats=args.compare_repeats)
         engine = Engine(model_path, **options)
         try:
-            report = run_offline(engine, cfg)
+            if _constrained(args):
+                from dpattn.tools.bench_grammar import compare_shares, format_table
+
+                shares = args.constrained_share
+                report = compare_shares(engine, cfg, shares, args.compare_repeats)
+                print(format_table(report), flush=True)
+            else:
+                report = run_offline(engine, cfg)
         finally:
             engine.shutdown()
         if comparison:
@@ -224,6 +231,27 @@ def _check_layout(args: argparse.Namespace) -> None:
         raise ValueError(f"--tp {tp} and --dp {dp} must be at least 1")
     if tp % dp:
         raise ValueError(f"--tp {tp} must be a multiple of --dp {dp}")
+
+
+def _constrained(args: argparse.Namespace) -> bool:
+    """--constrained-share asks for the side-by-side runs (a lone 0: the plain bench)."""
+    return bool(args.constrained_share) and args.constrained_share != [0.0]
+
+
+def _check_constrained(args: argparse.Namespace) -> None:
+    if not _constrained(args):
+        return
+    if not all(0 <= s <= 1 for s in args.constrained_share):
+        raise ValueError(
+            f"--constrained-share takes fractions in [0, 1] (got {args.constrained_share})"
+        )
+    if len(set(args.constrained_share)) < len(args.constrained_share):
+        raise ValueError(f"--constrained-share values must differ (got {args.constrained_share})")
+    modes = ("base_url", "compare_llamacpp", "compare_dp_attention", "compare_prefix_cache")
+    if any(getattr(args, name) for name in modes) or args.compare_routing:
+        raise ValueError("--constrained-share runs with the offline bench only")
+    if args.output_len < 1:
+        raise ValueError("--constrained-share needs --output-len >= 1 (constrained tokens)")
 
 
 def _bench_defaults(args: argparse.Namespace) -> None:
@@ -279,6 +307,7 @@ def _check_request_options(args: argparse.Namespace) -> None:
         )
     if not 0 <= args.range_ratio <= 1:
         raise ValueError(f"--range-ratio must be in [0, 1] (got {args.range_ratio})")
+    _check_constrained(args)
     if args.compare_llamacpp:
         from dpattn.tools.bench_llamacpp import check_options
 

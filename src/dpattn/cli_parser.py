@@ -175,7 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare-repeats",
         type=int,
         default=3,
-        help="--compare-transformers: timed runs of each side per batch size (medians reported)",
+        help="--compare-transformers: timed runs of each side per batch size; "
+        "--constrained-share: rounds over the shares, in alternating order (medians reported)",
+    )
+    bench.add_argument(
+        "--constrained-share",
+        type=float,
+        nargs="+",
+        metavar="SHARE",
+        help="fractions of the requests that generate under a JSON schema (e.g. 0 0.5 1): each "
+        "share runs on the same prompts, side by side in one run; throughput, step time and "
+        "the grammar masks' cost per share",
     )
     bench.add_argument(
         "--compare-prefix-cache",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import statistics
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -51,19 +50,43 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def run_offline(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
-    """Benchmark a running engine, then shut it down (which measures the bare all-gather)."""
+@dataclass
+class Workload:
+    """The bench's requests: random prompts of random lengths, greedy, ignore_eos."""
+
+    in_lens: list[int]
+    out_lens: list[int]
+    prompts: list[list[int]]
+
+
+def draw_workload(engine: Engine, cfg: BenchConfig) -> Workload:
     rng = random.Random(cfg.seed)
     vocab = int(getattr(engine.tokenizer, "vocab_size", 0) or 256)
     in_lens = _lengths(rng, cfg.num_prompts, cfg.input_len, cfg.range_ratio)
     out_lens = _lengths(rng, cfg.num_prompts, cfg.output_len, cfg.range_ratio)
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in in_lens]
+    return Workload(in_lens, out_lens, prompts)
+
+
+@dataclass
+class TimedRun:
+    """One batch of requests sent at once, timed from the first submit to the last result."""
+
+    start: float
+    elapsed: float
+    rids: list[str]
+    first_token: dict[str, float]
+    finished: dict[str, float]
+    output_tokens: int  # as generated (the workload's out_lens unless a request stopped early)
+    steps: list[tuple[int, StepStats]]  # (DP group, stats) of the steps taken meanwhile
+
+
+def timed_run(
+    engine: Engine, prompts: list[list[int]], params: list[SamplingParams], progress: bool
+) -> TimedRun:
     first_token: dict[str, float] = {}
     finished: dict[str, float] = {}
-    done = threading.Semaphore(0)
-    bar = tqdm(
-        total=cfg.num_prompts, desc="requests", disable=None if cfg.progress else True, leave=False
-    )
+    bar = tqdm(total=len(prompts), desc="requests", disable=None if progress else True, leave=False)
 
     def on_delta(delta: Delta) -> None:
         now = time.perf_counter()
@@ -72,21 +95,35 @@ def run_offline(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
         if delta.finish_reason is not None:
             finished[delta.rid] = now
             bar.update(1)
-            done.release()
 
     steps_before = len(engine.step_stats)
     start = time.perf_counter()
     rids = []
-    for ids, n in zip(prompts, out_lens):
-        rid = engine.submit(ids, _params(n))
+    for ids, p in zip(prompts, params):
+        rid = engine.submit(ids, p)
         engine.listen(rid, on_delta)
         rids.append(rid)
-    for rid in rids:
-        engine.result(rid)  # raises if a rank died
+    tokens = sum(len(engine.result(rid)["output_ids"]) for rid in rids)  # raises if a rank died
     elapsed = time.perf_counter() - start
     bar.close()
     steps = list(engine.step_stats)[steps_before:]
+    return TimedRun(start, elapsed, rids, first_token, finished, tokens, steps)
+
+
+def run_offline(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
+    """Benchmark a running engine, then shut it down (which measures the bare all-gather)."""
+    work = draw_workload(engine, cfg)
+    run = timed_run(engine, work.prompts, [bench_params(n) for n in work.out_lens], cfg.progress)
     engine.shutdown()
+    return offline_report(engine, cfg, work, run)
+
+
+def offline_report(
+    engine: Engine, cfg: BenchConfig, work: Workload, run: TimedRun
+) -> dict[str, Any]:
+    """run_offline's report, from a run on an engine that was shut down since."""
+    steps, start, rids, elapsed = run.steps, run.start, run.rids, run.elapsed
+    in_lens, out_lens = work.in_lens, work.out_lens
     forward = [s for _, s in steps if s.forward_mode != "none"]
     # Every leader reports the global buffer B; DP group 0's leader sees every forward step.
     lead = [s for d, s in steps if d == 0 and s.forward_mode != "none"]
@@ -106,8 +143,8 @@ def run_offline(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
         "requests_per_s": cfg.num_prompts / elapsed,
         "output_tokens_per_s": out_tokens / elapsed,
         "total_tokens_per_s": (out_tokens + sum(in_lens)) / elapsed,
-        "latency_s": percentiles([finished[r] - start for r in rids]),
-        "ttft_s": percentiles([first_token[r] - start for r in rids if r in first_token]),
+        "latency_s": percentiles([run.finished[r] - start for r in rids]),
+        "ttft_s": percentiles([run.first_token[r] - start for r in rids if r in run.first_token]),
         "forward_steps": {
             m: sum(1 for s in forward if s.forward_mode == m) for m in ("extend", "decode", "idle")
         },
@@ -184,9 +221,11 @@ def _graphs_on(engine: Engine) -> bool:
     )
 
 
-def _params(max_new_tokens: int) -> Any:
-
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+def bench_params(max_new_tokens: int, json_schema: str | None = None) -> SamplingParams:
+    """A bench request: greedy, exactly max_new_tokens new tokens (unless its grammar ends)."""
+    return SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True, json_schema=json_schema
+    )
 
 
 def compare_with_transformers(
