@@ -26,6 +26,7 @@ from dpattn.executor.grammar import (
     apply_bitmask,
     check_grammar,
     fill_bitmask,
+    json_schema_grammar,
     make_backend,
 )
 from dpattn.executor.sampling_params import SamplingParams
@@ -485,3 +486,17 @@ def test_status_order_is_agreement_order() -> None:
     assert GrammarStatus.FAILED < GrammarStatus.PENDING < GrammarStatus.READY
     assert min(GrammarStatus.READY, GrammarStatus.PENDING) == GrammarStatus.PENDING
     assert min(GrammarStatus.READY, GrammarStatus.FAILED) == GrammarStatus.FAILED
+
+
+def test_json_schema_round_trip_keeps_latin1_escapes() -> None:
+    """The fixed grammar goes through xgrammar's EBNF printer and parser, which write U+0080
+    as "\\x80" and read "\\x800" back as U+0800 (found by the property test): the enum value
+    U+0080 "0" must stay itself."""
+    import xgrammar as xgr
+
+    accepts = xgr.testing._is_grammar_accept_string
+    grammar = json_schema_grammar(json.dumps({"enum": ["\x800", "\x80a0", "\\x41", "\u01010"]}))
+    for value in ("\x800", "\x80a0", "\\x41", "\u01010"):
+        assert accepts(grammar, json.dumps(value, ensure_ascii=False)), value
+    for wrong in ("\u0800", "\u80a0"):
+        assert not accepts(grammar, json.dumps(wrong, ensure_ascii=False)), wrong

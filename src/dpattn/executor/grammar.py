@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import queue
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -88,6 +89,7 @@ def check_grammar(params: SamplingParams) -> None:
 # in the text, past a maxLength. Every string character takes the class without either.
 _STRING_CHARS = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
 _JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
+_ESCAPE = re.compile(r"\\(\\|x[0-9A-Fa-f]{2}|.)")  # one escape of xgrammar's EBNF printer
 
 
 def json_schema_grammar(text: str) -> Any:
@@ -95,10 +97,14 @@ def json_schema_grammar(text: str) -> Any:
     with whitespace until max_tokens), strings of JSON's characters only."""
     import xgrammar as xgr
 
-    ebnf = str(xgr.Grammar.from_json_schema(text, any_whitespace=False))  # parses back exactly
+    ebnf = str(xgr.Grammar.from_json_schema(text, any_whitespace=False))
     for loose in _STRING_CHARS:
         ebnf = ebnf.replace(loose, _JSON_STRING_CHAR)
-    return xgr.Grammar.from_ebnf(ebnf)
+    # The printer writes U+0080-00FF as \xHH, which its parser reads greedily: "\x80" then a
+    # literal "0" would come back as U+0800. \u takes exactly four digits.
+    return xgr.Grammar.from_ebnf(
+        _ESCAPE.sub(lambda m: "\\u00" + m[1][1:] if m[1][0] == "x" else m[0], ebnf)
+    )
 
 
 def _reason(e: Exception) -> str:
