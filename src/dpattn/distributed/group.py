@@ -1,7 +1,9 @@
 """Collective groups: one interface, a torch.distributed implementation and a trace.
 
 Every collective goes through a `Group`, which records (group, op, shape) into the rank's
-trace, so tests and the lock-step checker can compare what each rank issued.
+trace, so tests and the lock-step checker can compare what each rank issued. The trace holds the
+group's role (`world`, `attn_tp<d>`), the same in every pipeline stage; messages use its `label`,
+which names the stage when there are several (`stage1.world`).
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ _PROBE_DIMS = 4
 class Group(ABC):
     """One rank's handle on a group of ranks. Tensors are split / concatenated on dim 0."""
 
-    def __init__(self, name: str, ranks: list[int], rank: int, trace: Trace) -> None:
+    def __init__(
+        self, name: str, ranks: list[int], rank: int, trace: Trace, label: str | None = None
+    ) -> None:
         self.name = name
+        self.label = label or name  # errors name the stage's group at pp_size > 1
         self.ranks = ranks
         self.size = len(ranks)
         self.rank_in_group = ranks.index(rank)
@@ -74,7 +79,7 @@ class Group(ABC):
     def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
         self._enter("reduce_scatter", t.shape)
         if t.shape[0] % self.size:
-            raise ValueError(f"{self.name}: reduce_scatter of {t.shape[0]} rows over {self.size}")
+            raise ValueError(f"{self.label}: reduce_scatter of {t.shape[0]} rows over {self.size}")
         return t if self.size == 1 else self._reduce_scatter(t)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -112,7 +117,7 @@ class Group(ABC):
             return f"#{r[0]} {_OPS[r[1]]}{[d for d in r[3 : 3 + min(r[2], _PROBE_DIMS)]]}"
 
         issued = ", ".join(f"rank {rank}: {describe(r)}" for rank, r in zip(self.ranks, rows))
-        raise CollectiveError(f"lock-step divergence in group {self.name}: {issued}")
+        raise CollectiveError(f"lock-step divergence in group {self.label}: {issued}")
 
     @abstractmethod
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
@@ -137,9 +142,15 @@ class TorchGroup(Group):
     """A torch.distributed process group (gloo on CPU, NCCL on GPU)."""
 
     def __init__(
-        self, name: str, ranks: list[int], rank: int, trace: Trace, pg: dist.ProcessGroup
+        self,
+        name: str,
+        ranks: list[int],
+        rank: int,
+        trace: Trace,
+        pg: dist.ProcessGroup,
+        label: str | None = None,
     ) -> None:
-        super().__init__(name, ranks, rank, trace)
+        super().__init__(name, ranks, rank, trace, label)
         self.pg = pg
         self.is_gloo = dist.get_backend(pg) == "gloo"
         self.native_reduce_scatter = not self.is_gloo
@@ -151,7 +162,7 @@ class TorchGroup(Group):
         try:
             return fn()
         except RuntimeError as e:  # gloo/NCCL errors are terse: say which collective failed
-            raise CollectiveError(f"{self.name}.{op} failed: {e}") from e
+            raise CollectiveError(f"{self.label}.{op} failed: {e}") from e
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()

@@ -150,14 +150,17 @@ class ShmSlots:
                 )
 
 
-def open_slots(pg: dist.ProcessGroup, rank: int, world: int, timeout_s: float) -> ShmSlots:
-    """Rank 0 creates the mapping's file and every rank its FIFO; once all are open they are
-    unlinked (nothing left behind, even after a crash). Gloo collectives at start-up only."""
+def open_slots(pg: dist.ProcessGroup, ranks: list[int], rank: int, timeout_s: float) -> ShmSlots:
+    """The group's first rank creates the mapping's file and every rank its FIFO; once all are
+    open they are unlinked (nothing left behind, even after a crash). Gloo collectives at
+    start-up only. `ranks` are the group's global ranks (one pipeline stage's, say); slots and
+    FIFOs are indexed by the position in it."""
+    world, rank = len(ranks), ranks.index(rank)
     path = [str(Path(_shm_dir()) / f"dpattn-sync-{uuid.uuid4().hex}")] if rank == 0 else [None]
     if rank == 0:
         with open(path[0], "wb") as f:
             f.truncate(ShmSlots.nbytes(world))
-    dist.broadcast_object_list(path, src=0, group=pg)
+    dist.broadcast_object_list(path, src=ranks[0], group=pg)
     base = str(path[0])
     fifo = f"{base}-{rank}"
     os.mkfifo(fifo, 0o600)
@@ -186,8 +189,9 @@ class ShmTorchGroup(TorchGroup):
         trace: Trace,
         pg: dist.ProcessGroup,
         slots: ShmSlots,
+        label: str | None = None,
     ) -> None:
-        super().__init__(name, ranks, rank, trace, pg)
+        super().__init__(name, ranks, rank, trace, pg, label)
         self.slots = slots
 
     def _all_gather(self, t: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Fast and deterministic (sums are taken in rank order). Unlike NCCL or gloo it never hangs on
 a protocol bug: at every rendezvous it compares what each rank issued, and when every live
-rank is blocked in collectives that cannot complete, it reports each rank's pending op.
+rank is blocked in collectives or pipeline receives that cannot complete, it reports each
+rank's pending op. Pipeline sends go into per-(src, dst) mailboxes and never block, like the
+process backends' queued sends.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +20,8 @@ from typing import Any
 import torch
 
 from dpattn.distributed.group import CollectiveError, Group, Trace
+from dpattn.distributed.layout import Layout
+from dpattn.distributed.pipeline import Header, PipelineLink
 
 Signature = tuple[Any, ...]
 
@@ -42,13 +47,21 @@ class ThreadWorld:
         self.pending: list[str | None] = [None] * world_size
         self.finished = [False] * world_size
         self.error: CollectiveError | None = None
+        self.mailboxes: dict[tuple[int, int], deque[Any]] = {}  # (src, dst) -> messages
+        self.receiving: dict[int, tuple[int, int]] = {}  # rank -> the mailbox it waits on
 
-    def group(self, name: str, ranks: list[int], rank: int, trace: Trace) -> ThreadGroup:
+    def group(
+        self, name: str, ranks: list[int], rank: int, trace: Trace, label: str | None = None
+    ) -> ThreadGroup:
+        """`label` tells apart groups of one role in different pipeline stages."""
+        key = label or name
         with self.cond:
             rdv = self.rendezvous.setdefault(
-                name, _Rendezvous(name, ranks, slots=[None] * len(ranks))
+                key, _Rendezvous(key, ranks, slots=[None] * len(ranks))
             )
-        return ThreadGroup(self, rdv, rank, trace)
+        if rdv.ranks != ranks:
+            raise ValueError(f"group {key}: ranks {ranks} differ from {rdv.ranks}")
+        return ThreadGroup(self, rdv, rank, trace, name)
 
     def fail(self, error: CollectiveError) -> None:
         with self.cond:
@@ -88,24 +101,8 @@ class ThreadWorld:
                 for r in rdv.ranks:  # woken ranks are no longer blocked, even before they run
                     self.pending[r] = None
             self.cond.notify_all()  # completes the rendezvous, or lets waiters re-check for deadlock
-            while rdv.gen == gen:
-                if self.error is not None:
-                    raise self.error
-                stuck = self._deadlock()
-                if stuck is not None:
-                    self.error = CollectiveError(
-                        f"ranks diverged, no collective can complete: {stuck}"
-                    )
-                    self.cond.notify_all()
-                    raise self.error
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.error = CollectiveError(
-                        f"rank {rank}: {self.pending[rank]} timed out after {self.timeout:.0f}s"
-                    )
-                    self.cond.notify_all()
-                    raise self.error
-                self.cond.wait(timeout=min(left, 1.0))
+            timed_out = f"rank {rank}: {self.pending[rank]} timed out after {self.timeout:.0f}s"
+            self._block_until(lambda: rdv.gen != gen, deadline, timed_out)
             entries = rdv.result
         sigs = [e[0] for e in entries]
         if any(s != sigs[0] for s in sigs):
@@ -115,10 +112,59 @@ class ThreadWorld:
             raise err
         return [e[1] for e in entries]
 
+    def _block_until(self, done: Callable[[], bool], deadline: float, timed_out: str) -> None:
+        """Wait (holding cond) until done(); fail the world on an error, deadlock or timeout."""
+        while not done():
+            if self.error is not None:
+                raise self.error
+            stuck = self._deadlock()
+            if stuck is not None:
+                self.error = CollectiveError(f"ranks diverged, no collective can complete: {stuck}")
+                self.cond.notify_all()
+                raise self.error
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.error = CollectiveError(timed_out)
+                self.cond.notify_all()
+                raise self.error
+            self.cond.wait(timeout=min(left, 1.0))
+
+    def post(self, src: int, dst: int, message: Any) -> None:
+        """A pipeline send: never blocks; wakes dst if it waits on this mailbox."""
+        with self.cond:
+            if self.error is not None:
+                raise self.error
+            self.mailboxes.setdefault((src, dst), deque()).append(message)
+            if self.receiving.get(dst) == (src, dst):
+                self.pending[dst] = None  # no longer blocked, even before it runs
+            self.cond.notify_all()
+
+    def take(self, src: int, dst: int, what: str, timeout_s: float | None = None) -> Any:
+        """A pipeline receive: the oldest message from src, within the timeout."""
+        timeout_s = self.timeout if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            if self.error is not None:
+                raise self.error
+            box = self.mailboxes.setdefault((src, dst), deque())
+            if not box:
+                self.receiving[dst], self.pending[dst] = (src, dst), what
+                self.cond.notify_all()  # waiters re-check for deadlock
+                try:
+                    self._block_until(
+                        lambda: bool(box), deadline, f"{what}: timed out after {timeout_s:g} s"
+                    )
+                finally:
+                    del self.receiving[dst]
+                    self.pending[dst] = None
+            return box.popleft()
+
 
 class ThreadGroup(Group):
-    def __init__(self, world: ThreadWorld, rdv: _Rendezvous, rank: int, trace: Trace) -> None:
-        super().__init__(rdv.name, rdv.ranks, rank, trace)
+    def __init__(
+        self, world: ThreadWorld, rdv: _Rendezvous, rank: int, trace: Trace, name: str
+    ) -> None:
+        super().__init__(name, rdv.ranks, rank, trace, label=rdv.name)
         # Follow gloo's schedule (padding mode choice), so an in-process run is the same run.
         self.native_reduce_scatter = False
         self.world = world
@@ -162,6 +208,29 @@ class ThreadGroup(Group):
 
     def _broadcast_object(self, obj: Any, src: int) -> Any:
         return copy.deepcopy(self._exchange("broadcast_object", None, obj, src)[src])
+
+
+class ThreadLink(PipelineLink):
+    """Pipeline messages through the world's mailboxes, copied like a real transport's."""
+
+    def __init__(
+        self, world: ThreadWorld, layout: Layout, rank: int, trace: Trace, device: torch.device
+    ) -> None:
+        super().__init__(layout, rank, trace, world.timeout, device)
+        self.world = world
+
+    def _post(self, dst: int, header: Header, values: list[torch.Tensor], what: str) -> None:
+        self.world.post(self.rank, dst, (copy.deepcopy(header), [t.clone() for t in values]))
+
+    def _take(self, src: int, what: str) -> tuple[Header, list[torch.Tensor]]:
+        header, values = self.world.take(src, self.rank, what, self.timeout_s)
+        return header, values
+
+    def flush(self) -> None:
+        pass  # a posted message is in the receiver's mailbox: nothing is in flight
+
+    def _abort(self, error: CollectiveError) -> None:
+        self.world.fail(error)
 
 
 def run_threads(world: ThreadWorld, fn: Callable[[int], Any]) -> list[Any]:

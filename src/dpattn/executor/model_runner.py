@@ -1,9 +1,17 @@
-"""Model runner of one rank: the sharded model, its KV cache, and the forward entry."""
+"""Model runner of one rank: the sharded model, its KV cache, and the forward entry.
+
+With pipeline stages (models/stage.py) a runner holds one stage: its layers, and a KV pool of
+those layers only. A stage that is not the last returns its hidden rows (`forward_hidden`), the
+last one logits (`forward_with_logprobs`); every stage but the first takes the previous stage's
+rows as `hidden`. Without stages (the default) the runner is the whole model, as before.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,21 +44,26 @@ from dpattn.models.llama import ModelOptions
 from dpattn.models.loader import load_weights
 from dpattn.models.quantized import resolve_quantization
 from dpattn.models.registry import build_model, text_config
+from dpattn.models.stage import StageLayers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, cfg: RunnerConfig, ps: ParallelState) -> None:
+    def __init__(
+        self, cfg: RunnerConfig, ps: ParallelState, stage: StageLayers | None = None
+    ) -> None:
         self.cfg = cfg
         self.ps = ps
         # The text config (a multimodal Gemma 3 config contributes its text_config).
         self.hf_config = text_config(AutoConfig.from_pretrained(cfg.model_path))
+        self.stage = self._check_stage(stage, int(self.hf_config.num_hidden_layers))
         opts = ModelOptions(DTYPES[cfg.dtype], cfg.ep, cfg.moe_dense_tp_size, cfg.mla_mode)
         with torch.device(ps.device):
             # .to(): buffers made from CPU tensors (rotary frequencies) follow the parameters
-            self.model = build_model(self.hf_config, ps, opts).to(ps.device).eval()
+            model = build_model(self.hf_config, ps, opts, self.stage)
+            self.model = model.to(ps.device).eval()
         quantization = cfg.quantization or resolve_quantization(cfg.model_path, None)
         load_weights(self.model, Path(cfg.model_path), quantization)
         fmt = WeightFormat(
@@ -73,7 +86,7 @@ class ModelRunner:
         self.context_length = min(model_context, self.kv_budget.tokens)
         self.kv_pool = KVPool(
             self.kv_budget.tokens,
-            hc.num_hidden_layers,
+            self.stage.num_layers,  # this stage's layers only (cache_layer indexes them)
             attn.num_kv_heads,
             attn.head_dim,
             opts.dtype,
@@ -89,6 +102,17 @@ class ModelRunner:
         )
         self.graph_runner = self._capture_graphs(windows)
 
+    @staticmethod
+    def _check_stage(stage: StageLayers | None, num_layers: int) -> StageLayers:
+        if stage is None:
+            return StageLayers.whole(num_layers)
+        if stage.end > num_layers or stage.last != (stage.end == num_layers):
+            raise ValueError(
+                f"stage [{stage.start}, {stage.end}) (last={stage.last}) does not fit the "
+                f"model's {num_layers} decoder layers"
+            )
+        return stage
+
     def _capture_graphs(self, windows: set[int | None]) -> CudaGraphRunner | None:
         """Decode CUDA graphs, or None with the reason logged (CPU, thread groups, disabled)."""
         cfg, ps = self.cfg, self.ps
@@ -101,6 +125,9 @@ class ModelRunner:
         )
         if reason is None and cfg.mla_mode == "decompressed" and self.kv_pool.is_latent:
             reason = "--mla-mode decompressed (a graph decode step attends absorbed)"
+        if reason is None and not self.stage.is_whole:
+            # A captured step starts from token ids and ends in logits: a whole model's.
+            reason = "a pipeline stage (graphs capture the whole model's decode step)"
         if reason is not None:
             if ps.device.type == "cuda" and ps.rank == 0:
                 log.info("CUDA graphs off: %s", reason)
@@ -124,7 +151,7 @@ class ModelRunner:
         self, num_kv_heads: int, head_dim: int, v_dim: int, dtype: torch.dtype, context: int
     ) -> KVBudget:
         cfg, ps = self.cfg, self.ps
-        layers = self.hf_config.num_hidden_layers
+        layers = self.stage.num_layers  # a stage caches only its own layers
         per_token = bytes_per_token(layers, num_kv_heads, head_dim, dtype, v_dim)
         # On CPU every rank of the host shares its memory (multi-node CPU: conservative); on
         # CUDA a rank process owns its GPU, thread ranks share one.
@@ -172,32 +199,83 @@ class ModelRunner:
             return None
         return graph_batch_size(list(gnt), self.graph_runner.batch_sizes)
 
-    def forward(self, batch: ForwardBatch, plan: GatherPlan | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        batch: ForwardBatch,
+        plan: GatherPlan | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits [rows, vocab] (fp32) of each request's last token, or of every token."""
-        return self.forward_with_logprobs(batch, plan)[0]
+        return self.forward_with_logprobs(batch, plan, hidden)[0]
 
     @torch.inference_mode()
     def forward_with_logprobs(
-        self, batch: ForwardBatch, plan: GatherPlan | None = None
+        self,
+        batch: ForwardBatch,
+        plan: GatherPlan | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PromptLogprobs | None]:
         """forward(), plus the prompt logprobs the batch asks for (batch.prompt_logprobs):
-        only those rows go through the LM head a second time, vocab-parallel."""
+        only those rows go through the LM head a second time, vocab-parallel. The last stage's
+        entry; `hidden`: the previous stage's rows (forward_hidden), None on a whole model."""
+        if not self.stage.last:
+            raise ValueError(f"{self._stage_name()} ends before the LM head: call forward_hidden")
         batch = batch.to(self.ps.device)
         plan = plan or self.gather_plan(batch)
         if self.graph_runner is not None and batch.can_run_graph:
             return self.graph_runner.replay(batch, plan), None
-        self.attn_backend.init_forward_metadata(
-            batch.req_pool_indices, batch.seq_lens, batch.extend_lens, batch.out_cache_loc
-        )
-        real_rows = plan.real_rows(batch.input_ids.device) if self.model.has_moe else None
-        ctx = ForwardContext(plan, self.ps, self.attn_backend, real_rows)
-        with forward_context(ctx):
-            hidden = self.model(batch.input_ids, batch.positions)
+        with self._context(batch, plan):
+            hidden = self.model(batch.input_ids, batch.positions, self._stage_input(batch, hidden))
             prompt = self._prompt_logprobs(hidden, batch.prompt_logprobs)
             if not batch.return_all_logits and batch.extend_lens:
                 last = torch.tensor(batch.extend_lens, device=hidden.device).cumsum(0) - 1
                 hidden = hidden[last]
             return self.model.logits(hidden).float(), prompt
+
+    @torch.inference_mode()
+    def forward_hidden(
+        self,
+        batch: ForwardBatch,
+        hidden: torch.Tensor | None = None,
+        plan: GatherPlan | None = None,
+    ) -> torch.Tensor:
+        """A stage before the last: this DP group's rows [n, hidden] (model dtype, on the
+        device) after the stage's last layer, what the next stage takes as `hidden`. `hidden`:
+        the previous stage's rows (None on the first stage, which embeds the batch's ids)."""
+        if self.stage.last:
+            raise ValueError(f"{self._stage_name()} ends in the LM head: call forward")
+        batch = batch.to(self.ps.device)
+        with self._context(batch, plan or self.gather_plan(batch)):
+            return self.model(batch.input_ids, batch.positions, self._stage_input(batch, hidden))
+
+    @contextmanager
+    def _context(self, batch: ForwardBatch, plan: GatherPlan) -> Iterator[None]:
+        """The attention metadata and forward context of one eager forward."""
+        self.attn_backend.init_forward_metadata(
+            batch.req_pool_indices, batch.seq_lens, batch.extend_lens, batch.out_cache_loc
+        )
+        real_rows = plan.real_rows(batch.input_ids.device) if self.model.has_moe else None
+        with forward_context(ForwardContext(plan, self.ps, self.attn_backend, real_rows)):
+            yield
+
+    def _stage_input(self, batch: ForwardBatch, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """The rows the model starts from: None (embed the ids) on the first stage, else the
+        previous stage's rows, checked against the batch."""
+        if self.stage.first:
+            if hidden is not None:
+                raise ValueError(f"{self._stage_name()} embeds the batch's ids: no hidden rows")
+            return None
+        want = (batch.num_tokens, int(self.hf_config.hidden_size))
+        if hidden is None or tuple(hidden.shape) != want:
+            got = None if hidden is None else tuple(hidden.shape)
+            raise ValueError(
+                f"{self._stage_name()} needs the previous stage's rows {want}, got {got}"
+            )
+        return hidden.to(self.ps.device, non_blocking=True)
+
+    def _stage_name(self) -> str:
+        st = self.stage
+        return f"pipeline stage with layers [{st.start}, {st.end})"
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, req: PromptLogprobRequest | None

@@ -18,7 +18,7 @@ class Attention(nn.Module):
     def __init__(
         self,
         ps: ParallelState,
-        layer_id: int,
+        cache_layer: int,
         hidden_size: int,
         num_heads: int,
         num_kv_heads: int,
@@ -37,7 +37,9 @@ class Attention(nn.Module):
             raise ValueError(f"{num_heads} attention heads cannot be split over attn_tp {a}")
         if num_kv_heads >= a and num_kv_heads % a or num_kv_heads < a and a % num_kv_heads:
             raise ValueError(f"{num_kv_heads} KV heads do not fit attn_tp {a}")
-        self.layer_id = layer_id
+        # The index of this layer's buffers in the rank's KV pool, which holds only its pipeline
+        # stage's layers (global layer index - stage start; the layer index without stages).
+        self.cache_layer = cache_layer
         self.head_dim = head_dim
         self.cache_v_dim = head_dim  # the KV pool's V width (an MLA layer caches no V)
         self.num_heads = num_heads // a
@@ -94,7 +96,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = get_forward_context().attn_backend.forward(
-            q, k, v, self.layer_id, self.scaling, self.sliding_window
+            q, k, v, self.cache_layer, self.scaling, self.sliding_window
         )
         return linear(
             out.reshape(n, self.num_heads * self.head_dim), self.o_proj

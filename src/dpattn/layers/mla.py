@@ -40,7 +40,7 @@ class MLAAttention(nn.Module):
     def __init__(
         self,
         ps: ParallelState,
-        layer_id: int,
+        cache_layer: int,
         hidden_size: int,
         num_heads: int,
         q_lora_rank: int | None,
@@ -60,7 +60,8 @@ class MLAAttention(nn.Module):
             raise ValueError(f"{num_heads} attention heads cannot be split over attn_tp {a}")
         if mode not in MLA_MODES:
             raise ValueError(f"unknown MLA mode {mode!r}; expected one of {MLA_MODES}")
-        self.layer_id, self.mode = layer_id, mode
+        # this layer's index in the KV pool (its stage's layers only: see Attention)
+        self.cache_layer, self.mode = cache_layer, mode
         self.num_heads = h = num_heads // a
         self.kv_lora_rank, self.nope, self.rope, self.v_dim = (
             kv_lora_rank,
@@ -118,12 +119,12 @@ class MLAAttention(nn.Module):
             assert self.w_kc is not None and self.w_vc is not None, "post_load() not run"
             q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_kc).transpose(0, 1)
             q = torch.cat([q_latent, q_pe], dim=-1)
-            o = backend.forward_latent(q, latent, self.layer_id, self.scaling, self.kv_lora_rank)
+            o = backend.forward_latent(q, latent, self.cache_layer, self.scaling, self.kv_lora_rank)
             o = torch.bmm(o.transpose(0, 1), self.w_vc).transpose(0, 1)
         else:
             q = torch.cat([q_nope, q_pe], dim=-1)
             o = backend.forward_latent(
-                q, latent, self.layer_id, self.scaling, self.v_dim, self._expand
+                q, latent, self.cache_layer, self.scaling, self.v_dim, self._expand
             )
         return linear(o.reshape(n, self.num_heads * self.v_dim), self.o_proj)  # partial sum
 

@@ -26,6 +26,7 @@ from dpattn.layers.moe import MoE, Routing
 from dpattn.layers.norm import RMSNorm
 from dpattn.layers.rotary import Rotary, rope_inv_freq
 from dpattn.models.llama import DecoderLayer, DecoderModel, ModelOptions
+from dpattn.models.stage import StageLayerList, StageLayers, init_stage_ends
 
 ARCHITECTURES = {"DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}
 ROPE_TYPES = ("default", "yarn")
@@ -113,6 +114,7 @@ class DeepseekDecoderLayer(DecoderLayer):
         layer_id: int,
         opts: ModelOptions,
         rotary: Rotary,
+        cache_layer: int,
     ) -> None:
         nn.Module.__init__(self)
         self.ps = ps
@@ -121,7 +123,7 @@ class DeepseekDecoderLayer(DecoderLayer):
         self.post_attention_layernorm = RMSNorm(h, eps, dt)
         self.self_attn = MLAAttention(
             ps,
-            layer_id,
+            cache_layer,
             h,
             cfg.num_attention_heads,
             cfg.q_lora_rank or None,
@@ -156,7 +158,9 @@ class DeepseekDecoderLayer(DecoderLayer):
 
 
 class DeepseekModel(DecoderModel):
-    def __init__(self, cfg: Any, ps: ParallelState, opts: ModelOptions) -> None:
+    def __init__(
+        self, cfg: Any, ps: ParallelState, opts: ModelOptions, stage: StageLayers | None = None
+    ) -> None:
         nn.Module.__init__(self)
         check_config(cfg)
         self.arch, self.cfg = _arch(cfg), cfg
@@ -164,9 +168,10 @@ class DeepseekModel(DecoderModel):
         # V2 always pairs interleaved dims (complex form); V3 unless rope_interleave is off
         interleaved = self.arch == "deepseek_v2" or bool(getattr(cfg, "rope_interleave", True))
         rotary = Rotary(inv_freq, attention_factor, interleaved)
-        self.init_ends(cfg, ps, opts.dtype)
-        self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(cfg, ps, i, opts, rotary) for i in range(cfg.num_hidden_layers)
+        st = self.stage = stage or StageLayers.whole(cfg.num_hidden_layers)
+        init_stage_ends(self, cfg, ps, opts.dtype, st)
+        self.layers = StageLayerList(
+            st, lambda i: DeepseekDecoderLayer(cfg, ps, i, opts, rotary, st.cache_layer(i))
         )
         self._logged_mtp = ps.rank != 0
 

@@ -27,12 +27,12 @@ from torch import nn
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.attention import Attention
 from dpattn.layers.dp_attention import attn_tp_gather, attn_tp_scatter, dp_gather, dp_scatter
-from dpattn.layers.embedding import VocabParallelEmbedding
 from dpattn.layers.forward_context import get_forward_context
 from dpattn.layers.mlp import DenseMLP
 from dpattn.layers.norm import RMSNorm
 from dpattn.layers.rotary import Rotary
 from dpattn.models.llama import ModelOptions
+from dpattn.models.stage import StageLayerList, StageLayers, init_stage_ends
 
 GEMMA3_ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 GEMMA3_MODEL_TYPES = ("gemma3_text", "gemma3")
@@ -89,6 +89,7 @@ class Gemma3DecoderLayer(nn.Module):
         opts: ModelOptions,
         rotary: Rotary,
         sliding: bool,
+        cache_layer: int,
     ) -> None:
         super().__init__()
         self.ps = ps
@@ -101,7 +102,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.sliding = sliding
         self.self_attn = Attention(
             ps,
-            layer_id,
+            cache_layer,
             h,
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -140,7 +141,9 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3Model(nn.Module):
     """Gemma 3 text model with the DecoderModel interface (forward, logits, checkpoint_name)."""
 
-    def __init__(self, cfg: Any, ps: ParallelState, opts: ModelOptions) -> None:
+    def __init__(
+        self, cfg: Any, ps: ParallelState, opts: ModelOptions, stage: StageLayers | None = None
+    ) -> None:
         super().__init__()
         cfg = gemma3_text_config(cfg)
         if getattr(cfg, "attn_logit_softcapping", None):
@@ -151,23 +154,26 @@ class Gemma3Model(nn.Module):
         self.cfg = cfg
         h = cfg.hidden_size
         head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+        # The local / global pattern and each type's rope come from the GLOBAL layer index, so
+        # a pipeline stage's layers are the same as the whole model's.
         types = layer_types(cfg)
         rotaries = {t: rotary_for(cfg, t, head_dim) for t in sorted(set(types))}
-        self.embed_tokens = VocabParallelEmbedding(ps, cfg.vocab_size, h, opts.dtype)
+        st = self.stage = stage or StageLayers.whole(cfg.num_hidden_layers)
+        init_stage_ends(self, cfg, ps, opts.dtype, st, norm_offset=1.0, tie_default=True)
         # HF: embedding * tensor(sqrt(hidden)).to(weight dtype) -> rounded to bf16 in bf16.
         self.register_buffer("embed_scale", torch.tensor(h**0.5).to(opts.dtype), persistent=False)
-        self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(cfg, ps, i, opts, rotaries[t], t == "sliding_attention")
-            for i, t in enumerate(types)
+        self.layers = StageLayerList(
+            st,
+            lambda i: Gemma3DecoderLayer(
+                cfg,
+                ps,
+                i,
+                opts,
+                rotaries[types[i]],
+                types[i] == "sliding_attention",
+                st.cache_layer(i),
+            ),
         )
-        self.norm = RMSNorm(h, cfg.rms_norm_eps, opts.dtype, 1.0)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", True))
-        self.lm_head = (
-            self.embed_tokens
-            if self.tie_word_embeddings
-            else VocabParallelEmbedding(ps, cfg.vocab_size, h, opts.dtype, lookup=False)
-        )
-        self.embed_tokens.serves_logits = self.tie_word_embeddings
         self.final_logit_softcapping = getattr(cfg, "final_logit_softcapping", None)
 
     has_moe = False
@@ -176,11 +182,14 @@ class Gemma3Model(nn.Module):
     def has_scattered_layers(self) -> bool:
         return any(layer.scattered for layer in self.layers)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids) * self.embed_scale
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """As DecoderModel.forward: `hidden` from the previous stage, normed rows on the last."""
+        x = self.embed_tokens(input_ids) * self.embed_scale if hidden is None else hidden
         for layer in self.layers:
             x = layer(positions, x)
-        return self.norm(x)
+        return x if self.norm is None else self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._softcap(self.lm_head.logits(hidden))
@@ -196,9 +205,11 @@ class Gemma3Model(nn.Module):
     def checkpoint_name(self, name: str) -> str | None:
         """Map a checkpoint key to our parameter name (None: not ours to load)."""
         if name.startswith("lm_head."):
-            return None if self.tie_word_embeddings else name
+            return None if self.tie_word_embeddings else self.stage.param_name(name, False)
         for prefix in _PREFIXES:
             if name.startswith(prefix):
                 name = name.removeprefix(prefix)
                 break
-        return None if name.startswith(_SKIPPED) else name
+        if name.startswith(_SKIPPED):
+            return None
+        return self.stage.param_name(name, self.tie_word_embeddings)

@@ -16,12 +16,12 @@ from torch import nn
 from dpattn.distributed.parallel_state import ParallelState
 from dpattn.layers.attention import Attention
 from dpattn.layers.dp_attention import attn_tp_gather, attn_tp_scatter, dp_gather, dp_scatter
-from dpattn.layers.embedding import VocabParallelEmbedding
 from dpattn.layers.forward_context import get_forward_context
 from dpattn.layers.mlp import DenseMLP
 from dpattn.layers.moe import MoE, Routing
 from dpattn.layers.norm import RMSNorm
 from dpattn.layers.rotary import Rotary, rope_inv_freq
+from dpattn.models.stage import StageLayerList, StageLayers, init_stage_ends
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -63,6 +63,7 @@ class DecoderLayer(nn.Module):
         layer_id: int,
         opts: ModelOptions,
         rotary: Rotary,
+        cache_layer: int,
     ) -> None:
         super().__init__()
         self.ps = ps
@@ -72,7 +73,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, eps, dt)
         self.self_attn = Attention(
             ps,
-            layer_id,
+            cache_layer,
             h,
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -114,7 +115,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: Any, ps: ParallelState, opts: ModelOptions) -> None:
+    """The decoder layers of `stage` (default: all, with both ends; see models/stage.py)."""
+
+    def __init__(
+        self, cfg: Any, ps: ParallelState, opts: ModelOptions, stage: StageLayers | None = None
+    ) -> None:
         super().__init__()
         arch = ARCHITECTURES.get((getattr(cfg, "architectures", None) or [""])[0], cfg.model_type)
         if arch not in ARCHITECTURES.values():
@@ -125,22 +130,11 @@ class DecoderModel(nn.Module):
         self.cfg = cfg
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         rotary = Rotary(*rope_inv_freq(cfg, head_dim))
-        self.init_ends(cfg, ps, opts.dtype)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, arch, ps, i, opts, rotary) for i in range(cfg.num_hidden_layers)
+        st = self.stage = stage or StageLayers.whole(cfg.num_hidden_layers)
+        init_stage_ends(self, cfg, ps, opts.dtype, st)
+        self.layers = StageLayerList(
+            st, lambda i: DecoderLayer(cfg, arch, ps, i, opts, rotary, st.cache_layer(i))
         )
-
-    def init_ends(self, cfg: Any, ps: ParallelState, dtype: torch.dtype) -> None:
-        """The embedding, the final norm and the LM head (the embedding itself when tied)."""
-        self.embed_tokens = VocabParallelEmbedding(ps, cfg.vocab_size, cfg.hidden_size, dtype)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = (
-            self.embed_tokens
-            if self.tie_word_embeddings
-            else VocabParallelEmbedding(ps, cfg.vocab_size, cfg.hidden_size, dtype, lookup=False)
-        )
-        self.embed_tokens.serves_logits = self.tie_word_embeddings
 
     @property
     def has_moe(self) -> bool:
@@ -150,11 +144,15 @@ class DecoderModel(nn.Module):
     def has_scattered_layers(self) -> bool:
         return any(layer.scattered for layer in self.layers)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The last stage: the final-normed rows. Any other: the residual stream after its last
+        layer. `hidden`: the previous stage's output (every stage but the first)."""
+        x = self.embed_tokens(input_ids) if hidden is None else hidden
         for layer in self.layers:
             x = layer(positions, x)
-        return self.norm(x)
+        return x if self.norm is None else self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)
@@ -168,6 +166,6 @@ class DecoderModel(nn.Module):
         name = name.replace("block_sparse_moe.", "mlp.")
         if name.startswith("lm_head.") and self.tie_word_embeddings:
             return None
-        if name == "lm_head.weight":
-            return "lm_head.weight"
-        return name.removeprefix("model.")
+        if name != "lm_head.weight":
+            name = name.removeprefix("model.")
+        return self.stage.param_name(name, self.tie_word_embeddings)

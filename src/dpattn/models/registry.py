@@ -11,6 +11,7 @@ from dpattn.models.deepseek import DeepseekModel, is_deepseek
 from dpattn.models.fp8 import fp8_block_size
 from dpattn.models.gemma3 import Gemma3Model, gemma3_text_config, is_gemma3
 from dpattn.models.llama import DecoderModel, ModelOptions
+from dpattn.models.stage import StageLayers
 
 
 def text_config(cfg: Any) -> Any:
@@ -18,14 +19,17 @@ def text_config(cfg: Any) -> Any:
     return gemma3_text_config(cfg) if is_gemma3(cfg) else cfg
 
 
-def build_model(cfg: Any, ps: ParallelState, opts: ModelOptions) -> nn.Module:
+def build_model(
+    cfg: Any, ps: ParallelState, opts: ModelOptions, stage: StageLayers | None = None
+) -> nn.Module:
     """Gemma 3 (CausalLM or the text half of ConditionalGeneration), DeepSeek V2 / V3, else the
-    Llama family."""
+    Llama family; `stage`: only a pipeline stage's layers and ends (models/stage.py; default:
+    the whole model)."""
     # Anything but FP8 block-wise weights (read dequantized, models/fp8.py) is refused with the
     # field named: quantized weights read as plain ones would serve garbage.
     fp8_block_size(getattr(cfg, "quantization_config", None))
     if is_gemma3(cfg):
-        return Gemma3Model(cfg, ps, opts)
+        return Gemma3Model(cfg, ps, opts, stage)
     if is_deepseek(cfg):
-        return DeepseekModel(cfg, ps, opts)
-    return DecoderModel(cfg, ps, opts)
+        return DeepseekModel(cfg, ps, opts, stage)
+    return DecoderModel(cfg, ps, opts, stage)
