@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from server_harness import ServerThread
+from server_harness import ServerThread, serving
 
 from dpattn.entrypoints.engine import Engine
 from dpattn.models.tiny import ensure_default_model
@@ -16,15 +16,8 @@ from dpattn.models.tiny import ensure_default_model
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
     engine = Engine(str(ensure_default_model()), 2, 2, backend="thread")  # the tiny model
-    srv = ServerThread(engine)
-    try:
+    with serving(engine) as srv:
         yield srv
-        assert srv.state.in_flight == 0
-        assert engine.kv_free == engine.kv_total, "KV slots leaked"
-        assert not engine._pending, "requests were never released"
-    finally:
-        srv.stop()
-        engine.shutdown()
 
 
 @pytest.fixture

@@ -3,8 +3,10 @@ in a background thread, and helpers for Prometheus metrics and OpenAI streams.""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,6 +17,20 @@ from dpattn.entrypoints.engine import Engine
 from dpattn.entrypoints.http_server import create_app
 
 MODEL = "tiny-qwen3-moe"  # the default model's directory name
+
+
+@contextlib.contextmanager
+def serving(engine: Engine, **kwargs: Any) -> Iterator[ServerThread]:
+    """A server on `engine` for a test module; at the end nothing may be left in flight."""
+    srv = ServerThread(engine, **kwargs)
+    try:
+        yield srv
+        assert srv.state.in_flight == 0
+        assert engine.kv_free == engine.kv_total, "KV slots leaked"
+        assert not engine._pending, "requests were never released"
+    finally:
+        srv.stop()
+        engine.shutdown()
 
 
 class ServerThread(Uvicorn):

@@ -16,10 +16,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from grammar_faults import fail_compiles
 from server_harness import MODEL, ServerThread, _m, _metrics, _rank, _wait_for
 from test_structured import DATE, EBNF, SCHEMA, USER, City, chat_body
 
-from dpattn.executor.grammar import XGrammarBackend
 from dpattn.models.tiny import make_tokenizer
 
 # ---- over HTTP: each invalid constraint is a 400 naming its parameter ----
@@ -72,17 +72,8 @@ def test_invalid_constraints_are_400s_naming_the_parameter(server: ServerThread)
 
 @pytest.fixture
 def boom(monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every rank fails to compile a grammar whose text holds "boom" (the ranks are threads of
-    this process); what the rank says, as the error names it."""
-    compile_ = XGrammarBackend._compile
-
-    def failing(self: XGrammarBackend, key: tuple[str, str]) -> Any:
-        if "boom" in key[1]:
-            raise RuntimeError("[12:00:00] /xgrammar/compiler.cc:1: the compiler went boom")
-        return compile_(self, key)
-
-    monkeypatch.setattr(XGrammarBackend, "_compile", failing)
-    return "the compiler went boom"
+    """Every rank fails to compile a grammar whose text holds "boom"; what the rank says."""
+    return fail_compiles(monkeypatch)
 
 
 def test_a_grammar_the_ranks_cannot_compile_is_a_400(server: ServerThread, boom: str) -> None:

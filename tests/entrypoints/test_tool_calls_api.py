@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from server_harness import MODEL, ServerThread
+from server_harness import MODEL, ServerThread, serving
 from test_tool_calls import ADD_ONLY, NAMES, SCHEMAS, TOOLS, USER, Move
 
 from dpattn.entrypoints.engine import Engine
@@ -29,16 +29,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     path: Path = make_tiny_model(
         "llama", tmp_path_factory.mktemp("tools") / "llama", max_position_embeddings=2048
     )
-    engine = Engine(str(path), 2, 2, backend="thread")
-    srv = ServerThread(engine, model_name=MODEL)
-    try:
+    with serving(Engine(str(path), 2, 2, backend="thread"), model_name=MODEL) as srv:
         yield srv
-        assert srv.state.in_flight == 0
-        assert engine.kv_free == engine.kv_total, "KV slots leaked"
-        assert not engine._pending, "requests were never released"
-    finally:
-        srv.stop()
-        engine.shutdown()
 
 
 # ---- over HTTP ----

@@ -1,4 +1,4 @@
-"""Rank numbering of an engine (docs/design.md §1, ../shared/DESIGN.md §10): pure arithmetic.
+"""Rank numbering of an engine (docs/design.md §1, pipeline stages included): pure arithmetic.
 
 P = pp_size pipeline stages, each a full replica layout of T = tp_size ranks: D = dp_size DP
 groups of attention-TP width A = T / D. World = P * T ranks, numbered **stage-major**:

@@ -1,4 +1,4 @@
-"""The groups each rank uses (docs/design.md §1; pipeline stages: ../shared/DESIGN.md §10).
+"""The groups each rank uses (docs/design.md §1, pipeline stages included).
 
 Inside a stage, T = tp_size ranks, D = dp_size DP groups, attention-TP width A = T / D; rank r
 of the stage is in DP group r // A with attn_tp rank r % A (dp-major numbering). `world` carries

@@ -1,4 +1,4 @@
-"""Point-to-point between pipeline stages (../shared/DESIGN.md §10): a rank's `PipelineLink`.
+"""Point-to-point between pipeline stages (docs/design.md §1): a rank's `PipelineLink`.
 
 A rank talks only to its own lane (layout.py): the same (dp, attn_tp) position in the other
 stages. Activations go to the next stage; the last stage's next stage is stage 0, so the ring

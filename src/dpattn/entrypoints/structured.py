@@ -19,8 +19,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from dpattn.entrypoints.errors import bad
+from dpattn.executor.sampling_params import GRAMMAR_KINDS
 
-GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")  # SamplingParams' fields, SGLang's names
 JSON_OBJECT = '{"type": "object"}'  # response_format json_object: any JSON object
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for schema and function names
 RESPONSE_FORMAT_KEYS = {"name", "schema", "strict", "description"}

@@ -149,8 +149,8 @@ class _DaemonPool:
 
 
 class XGrammarBackend:
-    """Compiles on a few daemon threads (xgrammar releases the GIL while it compiles); keeps
-    the last CACHE_SIZE grammars, failures included, so a repeated bad grammar fails fast.
+    """Compiles on a few daemon threads, off the scheduler loop; keeps the last CACHE_SIZE
+    grammars, failures included, so a repeated bad grammar fails fast.
     A compile past the timeout fails its requests, and any later request for the same grammar
     at once; its thread is replaced (up to MAX_COMPILE_THREADS) so other grammars still compile.
     """
