@@ -34,13 +34,16 @@ def configure_logging(level: str, tag: str = "") -> None:
 class RankLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Tags each message `[DP d TP t]`: ranks that share a process (thread backend) too."""
 
-    def __init__(self, logger: logging.Logger, dp_rank: int, tp_rank: int) -> None:
+    def __init__(
+        self, logger: logging.Logger, dp_rank: int, tp_rank: int, pp_rank: int | None = None
+    ) -> None:
         super().__init__(logger, {})
-        self.tag = f"[DP {dp_rank} TP {tp_rank}]"
+        stage = f"PP {pp_rank} " if pp_rank is not None else ""  # with pipeline stages only
+        self.tag = f"[{stage}DP {dp_rank} TP {tp_rank}]"
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
         return f"{self.tag} {msg}", kwargs
 
 
-def rank_logger(name: str, dp_rank: int, tp_rank: int) -> RankLogger:
-    return RankLogger(logging.getLogger(name), dp_rank, tp_rank)
+def rank_logger(name: str, dp_rank: int, tp_rank: int, pp_rank: int | None = None) -> RankLogger:
+    return RankLogger(logging.getLogger(name), dp_rank, tp_rank, pp_rank)

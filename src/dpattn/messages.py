@@ -114,6 +114,10 @@ class StepStats:
     constrained: int = 0
     grammar_s: float = 0.0
     grammar_queue: int = 0  # requests waiting for their grammar to compile
+    # Pipeline stages: micro-batches whose output message went around the ring, and those whose
+    # message was skipped (nothing to send: a middle prefill chunk), since start.
+    pp_outputs_sent: int = 0
+    pp_outputs_skipped: int = 0
     # Disaggregated servers: requests per queue stage, cumulative transfer figures
     # (disaggregation/metrics.py).
     disaggregation: dict[str, float] = field(default_factory=dict)

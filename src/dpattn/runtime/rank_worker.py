@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import resource
@@ -33,6 +34,7 @@ from dpattn.messages import (
 )
 from dpattn.runtime.host_memory import rank_memory_policy, resident_bytes
 from dpattn.scheduler.mlp_sync import SyncRow
+from dpattn.scheduler.pipeline import PipelineStage
 from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.step_log import StepLog
 
@@ -71,16 +73,19 @@ def load_tokenizer(model_path: str) -> Any:
 
 
 def name_rank(ps: ParallelState, cfg: EngineConfig) -> RankLogger:
-    """Process title `dpattn::scheduler_DP0_TP1` (processes) and this rank's `[DP d TP t]` logger."""
+    """Process title `dpattn::scheduler_DP0_TP1` (`_PP1_DP0_TP1` with pipeline stages) and this
+    rank's `[DP d TP t]` (`[PP s DP d TP t]`) logger."""
+    stage = ps.pp_rank if ps.pp_size > 1 else None
     if cfg.backend != "thread":  # a spawned process: its own logging; threads share the caller's
         configure_logging(cfg.log_level)
         try:
             from setproctitle import setproctitle
 
-            setproctitle(f"dpattn::scheduler_DP{ps.dp_rank}_TP{ps.rank}")
+            pp = f"PP{stage}_" if stage is not None else ""
+            setproctitle(f"dpattn::scheduler_{pp}DP{ps.dp_rank}_TP{ps.rank}")
         except ImportError:  # optional: an unnamed process works the same
             pass
-    return rank_logger(__name__, ps.dp_rank, ps.rank)
+    return rank_logger(__name__, ps.dp_rank, ps.rank, stage)
 
 
 def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> dict[str, Any]:
@@ -96,7 +101,10 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
         eos_token_ids(cfg.model_path, runner.hf_config),
         functools.cache(functools.partial(load_tokenizer, cfg.model_path)),
     )
-    leader = ps.attn_tp_rank == 0
+    # Stage 0's attn_tp leaders talk to the frontend; later stages get their inputs from the
+    # previous stage (scheduler/pipeline.py) and their outputs reach the frontend via stage 0.
+    leader = ps.attn_tp_rank == 0 and ps.is_first_stage
+    stage = PipelineStage(sched, ps.pp) if ps.pp is not None else None
     ctx = zmq.Context()
     pull = push = None
     if leader:
@@ -127,8 +135,10 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
                 while pull.poll(0):
                     msg = pull.recv_pyobj()
                     msgs.extend(msg.reqs if isinstance(msg, GenerateBatch) else [msg])
-            if ps.attn_tp_size > 1:
+            if ps.attn_tp_size > 1 and ps.is_first_stage:
                 msgs = ps.attn_tp_cpu.broadcast_object(msgs)
+            if stage is not None:
+                msgs = stage.exchange(msgs)
             for msg in msgs:  # Wake only ends the idle back-off
                 if isinstance(msg, TokenizedGenerateReq):
                     sched.add_request(
@@ -153,8 +163,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
             if cfg.fault is not None:
                 cfg.fault.before_step(ps, steps)
             if os.getppid() != parent:  # the engine died without shutting us down
-                raise RuntimeError(f"rank {ps.rank}: engine process {parent} is gone")
-            decision = sched.step(shutdown)
+                raise RuntimeError(f"rank {ps.global_rank}: engine process {parent} is gone")
+            decision = stage.step(shutdown) if stage is not None else sched.step(shutdown)
             calls = ps.trace.take()  # emptied every step: a serving loop must not let it grow
             stats = sched.last_stats
             kv_free = sched.cache.available_size()
@@ -182,6 +192,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
                 sock.close(linger=1000)
         ctx.term()
     return {
+        "pp_rank": ps.pp_rank,
+        "pipeline": None if stage is None else dataclasses.asdict(stage.counters),
         "steps": steps,
         "num_layers": len(runner.model.layers),
         "collectives_per_forward": collectives,  # per step, MLP sync included

@@ -49,6 +49,9 @@ class Req:
     last_node: TreeNode | None = None  # where that prefix ends in the tree (we hold its lock)
     cached_tokens: int = -1  # prompt tokens found in the cache at first admission (-1: not yet)
     retracted: bool = False  # sent back to wait once: re-admitted only with room to finish
+    # Pipeline stages: its sampled token is on its way around the ring (scheduler/pipeline.py);
+    # it cannot join another micro-batch until the result is applied.
+    in_flight: bool = False
     generator: torch.Generator | None = None
     bootstrap: BootstrapInfo | None = None  # disaggregation: prefill's bootstrap address, room
     grammar: Matcher | None = None  # constrained decoding: the grammar's state after output_ids
@@ -213,6 +216,20 @@ def token_output(
         input_logprobs=req.input_logprobs if first else [],
         input_top_logprobs=req.input_top_logprobs if first else [],
         cached_tokens=max(0, req.cached_tokens) if first else 0,
+    )
+
+
+def scored_output(req: Req) -> RequestOutput:
+    """The one news of a scoring-only request (max_new_tokens 0): its prompt's logprobs."""
+    return RequestOutput(
+        req.rid,
+        [],
+        [],
+        FinishReason.LENGTH.value,
+        prompt_tokens=len(req.input_ids),
+        input_logprobs=req.input_logprobs,
+        input_top_logprobs=req.input_top_logprobs,
+        cached_tokens=max(0, req.cached_tokens),
     )
 
 

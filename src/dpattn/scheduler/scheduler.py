@@ -3,7 +3,6 @@ with the MLP sync every iteration. Transport-agnostic: messages in, outputs out.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dpattn.executor.logprobs import PromptLogprobs
 from dpattn.executor.model_runner import ModelRunner
 from dpattn.kvcache.prefix_cache import make_prefix_cache
 from dpattn.messages import RequestOutput, StepStats
+from dpattn.scheduler.batch_builder import BatchBuilder
 from dpattn.scheduler.grammar_queue import GrammarQueue
 from dpattn.scheduler.mlp_sync import SyncDecision, batch_to_run, prepare_mlp_sync_batch
 from dpattn.scheduler.schedule_batch import (
@@ -26,14 +26,14 @@ from dpattn.scheduler.schedule_batch import (
     ScheduleBatch,
     collect_prompt_logprobs,
     sample_requests,
+    scored_output,
     token_output,
 )
+from dpattn.scheduler.step_result import SkippedResult, StepResult, forward_stats, sample_rows
 from dpattn.scheduler.stop import StopRules
 
-LPM_MAX_QUEUE = 128
 
-
-class Scheduler:
+class Scheduler(BatchBuilder):
     # The rank loop's longest idle nap (ms); a disaggregated decode server lowers it (decode.py).
     max_idle_backoff_ms = 50
 
@@ -64,6 +64,9 @@ class Scheduler:
         self.outputs: list[RequestOutput] = []
         self.last_stats = StepStats()
         self.num_retractions = 0  # running requests sent back to wait for lack of KV slots
+        # Prompts whose last chunk ran but whose first token is not applied yet (pipeline
+        # stages): they will decode, so they count against the running limit and KV slots.
+        self.num_landing = 0
         self.cache = make_prefix_cache(
             runner.kv_pool, runner.req_to_token, cfg.disable_radix_cache, cfg.page_size
         )
@@ -75,7 +78,11 @@ class Scheduler:
     # ---- requests in ----
     def add_request(self, req: Req) -> None:
         """A request with a grammar waits for it to compile on every rank of the group first."""
-        if req.params.grammar is not None:
+        if req.params.grammar is not None and self.ps.pp_size > 1:
+            # Each stage would compile it on its own clock, but admission must not depend on
+            # local timing (scheduler/pipeline.py): not supported yet.
+            self._fail_grammar(req, "constrained decoding is not supported with --pp-size > 1")
+        elif req.params.grammar is not None:
             self.grammars.add(req)
         else:
             self._admit(req)
@@ -119,18 +126,14 @@ class Scheduler:
     def has_work(self) -> bool:
         # Requests waiting only for their grammar are not work: the loop backs off meanwhile
         # instead of spinning against the compile threads (it still steps, and polls them).
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self.num_landing)
 
     # ---- one iteration ----
     def step(self, shutdown: bool = False) -> SyncDecision:
+        """Schedule, MLP sync, forward, sample and apply: one iteration of a whole model (a
+        pipeline stage runs the same parts, spread over micro-batches: scheduler/pipeline.py)."""
         start = time.perf_counter()
-        self._poll_grammars()
-        batch = self._next_batch()
-        t0 = time.perf_counter()
-        batch, decision = prepare_mlp_sync_batch(
-            self.ps, batch, self.cfg.skip_all_gather, shutdown, self.runner.graph_vote
-        )
-        sync_s = time.perf_counter() - t0
+        batch, decision, sync_s = self.schedule(shutdown)
         ran: dict[str, Any] = {}
         run = batch_to_run(batch, decision, self.ps.rank)
         if run is not None:
@@ -139,34 +142,49 @@ class Scheduler:
             masks = self.grammars.start_fill(run.reqs, run.sample_mask)  # beside the forward
             t0 = time.perf_counter()
             logits, prompt = self.runner.forward_with_logprobs(fb, plan)
-            forward_s = time.perf_counter() - t0
-            idle = run.forward_mode is ForwardMode.IDLE
-            ran = dict(
-                forward_mode=run.forward_mode.name.lower(),
-                num_tokens=run.num_tokens,
-                padded_tokens=plan.total,
-                padding_mode=plan.mode.value,
-                idle_batch=idle,
-                forward_s=forward_s,
-            )
-            if not idle:
-                ran.update(self._process(run, logits, prompt, masks))
+            ran = forward_stats(run, plan.total, plan.mode.value, time.perf_counter() - t0)
+            self.after_forward(run)
+            if run.forward_mode is not ForwardMode.IDLE:
+                result = self.sample(run, logits, prompt, masks)
+                self.apply(run, result)
+                ran.update(result.stats)
         if batch is not None and batch.forward_mode is ForwardMode.PREBUILT:
             self._process_prebuilt(batch)
+        self.record_stats(decision, sync_s, time.perf_counter() - start, ran)
+        return decision
+
+    def schedule(self, shutdown: bool = False) -> tuple[ScheduleBatch | None, SyncDecision, float]:
+        """The next batch and the MLP sync over it: (batch, decision, the sync's seconds)."""
+        self._poll_grammars()
+        batch = self._next_batch()
+        if batch is not None:
+            rows = sample_rows(batch)
+            for i in rows:
+                batch.reqs[i].in_flight = True
+            if batch.forward_mode.is_extend_like():
+                self.num_landing += len(rows)
+        t0 = time.perf_counter()
+        batch, decision = prepare_mlp_sync_batch(
+            self.ps, batch, self.cfg.skip_all_gather, shutdown, self.runner.graph_vote
+        )
+        return batch, decision, time.perf_counter() - t0
+
+    def record_stats(
+        self, decision: SyncDecision, sync_s: float, step_s: float, ran: dict[str, Any]
+    ) -> None:
         self.last_stats = StepStats(
             global_num_tokens=tuple(decision.global_num_tokens),
             extending_groups=decision.extending_groups,
             sync_s=sync_s,
             sync_wait_s=decision.wait_s,
             sync_collective_s=decision.collective_s,
-            step_s=time.perf_counter() - start,
+            step_s=step_s,
             running=len(self.running),
             queued=len(self.waiting),
             grammar_queue=len(self.grammars),
             retractions=self.num_retractions,
             **ran,
         )
-        return decision
 
     def close(self) -> None:
         """Release what lives outside the rank's memory (threads; disaggregation: sockets)."""
@@ -176,171 +194,52 @@ class Scheduler:
         out, self.outputs = self.outputs, []
         return out
 
-    # ---- batch building ----
-    def _next_batch(self) -> ScheduleBatch | None:
-        batch = self._prefill_batch() or self._decode_batch()
-        if batch is None and self.waiting:  # decode retracted everything: its slots are free now
-            batch = self._prefill_batch()
-        return batch
-
-    def _prefill_batch(self) -> ScheduleBatch | None:
-        cache, rows = self.cache, self.runner.req_to_token
-        budget = self.cfg.chunked_prefill_size
-        batch = ScheduleBatch(ForwardMode.EXTEND)
-        locs = []
-        chunked = [self.chunked] if self.chunked else []
-        if self.cfg.schedule_policy == "lpm":
-            self._sort_longest_prefix_first()
-        # Prompts this step computes: an identical one (n > 1 choices) waits a step and then
-        # finds the whole prompt cached.
-        extending = {tuple(r.input_ids) for r in chunked}
-        for req in itertools.chain(chunked, self.waiting):
-            if budget <= 0 or len(self.running) + len(batch.reqs) >= self.cfg.max_running_requests:
-                break
-            if req.row is None:
-                if self.cache.enabled and tuple(req.input_ids) in extending:
-                    break
-                req.row = rows.alloc()
-                if req.row is None:
-                    break
-                matched = cache.match(req, self._match_limit(req))
-                if req.cached_tokens < 0:
-                    req.cached_tokens = min(matched, len(req.input_ids))
-                if req.retracted and self.running and not self._room_to_finish(req):
-                    cache.release(req)  # it waits for room (no row, no lock) and so do those behind
-                    break
-            # Keep one slot per running request so decode does not retract what prefill just took.
-            n = min(req.seq_len - req.kv_len, budget, cache.available_size() - len(self.running))
-            if n <= 0:
-                if req is not self.chunked:  # a waiting request holds no row and no cache lock
-                    cache.release(req)
-                break
-            slots = cache.alloc(n)
-            extending.add(tuple(req.input_ids))
-            rows.table[req.row, req.kv_len : req.kv_len + n] = slots
-            batch.reqs.append(req)
-            batch.input_ids += req.all_ids[req.kv_len : req.kv_len + n]
-            batch.positions += range(req.kv_len, req.kv_len + n)
-            batch.sample_mask.append(req.kv_len + n == req.seq_len)
-            locs.append(slots)
-            req.extend_len = n
-            budget -= n
-        if not batch.reqs:
-            if self.chunked is not None and not self.running and not self._kv_held_elsewhere():
-                # The partly prefilled prompt holds every free KV slot and nothing else can free
-                # one: it is longer than the pool and would block the queue forever.
-                self._finish(self.chunked, FinishReason.ABORT)
-                self.chunked = None
-            return None
-        batch.out_cache_loc = torch.cat(locs)
-        for _ in range(len(batch.reqs) - len(chunked)):  # the loop took a prefix of waiting
-            self.waiting.popleft()
-        last = batch.reqs[-1]
-        self.chunked = None if batch.sample_mask[-1] else last
-        return batch
-
-    @staticmethod
-    def _match_limit(req: Req) -> int:
-        """How much of a request may come from the cache: never its last token (its logits are
-        needed), and not the prompt positions whose logprobs it asks for (they need a forward)."""
-        limit = req.seq_len - 1
-        if req.return_logprob and req.logprob_start_len >= 0:
-            want = max(1, req.logprob_start_len) + len(req.input_logprobs)
-            limit = min(limit, want - 1)
-        return limit
-
-    def _sort_longest_prefix_first(self) -> None:
-        # SGLang's lpm; a long queue falls back to fcfs (matching every request costs too much).
-        if 1 < len(self.waiting) <= LPM_MAX_QUEUE and self.cache.enabled:
-            keyed = [(-self.cache.match_len(r.all_ids), i, r) for i, r in enumerate(self.waiting)]
-            self.waiting = deque(r for _, _, r in sorted(keyed, key=lambda k: k[:2]))
-
-    def _decode_batch(self) -> ScheduleBatch | None:
-        if not self.running:
-            return None
-        self._retract_until_fits()
-        if not self.running:
-            return None
-        slots = self.cache.alloc(len(self.running))
-        assert slots is not None
-        reqs = list(self.running)
-        positions = [r.kv_len for r in reqs]
-        # one index_put for the whole batch (per-request tensor writes cost ~5 us each)
-        self.runner.req_to_token.table[[r.row for r in reqs], positions] = slots
-        for req in reqs:
-            req.extend_len = 1
-        return ScheduleBatch(
-            ForwardMode.DECODE,
-            reqs=reqs,
-            input_ids=[r.last_id for r in reqs],
-            positions=positions,
-            out_cache_loc=slots,
-            sample_mask=[True] * len(reqs),
-        )
-
-    def _retract_until_fits(self) -> None:
-        """KV pool exhausted: send the newest running requests back to wait (output unchanged)."""
-        while self.running and self.cache.available_size() < len(self.running):
-            req = self.running.pop()
-            # Alone and still too big: it cannot ever fit. A partly prefilled prompt holds slots
-            # too, so with one the request is not alone: retracting it lets that prompt finish.
-            alone = self.chunked is None and not self._kv_held_elsewhere()
-            if not self.running and not self.waiting and alone:
-                self._finish(req, FinishReason.ABORT)
-                return
-            self._free_kv(req)
-            req.retracted = True
-            self.waiting.appendleft(req)
-            self.num_retractions += 1
-
-    def _room_to_finish(self, req: Req) -> bool:
-        """Whether a retracted request could run to its end beside the running ones' next step.
-        Re-admitted any sooner, it is retracted again a few steps later: two long requests would
-        take turns, one re-prefill per token."""
-        remaining = min(
-            req.params.max_new_tokens - len(req.output_ids),
-            self.runner.context_length - req.seq_len,
-        )
-        need = req.seq_len - req.kv_len + max(0, remaining)
-        return self.cache.available_size() - len(self.running) >= need
-
-    def _kv_held_elsewhere(self) -> bool:
-        """Whether requests outside the running batch and the partly prefilled prompt hold KV
-        slots that will come back (then a request short of slots is not alone in the pool:
-        waiting for them, it can still fit). None here; a disaggregated decode server's
-        requests in transfer do."""
-        return False
-
     # ---- results ----
-    def _process(
+    def after_forward(self, batch: ScheduleBatch) -> None:
+        """The batch's KV is computed: a prompt's next chunk may follow at once, and the computed
+        prompt is shareable from the next batch on."""
+        extend = batch.forward_mode.is_extend_like()
+        for req in batch.reqs:
+            req.kv_len += req.extend_len
+            req.extend_len = 0
+            if extend:
+                self.cache.cache_unfinished(req)
+
+    def sample(
         self,
         batch: ScheduleBatch,
         logits: torch.Tensor,
         prompt: PromptLogprobs | None = None,
         masks: MaskFill | None = None,
-    ) -> dict[str, Any]:
-        """Sample the rows that end a prompt or decode; returns the grammar masks' step stats."""
-        if prompt is not None:
-            collect_prompt_logprobs(batch.reqs, prompt)
-        rows = []
-        extend = batch.forward_mode.is_extend_like()
-        for i, (req, do_sample) in enumerate(zip(batch.reqs, batch.sample_mask)):
-            req.kv_len += req.extend_len
-            req.extend_len = 0
-            if extend:  # the computed prompt is shareable from the next step on
-                self.cache.cache_unfinished(req)
-            if do_sample and not req.finished:
-                if req.params.max_new_tokens == 0:  # scoring only: the prompt's logprobs
-                    self._finish_scored(req)
-                else:
-                    rows.append(i)
+    ) -> StepResult:
+        """Draw a token for each of the batch's sample rows (the last stage's part)."""
+        rows = sample_rows(batch)
         if not rows:
-            return {}
+            return StepResult(prompt=prompt)
         reqs = [batch.reqs[i] for i in rows]
         if len(rows) != len(batch.reqs):  # a prefill chunk that is not a prompt's last
             logits = logits[torch.tensor(rows, device=logits.device)]
         tokens, logprobs, tops, stats = sample_requests(reqs, logits, masks, rows)
-        for req, token, logprob, top in zip(reqs, tokens, logprobs, tops):
+        return StepResult(tokens, logprobs, tops, prompt, stats)
+
+    def apply(self, batch: ScheduleBatch, result: StepResult | SkippedResult) -> None:
+        """The batch's result reaches this scheduler: new tokens, finished and scored requests,
+        prompt logprobs. Reads `result` only where the batch produced something (needs_output)."""
+        if batch.prompt_logprobs is not None:
+            collect_prompt_logprobs(batch.reqs, result.prompt)
+        for req, last in zip(batch.reqs, batch.sample_mask):
+            if last and req.params.max_new_tokens == 0 and not req.finished:
+                self._finish_scored(req)
+        rows = sample_rows(batch)
+        if not rows:
+            return
+        extend = batch.forward_mode.is_extend_like()
+        self.num_landing -= len(rows) if extend else 0
+        for i, token, logprob, top in zip(rows, result.tokens, result.logprobs, result.tops):
+            req = batch.reqs[i]
+            req.in_flight = False
+            if req.finished:  # aborted while its token was on its way
+                continue
             req.output_ids.append(token)
             req.output_logprobs.append(logprob)
             reason = self._stop_reason(req, token)
@@ -350,22 +249,10 @@ class Scheduler:
                 self.running.append(req)
             self.outputs.append(token_output(req, token, logprob, top, reason))
         self.running = [r for r in self.running if not r.finished]
-        return stats
 
     def _finish_scored(self, req: Req) -> None:
         self._finish(req, FinishReason.LENGTH, emit=False)
-        self.outputs.append(
-            RequestOutput(
-                req.rid,
-                [],
-                [],
-                FinishReason.LENGTH.value,
-                prompt_tokens=len(req.input_ids),
-                input_logprobs=req.input_logprobs,
-                input_top_logprobs=req.input_top_logprobs,
-                cached_tokens=max(0, req.cached_tokens),
-            )
-        )
+        self.outputs.append(scored_output(req))
 
     def _process_prebuilt(self, batch: ScheduleBatch) -> None:
         # Disaggregated decode: the prompt's KV and the first token arrived from a prefill server
