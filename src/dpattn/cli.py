@@ -229,6 +229,8 @@ def _check_layout(args: argparse.Namespace) -> None:
     tp, dp = args.tp_size, args.dp_size
     if tp < 1 or dp < 1:
         raise ValueError(f"--tp {tp} and --dp {dp} must be at least 1")
+    if args.pp_size < 1:  # against the model's layers: where the model is read (check_pipeline)
+        raise ValueError(f"--pp-size must be at least 1, got {args.pp_size}")
     if tp % dp:
         raise ValueError(f"--tp {tp} must be a multiple of --dp {dp}")
 
@@ -339,6 +341,8 @@ def _run(args: argparse.Namespace) -> int:
             model_path=resolve_model_path(args.model_path),
             tp=args.tp_size,
             dp=args.dp_size,
+            pp=args.pp_size,
+            pp_layer_partition=args.pp_layer_partition,
             ep=args.ep,
             moe_dense_tp_size=args.moe_dense_tp_size,
             dp_padding_mode=args.dp_padding_mode,

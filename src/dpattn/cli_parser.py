@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from dpattn.config import ENGINE, LAYOUT, flag_fields
@@ -38,9 +39,19 @@ def _version() -> str:
         return "unknown"
 
 
-def _flag_type(f: dataclasses.Field[Any]) -> type:
+def _flag_type(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     kind = str(f.type).split("|")[0].strip()
-    return {"int": int, "float": float}.get(kind, str)
+    return {"int": int, "float": float, "list[int]": int_list}.get(kind, str)
+
+
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of integers (`--pp-layer-partition 3,2,2`)."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
 
 
 def engine_options(args: argparse.Namespace, *groups: str) -> dict[str, Any]:

@@ -77,6 +77,13 @@ class RunnerConfig:
         group=LAYOUT,
         choices=("auto", "absorbed", "decompressed"),
     )
+    # None: the even split of distributed/layout.py's layer_partition (SGLang's name and rule).
+    pp_layer_partition: list[int] | None = option(
+        None,
+        "decoder layers per pipeline stage, comma-separated, stage 0 first (default: an even "
+        "split, the layers left over to the stages before the last)",
+        group=LAYOUT,
+    )
     # None: the checkpoint's own (models/quantized.py: gguf for a GGUF model, fp8 for an FP8
     # checkpoint, else none), resolved before any rank starts.
     quantization: str | None = option(
@@ -151,6 +158,10 @@ class EngineConfig:
     model_path: str
     tp_size: int = option(1, "ranks of one model replica (T)", group=LAYOUT, flags=("--tp",))
     dp_size: int = option(1, "DP attention groups (D); A = T / D", group=LAYOUT, flags=("--dp",))
+    # SGLang's name. World = P * T ranks, stage-major (docs/design.md §1, pipeline stages).
+    pp_size: int = option(
+        1, "pipeline stages (P), each a full --tp / --dp layout of its own", group=LAYOUT
+    )
     # None: resolved by from_options (resolve_device, resolve_backend), before any rank starts.
     device: str | None = option(
         None,
@@ -179,7 +190,9 @@ class EngineConfig:
     collective_timeout_s: float = option(
         60.0, "seconds before a stuck collective fails", flags=("--collective-timeout",)
     )
-    nnodes: int = option(1, "hosts the T ranks are spread over")
+    nnodes: int = option(
+        1, "hosts the P * T ranks are spread over (--nnodes P: one pipeline stage per host)"
+    )
     node_rank: int = option(0, "this host's index (0 runs the engine)")
     # host:port of node 0: the torch rendezvous; ZMQ uses the next ports
     dist_init_addr: str | None = option(None, "HOST:PORT of node 0 for the rendezvous")

@@ -4,6 +4,8 @@ message (pipeline_driver.py runs the real scheduler and model on rank threads)."
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from pipeline_driver import Job, finish_by_rid, run_pipeline, tokens_by_rid
 
@@ -54,3 +56,69 @@ def test_pipeline_equals_one_stage(moe4: str, pp: int) -> None:
     assert c["outputs_skipped"] >= 4, c  # the long prompt's 4 middle chunks at least
     counts = {(log.counters["outputs_sent"], log.counters["outputs_skipped"]) for log in logs}
     assert len(counts) == 1, f"stages counted differently: {counts}"
+
+
+def _spread(jobs: list[Job], groups: int) -> list[Job]:
+    return [dataclasses.replace(j, group=i % groups) for i, j in enumerate(jobs)]
+
+
+@pytest.mark.parametrize(
+    "tp,dp,options",
+    [(2, 2, {}), (2, 1, {"moe_dense_tp_size": 1}), (2, 2, {"ep": True})],
+    ids=["dp2", "scattered", "ep"],
+)
+def test_pipeline_with_dp_attention_stages(moe4: str, tp: int, dp: int, options: dict) -> None:
+    """Each stage a full (T, D) layout with its own MLP sync; idle DP groups travel the pipeline
+    as zero-row micro-batches."""
+    jobs = _spread(_jobs(), dp)[:3] + [Job("late", [4, 5, 6], max_new=3, arrival=9, group=0)]
+    ref = run_pipeline(moe4, jobs, Layout(tp, dp, 1), chunk=8, runner_options=options)
+    layout = Layout(tp, dp, 2)
+    logs = run_pipeline(moe4, jobs, layout, chunk=8, runner_options=options)
+    _check_lanes(logs, layout)
+    for g in layout.stage_ranks(0):
+        assert tokens_by_rid(logs[g]) == tokens_by_rid(ref[g]), f"rank {g}"
+
+
+def test_retraction_and_abort_in_flight(moe4: str) -> None:
+    """A pool too small for every request: retraction replays identically on every stage, and
+    an abort that lands while a request's token is on its way is applied the same way too."""
+    jobs = [Job(f"r{i}", [7 + i] * 10, max_new=12, arrival=i) for i in range(4)]
+    jobs.append(Job("gone", [9, 9, 9, 9], max_new=20, arrival=0, abort_at=6))
+    ref = run_pipeline(moe4, jobs, Layout(1, 1, 1), kv_tokens=48, chunk=8)
+    logs = run_pipeline(moe4, jobs, Layout(1, 1, 2), kv_tokens=48, chunk=8)
+    _check_lanes(logs, Layout(1, 1, 2))
+    assert logs[0].retractions > 0 and logs[1].retractions == logs[0].retractions
+    got, want = tokens_by_rid(logs[0]), tokens_by_rid(ref[0])
+    assert {k: v for k, v in got.items() if k != "gone"} == {
+        k: v for k, v in want.items() if k != "gone"
+    }
+    assert finish_by_rid(logs[0])["gone"] == "abort"
+
+
+def test_skip_rule_that_differs_between_stages_is_named(moe4: str) -> None:
+    """If one stage sent the output message of a middle chunk that the others skip, stage 0
+    reads the next message and names the mismatch (no hang, no wrong token)."""
+
+    def hook(ps, sched, stage) -> None:
+        if stage is not None and stage.last:
+            stage.output_rule = lambda batch: batch is not None
+
+    with pytest.raises(Exception, match=r"stage 0 rank 0: recv from stage 1 rank 1: expected"):
+        run_pipeline(moe4, [Job("long", LONG, max_new=2)], Layout(1, 1, 2), chunk=8, rank_hook=hook)
+
+
+def test_lockstep_names_a_stage_whose_state_diverged(moe4: str) -> None:
+    """--debug-lockstep: the hidden rows' tag carries the sender's scheduler state."""
+
+    def hook(ps, sched, stage) -> None:
+        if ps.pp_rank == 1:
+            sched.num_retractions = 1  # a state no other stage has
+
+    with pytest.raises(Exception, match=r"stage 1 rank 1: recv from stage 0 rank 0: expected"):
+        run_pipeline(
+            moe4,
+            [Job("a", [5, 6, 7], max_new=2)],
+            Layout(1, 1, 2),
+            sched_options={"debug_lockstep": True},
+            rank_hook=hook,
+        )

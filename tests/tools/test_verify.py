@@ -197,7 +197,14 @@ def test_cli_verify_ok(cli_mixtral: Path):
     report = last_json(proc.stdout)
     assert report["ok"] is True
     assert report["max_abs_logit_diff"] <= FP32_TOL
-    assert report["layout"] == {"tp": 2, "dp": 2, "attn_tp": 1, "ep": False}
+    assert report["layout"] == {
+        "tp": 2,
+        "dp": 2,
+        "attn_tp": 1,
+        "ep": False,
+        "pp": 1,
+        "stages": [[0, 3]],  # --pp-size 1: one stage, every layer
+    }
     assert all(leak == [0, 0] for leak in report["kv_leaked"])
 
 

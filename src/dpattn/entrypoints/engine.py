@@ -29,7 +29,7 @@ from dpattn.models.quantized import resolve_quantization
 from dpattn.runtime.launch import refuse_in_spawned_child
 from dpattn.runtime.rank_worker import load_tokenizer
 from dpattn.runtime.router import DpRouter
-from dpattn.runtime.topology import bind_addr, start_ranks, worker_addrs
+from dpattn.runtime.topology import bind_addr, check_pipeline, start_ranks, worker_addrs
 
 __all__ = ["Delta", "Engine"]
 
@@ -45,7 +45,9 @@ class Engine(EngineRequests):
         self.cfg = EngineConfig.from_options(model_path, tp_size, dp_size, **options)
         runner = self.cfg.runner  # a --quantization the checkpoint cannot take fails here
         runner.quantization = resolve_quantization(model_path, runner.quantization)
-        self.layout = Layout(tp_size, dp_size)
+        check_pipeline(self.cfg)  # --pp-size / --pp-layer-partition vs the model's layers
+        # P * T ranks; the frontend talks to stage 0's DP group leaders only.
+        self.layout = Layout(tp_size, dp_size, self.cfg.pp_size)
         self.tokenizer = load_tokenizer(model_path)
         # The effective limits, as the ranks report them (RankReady): set by _wait_ready.
         self.context_length = 0
@@ -86,7 +88,9 @@ class Engine(EngineRequests):
         self.ranks = start_ranks(self.cfg, addrs)
         self._closed = False
         self.failure: str | None = None  # set once a rank died: the engine refuses new work
-        self.rank_results: list[dict[str, Any]] = []  # what each rank returned at shutdown
+        # What each of this host's ranks returned at shutdown, in global rank order (one host:
+        # all P * T, stage 0's T first, so [0] is stage 0's rank 0).
+        self.rank_results: list[dict[str, Any]] = []
         try:
             self._wait_ready()
         except BaseException:  # Ctrl-C or a failed start: no rank may outlive us

@@ -63,6 +63,7 @@ def model_card(st: ServerState, created: int) -> dict[str, Any]:
         dtype=cfg.runner.dtype,  # extensions: what a benchmark report names
         tp_size=cfg.tp_size,
         dp_size=cfg.dp_size,
+        pp_size=cfg.pp_size,
     )
 
 

@@ -58,6 +58,7 @@ def server_info(st: ServerState) -> dict[str, Any]:
         served_model_name=st.model_name,
         tp_size=cfg.tp_size,
         dp_size=cfg.dp_size,
+        pp_size=cfg.pp_size,
         enable_dp_attention=cfg.dp_size > 1,
         load_balance_method=cfg.router_policy,
         disaggregation_mode=cfg.disaggregation_mode,

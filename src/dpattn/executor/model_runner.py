@@ -44,7 +44,7 @@ from dpattn.models.llama import ModelOptions
 from dpattn.models.loader import load_weights
 from dpattn.models.quantized import resolve_quantization
 from dpattn.models.registry import build_model, text_config
-from dpattn.models.stage import StageLayers
+from dpattn.models.stage import StageLayers, partition_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger(__name__)
@@ -102,10 +102,15 @@ class ModelRunner:
         )
         self.graph_runner = self._capture_graphs(windows)
 
-    @staticmethod
-    def _check_stage(stage: StageLayers | None, num_layers: int) -> StageLayers:
+    def _check_stage(self, stage: StageLayers | None, num_layers: int) -> StageLayers:
+        """The given stage, checked; else the one this rank's pipeline stage holds (the whole
+        model at --pp-size 1)."""
         if stage is None:
-            return StageLayers.whole(num_layers)
+            ps = self.ps
+            if ps.pp_size == 1:
+                return StageLayers.whole(num_layers)
+            part = self.cfg.pp_layer_partition
+            return partition_layers(num_layers, ps.pp_size, part)[ps.pp_rank]
         if stage.end > num_layers or stage.last != (stage.end == num_layers):
             raise ValueError(
                 f"stage [{stage.start}, {stage.end}) (last={stage.last}) does not fit the "
@@ -153,9 +158,9 @@ class ModelRunner:
         cfg, ps = self.cfg, self.ps
         layers = self.stage.num_layers  # a stage caches only its own layers
         per_token = bytes_per_token(layers, num_kv_heads, head_dim, dtype, v_dim)
-        # On CPU every rank of the host shares its memory (multi-node CPU: conservative); on
-        # CUDA a rank process owns its GPU, thread ranks share one.
-        sharing = ps.tp_size if ps.device.type == "cpu" else ps.ranks_per_device
+        # On CPU every rank of the host (all stages) shares its memory (multi-node CPU:
+        # conservative); on CUDA a rank process owns its GPU, thread ranks share one.
+        sharing = ps.layout.world_size if ps.device.type == "cpu" else ps.ranks_per_device
         useful = cfg.max_running_requests * context
         budget = kv_budget(
             cfg.kv_pool_tokens, cfg.mem_fraction_static, per_token, ps.device, sharing, useful
@@ -165,6 +170,14 @@ class ModelRunner:
             # schedule over their pools: all take the smallest (one gather, before any step).
             sizes = ps.world_cpu.all_gather(torch.tensor([[budget.tokens]], dtype=torch.int64))
             ps.trace.take()  # start-up only: not part of any step's collectives
+            budget = dataclasses.replace(budget, tokens=int(sizes.min()))
+        if cfg.kv_pool_tokens is None and ps.pp_size > 1:
+            # Every stage's scheduler replays the same allocations, so a lane's pools must be
+            # the same size in tokens, though a stage's token costs only its layers' bytes:
+            # all take the lane's smallest (equal within each stage after the gather above).
+            assert ps.pp_group is not None
+            sizes = ps.pp_group.all_gather(torch.tensor([[budget.tokens]], dtype=torch.int64))
+            ps.trace.take()
             budget = dataclasses.replace(budget, tokens=int(sizes.min()))
         return budget
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -11,12 +12,23 @@ from dpattn.models.deepseek import DeepseekModel, is_deepseek
 from dpattn.models.fp8 import fp8_block_size
 from dpattn.models.gemma3 import Gemma3Model, gemma3_text_config, is_gemma3
 from dpattn.models.llama import DecoderModel, ModelOptions
-from dpattn.models.stage import StageLayers
+from dpattn.models.stage import StageLayers, partition_layers
 
 
 def text_config(cfg: Any) -> Any:
     """The config the model is built from (Gemma3ForConditionalGeneration: its text_config)."""
     return gemma3_text_config(cfg) if is_gemma3(cfg) else cfg
+
+
+def model_stages(
+    model_path: str, pp_size: int, partition: Sequence[int] | None = None
+) -> list[StageLayers]:
+    """The pipeline stages of a checkpoint's decoder layers, from its config alone: checked
+    before any rank starts (StagePartitionError, one line, names the flag)."""
+    from transformers import AutoConfig  # here: building a model needs none of it
+
+    layers = int(text_config(AutoConfig.from_pretrained(model_path)).num_hidden_layers)
+    return partition_layers(layers, pp_size, partition)
 
 
 def build_model(

@@ -1,6 +1,8 @@
-"""Start the T ranks of one model replica: threads (in-process) or gloo/NCCL processes.
+"""Start the ranks of one engine: threads (in-process) or gloo/NCCL processes.
 
-On CUDA a rank process owns cuda:<local rank>; rank threads share one GPU.
+An engine is P = pp_size pipeline stages of T ranks (layout.py): P * T ranks, each started with
+its global rank (stage-major). On CUDA a rank process owns cuda:<local rank>; rank threads
+share one GPU.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ def _process_main(
     local_rank: int = 0,
     single_host: bool = True,
 ) -> None:
-    if layout.tp_size > 1:
-        torch.set_num_threads(1)  # T ranks on few cores: default threads oversubscribe them
+    if layout.world_size > 1:
+        torch.set_num_threads(1)  # P * T ranks on few cores: default threads oversubscribe them
     # Ctrl-C reaches the whole process group: the parent owns shutdown, ranks must not die
     # mid-collective with a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -73,7 +75,8 @@ def _process_main(
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """Which slice of the T ranks this host runs (multi-node: torch.distributed rendezvous)."""
+    """Which slice of the P * T ranks this host runs (multi-node: torch.distributed
+    rendezvous). Ranks are stage-major, so --nnodes P puts one pipeline stage on each host."""
 
     nnodes: int = 1
     node_rank: int = 0
@@ -85,9 +88,11 @@ class NodeSpec:
         return self.nnodes == 1 and self.shm_sync
 
     def local_ranks(self, layout: Layout) -> list[int]:
-        if layout.tp_size % self.nnodes or not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"{layout.tp_size} ranks cannot be spread over {self.nnodes} nodes")
-        per = layout.tp_size // self.nnodes
+        """This host's global ranks: an equal, contiguous share of the world."""
+        n = layout.world_size
+        if n % self.nnodes or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"{n} ranks cannot be spread over {self.nnodes} nodes")
+        per = n // self.nnodes
         return list(range(self.node_rank * per, (self.node_rank + 1) * per))
 
     def init_method(self) -> str:
@@ -99,7 +104,8 @@ class NodeSpec:
 
 
 class RankGroup:
-    """This host's ranks. `wait` collects results in rank order; a failing rank fails the group."""
+    """This host's ranks (all P * T of them on one host). `wait` collects results in global
+    rank order (stage 0's T ranks first); a failing rank fails the group."""
 
     def __init__(
         self,
@@ -126,7 +132,7 @@ class RankGroup:
         if backend == "thread":
             if node.nnodes > 1:
                 raise ValueError("the thread backend runs on one host")
-            self.world = ThreadWorld(layout.tp_size, timeout=timeout_s)
+            self.world = ThreadWorld(layout.world_size, timeout=timeout_s)
             self._thread_error: BaseException | None = None
             self._thread = threading.Thread(target=self._run_threads, args=(fn,), daemon=True)
             self._thread.start()
@@ -194,7 +200,7 @@ class RankGroup:
             self._thread.join(timeout)
             if self._thread_error is not None:
                 raise self._thread_error
-            return [self.results[r] for r in range(self.layout.tp_size)]
+            return [self.results[r] for r in range(self.layout.world_size)]
         try:
             while len(self.results) < len(self.local_ranks):
                 self._drain(1.0)
@@ -224,7 +230,8 @@ def run_ranks(
     timeout_s: float = 60.0,
     device: str = "cpu",
 ) -> list[Any]:
-    """Run fn(parallel_state) on every rank; results in rank order. Any rank failing raises."""
+    """Run fn(parallel_state) on every rank (P * T); results in global rank order. Any rank
+    failing raises."""
     return RankGroup(fn, layout, backend, timeout_s, device=device).wait()
 
 

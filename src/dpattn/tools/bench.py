@@ -138,7 +138,11 @@ def offline_report(
         "config": asdict(cfg),
         "model": engine.cfg.model_path,
         "dtype": engine.cfg.runner.dtype,
-        "layout": {"tp": engine.layout.tp_size, "dp": engine.layout.dp_size},
+        "layout": {
+            "tp": engine.layout.tp_size,
+            "dp": engine.layout.dp_size,
+            "pp": engine.layout.pp_size,
+        },
         "elapsed_s": elapsed,
         "requests_per_s": cfg.num_prompts / elapsed,
         "output_tokens_per_s": out_tokens / elapsed,
@@ -162,7 +166,7 @@ def offline_report(
         ),
         "decode_step_over_forward": _step_over_forward(engine, (s for _, s in steps)),
         "rank_max_rss_mb": [r.get("max_rss_mb") for r in engine.rank_results],
-        "num_layers": rank0.get("num_layers"),
+        "num_layers": _num_layers(engine),
         "collectives_per_forward": rank0.get("collectives_per_forward"),
     }
     for floor in ("bare_all_gather", "bare_gloo_all_gather"):
@@ -170,6 +174,17 @@ def offline_report(
             value = report[f"{floor}_s"]
             report[f"{key}_over_{floor}"] = report[f"{key}_s_per_step"] / value if value else None
     return report
+
+
+def _num_layers(engine: Engine) -> int | None:
+    """The model's decoder layers: the sum over the pipeline stages' first ranks (each holds
+    its stage's layers; at --pp-size 1 rank 0 holds them all)."""
+    results, layout = engine.rank_results, engine.layout
+    leads = [results[g] for g in range(0, len(results), layout.tp_size)]
+    if len(leads) < layout.pp_size:  # a stage on another host (multi-node): not known here
+        return None
+    counts = [r.get("num_layers") for r in leads]
+    return None if None in counts else sum(counts)
 
 
 def _mean(values: list[float]) -> float:

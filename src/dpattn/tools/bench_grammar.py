@@ -134,7 +134,11 @@ def compare_shares(
         "config": asdict(cfg),
         "model": engine.cfg.model_path,
         "dtype": engine.cfg.runner.dtype,
-        "layout": {"tp": engine.layout.tp_size, "dp": engine.layout.dp_size},
+        "layout": {
+            "tp": engine.layout.tp_size,
+            "dp": engine.layout.dp_size,
+            "pp": engine.layout.pp_size,
+        },
         "schema": schema,
         "repeats": repeats,
         "shares": rows,

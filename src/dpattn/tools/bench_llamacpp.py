@@ -95,11 +95,12 @@ def rank_peak_rss_mb(engine: Any) -> list[float | None]:
 
 def dpattn_threads(engine: Any) -> int:
     """The CPU threads the engine's ranks compute with, at most this process's CPUs: one each
-    at tp > 1 (the launcher's rule), torch's default at tp 1 (or all ranks as threads)."""
+    with several ranks (the launcher's rule; P * T with pipeline stages), torch's default with
+    one (or all ranks as threads)."""
     import torch
 
-    tp = engine.layout.tp_size
-    threads = tp if tp > 1 and engine.cfg.backend != "thread" else torch.get_num_threads()
+    n = engine.layout.world_size
+    threads = n if n > 1 and engine.cfg.backend != "thread" else torch.get_num_threads()
     return max(1, min(threads, _cpus()))
 
 
@@ -203,7 +204,11 @@ def run_compare(
         # the weight format dpattn served (where the engine has the option)
         "quantization": getattr(engine.cfg.runner, "quantization", None)
         or getattr(engine.cfg, "quantization", None),
-        "layout": {"tp": engine.layout.tp_size, "dp": engine.layout.dp_size},
+        "layout": {
+            "tp": engine.layout.tp_size,
+            "dp": engine.layout.dp_size,
+            "pp": engine.layout.pp_size,
+        },
         "threads": threads,
         "llamacpp": {
             "version": info.get("version"),

@@ -3,6 +3,8 @@
 Prompts of mixed lengths are spread unevenly over the DP groups (the last group gets none
 when D > 1), some arrive one step late so extend and decode mix across groups, and every
 rank's logits at every step are compared with a transformers forward over the same tokens.
+With pipeline stages (--pp-size) each step goes through the stages, and the last stage's
+ranks' logits are compared (verify_stages.py).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from dpattn.distributed.parallel_state import Layout, ParallelState
 from dpattn.executor.forward_batch import ForwardBatch, ForwardMode
 from dpattn.executor.model_runner import DTYPES, ModelRunner
 from dpattn.models.quantized import reference_weights, resolve_quantization
+from dpattn.models.registry import model_stages
 from dpattn.runtime.launch import run_ranks
 from dpattn.scheduler.mlp_sync import SyncRow, decide, gather_rows
 from dpattn.tools.logit_compare import RowCheck, Tolerance, check_row, default_tolerance
+from dpattn.tools.verify_stages import last_stage_results, stage_forward
 
 
 @dataclass
@@ -30,6 +34,8 @@ class VerifyConfig:
     model_path: str
     tp: int = 1
     dp: int = 1
+    pp: int = 1  # pipeline stages, each a (tp, dp) layout of its own
+    pp_layer_partition: list[int] | None = None  # layers per stage (None: the even split)
     ep: bool = False
     moe_dense_tp_size: int | None = None
     dp_padding_mode: str = "auto"
@@ -115,6 +121,7 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
             mla_mode=cfg.mla_mode,
             quantization=cfg.quantization,
             quant_group_size=cfg.quant_group_size,
+            pp_layer_partition=cfg.pp_layer_partition,
             disable_cuda_graph=True,  # no scheduler, no graph vote: every step runs eagerly
         ),
         ps,
@@ -139,15 +146,16 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
         batch.global_num_tokens = decision.global_num_tokens
         batch.is_extend_in_batch = decision.is_extend_in_batch
         plan = runner.gather_plan(batch)
-        logits = runner.forward(batch, plan)
+        logits, next_ids = stage_forward(runner, ps, batch, plan, step)  # None: not the last
         active = [r for r in reqs if r.arrival <= step and r.logits <= cfg.decode_steps]
-        for r, row in zip(active, logits):
+        for i, (r, next_id) in enumerate(zip(active, next_ids, strict=True)):
             r.kv_len = len(r.tokens)
             r.logits += 1
-            out[r.rid].append(row.tolist())
-            row_steps[r.rid].append(step)
+            if logits is not None:
+                out[r.rid].append(logits[i].tolist())
+                row_steps[r.rid].append(step)
             if r.logits <= cfg.decode_steps:
-                r.tokens.append(int(row.argmax()))
+                r.tokens.append(next_id)
         steps.append(
             {
                 "step": step,
@@ -156,6 +164,8 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
                 "buffer": plan.total,
             }
         )
+    if ps.pp is not None:
+        ps.pp.flush()  # the sends this rank queued have arrived before it exits
     for r in reqs:
         runner.kv_pool.free(r.slots)
         runner.req_to_token.free(r.row)
@@ -169,6 +179,7 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
         "row_steps": row_steps,
         "steps": steps,
         "leaked": leaked,
+        "stage": [runner.stage.start, runner.stage.end],  # decoder layers [start, end)
     }
 
 
@@ -222,7 +233,9 @@ def tolerance(cfg: VerifyConfig) -> Tolerance:
 def verify(cfg: VerifyConfig) -> dict[str, Any]:
     if cfg.num_prompts < 1:
         raise ValueError("verify needs at least one prompt")
-    layout = Layout(cfg.tp, cfg.dp)
+    layout = Layout(cfg.tp, cfg.dp, cfg.pp)
+    if cfg.pp > 1 or cfg.pp_layer_partition is not None:  # before any rank starts: one line
+        model_stages(cfg.model_path, cfg.pp, cfg.pp_layer_partition)
     cfg.device = resolve_device(cfg.device)
     cfg.backend = resolve_backend(cfg.backend, cfg.device)
     cfg.quantization = resolve_quantization(cfg.model_path, cfg.quantization)
@@ -230,15 +243,13 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     results = run_ranks(
         functools.partial(rank_main, cfg=cfg), layout, cfg.backend, device=cfg.device
     )
-    # Ranks of one DP group must agree exactly; then compare the leaders with the reference.
-    for r, res in enumerate(results):
-        lead = results[layout.dp_rank(r) * layout.attn_tp_size]
-        if res["tokens"] != lead["tokens"] or res["logits"] != lead["logits"]:
-            raise AssertionError(f"rank {r} disagrees with its DP group leader")
+    # Ranks of one DP group (every stage) must agree exactly; then compare the leaders of the
+    # last stage, which computed the logits, with the reference.
+    last = last_stage_results(results, layout)
     merged_tokens: dict[int, list[int]] = {}
     merged_logits: dict[int, list[list[float]]] = {}
     merged_steps: dict[int, list[int]] = {}
-    for res in results[:: layout.attn_tp_size]:
+    for res in last[:: layout.attn_tp_size]:
         merged_tokens.update(res["tokens"])
         merged_logits.update(res["logits"])
         merged_steps.update(res["row_steps"])
@@ -288,13 +299,20 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         "kl_tolerance": tol.max_kl,
         "tolerance_rule": "|Δlogit| <= atol + rtol * max|reference logit| per row; greedy "
         "tokens agree unless the reference's top two are within that bound; KL <= kl_tolerance",
-        "layout": {"tp": cfg.tp, "dp": cfg.dp, "attn_tp": layout.attn_tp_size, "ep": cfg.ep},
+        "layout": {
+            "tp": cfg.tp,
+            "dp": cfg.dp,
+            "attn_tp": layout.attn_tp_size,
+            "ep": cfg.ep,
+            "pp": cfg.pp,
+            "stages": [res["stage"] for res in results[:: layout.tp_size]],
+        },
         "config": asdict(cfg),
         "requests": per_request,
         "steps": results[0]["steps"],
         # every group's rows at each step: the checks of a step that issued them
         "step_checks": [{"step": k, **_summary(cs)} for k, cs in sorted(by_step.items())],
-        "kv_leaked": [res["leaked"] for res in results],
+        "kv_leaked": [res["leaked"] for res in results],  # every rank, global order
         "quantization": cfg.quantization,
         "kernel_dtype": kernel_dtype(cfg),
         "quantization_error": quant_error,
