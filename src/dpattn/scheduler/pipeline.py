@@ -63,6 +63,9 @@ class PipelineCounters:
     outputs_sent: int = 0
     outputs_skipped: int = 0
     busy_s: float = 0.0  # time in forwards (the stage's share of the pipeline's work)
+    # Wall time of the micro-batches that ran a forward, from taking their inputs to the end
+    # of their step: busy_s / active_s is the stage's busy fraction (1 - the pipeline bubble).
+    active_s: float = 0.0
 
     def count(self, output: bool) -> None:
         if output:
@@ -86,11 +89,13 @@ class PipelineStage:
         self.counters = PipelineCounters()
         # Tests: replaces needs_output on this rank (a skip rule that differs between stages).
         self.output_rule = needs_output
+        self._started = 0.0  # when `exchange` began this micro-batch
 
     # ---- 1. inputs ----
     def exchange(self, msgs: list[RankInput]) -> list[RankInput]:
         """Stage 0 hands its inputs on; a later stage takes them from the previous one (and
         hands them on). Called once per micro-batch, before `step`, on every stage."""
+        self._started = time.perf_counter()
         if not self.first:
             msgs = self.link.recv_object(tag=f"ctl{self.m}")
         if not self.last:
@@ -117,6 +122,9 @@ class PipelineStage:
         if self.last and run is not None and run.forward_mode is not ForwardMode.IDLE:
             self.counters.count(output)
         self.in_flight.append(MicroBatch(m, run, output, result))
+        if run is not None:
+            self.counters.active_s += time.perf_counter() - (self._started or start)
+        self._started = 0.0
         self.m += 1
         if decision.shutdown:
             self._drain()
