@@ -59,3 +59,28 @@ def test_two_nodes_match_one_node(tiny_models: dict[str, Path]) -> None:
     finally:
         if follower.poll() is None:
             follower.kill()
+
+
+@pytest.mark.gloo
+def test_pipeline_stage_per_node(tiny_models: dict[str, Path]) -> None:
+    """--pp-size 2 --nnodes 2: stage 1 runs on the second 'host' (its ranks talk to the frontend
+    only through stage 0); outputs equal one stage on one node."""
+    model = str(tiny_models["qwen3_moe"])
+    with Engine(model, 1, 1, backend="thread") as engine:
+        expected = [
+            o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+        ]
+    addr = f"127.0.0.1:{free_port_block(3)}"  # rendezvous + 1 request socket + outputs
+    node_flags = ["--pp-size", "2", "--nnodes", "2", "--dist-init-addr", addr]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "dpattn.cli", "generate", "--model-path", model, *node_flags]
+        + ["--node-rank", "1", "--prompt", "unused on node 1"]
+    )
+    try:
+        with Engine(model, 1, 1, pp_size=2, nnodes=2, node_rank=0, dist_init_addr=addr) as engine:
+            outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in outs] == expected
+        assert follower.wait(timeout=30) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
