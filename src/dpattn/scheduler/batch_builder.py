@@ -52,8 +52,11 @@ class BatchBuilder:
         # Prompts this step computes: an identical one (n > 1 choices) waits a step and then
         # finds the whole prompt cached.
         extending = {tuple(r.input_ids) for r in chunked}
+        share = self._micro_batch_share()
         for req in itertools.chain(chunked, self.waiting):
             if budget <= 0 or self._num_decoding + len(batch.reqs) >= self.cfg.max_running_requests:
+                break
+            if len(batch.reqs) >= share:
                 break
             if req.row is None:
                 if self.cache.enabled and tuple(req.input_ids) in extending:
@@ -100,6 +103,16 @@ class BatchBuilder:
         last = batch.reqs[-1]
         self.chunked = None if batch.sample_mask[-1] else last
         return batch
+
+    def _micro_batch_share(self) -> int:
+        """Pipeline stages: how many prompts one micro-batch may admit, so that requests that
+        arrive together spread over the P micro-batches in flight (each then decodes its share,
+        and no stage idles through the others' slots). A pure function of the scheduler's state,
+        identical on every stage; no limit without stages."""
+        p = self.runner.ps.pp_size
+        if p == 1:
+            return self.cfg.max_running_requests
+        return max(1, -(-(len(self.waiting) + self._num_decoding) // p))
 
     @property
     def _num_decoding(self) -> int:
