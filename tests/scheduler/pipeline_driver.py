@@ -50,6 +50,7 @@ class RankLog:
     outputs: list[RequestOutput] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)  # after each micro-batch's step
     counters: dict[str, Any] = field(default_factory=dict)
+    sizes: list[int] = field(default_factory=list)  # requests in each micro-batch this rank ran
     retractions: int = 0
 
 
@@ -137,6 +138,9 @@ def run_pipeline(
                 time.sleep(rng.random() * jitter_s)  # random per-stage timing
             decision = stage.step(shutdown) if stage is not None else sched.step(shutdown)
             log.digests.append(state_digest(sched))
+            if stage is not None:
+                ran = stage.in_flight[-1].batch if stage.in_flight else None
+                log.sizes.append(len(ran.reqs) if ran is not None else 0)
             outs = sched.take_outputs()
             log.outputs += outs
             if ps.is_first_stage:

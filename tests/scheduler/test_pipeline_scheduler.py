@@ -122,3 +122,13 @@ def test_lockstep_names_a_stage_whose_state_diverged(moe4: str) -> None:
             sched_options={"debug_lockstep": True},
             rank_hook=hook,
         )
+
+
+def test_requests_that_arrive_together_spread_over_micro_batches(moe4: str) -> None:
+    """Eight prompts at once at --pp-size 2: each micro-batch admits its share (four), so both
+    slots prefill and then decode four each, instead of one slot holding all and the other
+    leaving every stage idle half the time."""
+    jobs = [Job(f"r{i}", [5 + i, 6, 7], max_new=4) for i in range(8)]
+    logs = run_pipeline(moe4, jobs, Layout(1, 1, 2), chunk=64)
+    busy = [n for n in logs[0].sizes if n]
+    assert busy[:4] == [4, 4, 4, 4], logs[0].sizes
