@@ -43,6 +43,7 @@ class Job:
     top_logprobs_num: int = 0
     temperature: float = 0.0
     n: int = 1  # n > 1: n requests with one prompt (rid.i), as the frontend fans them out
+    regex: str | None = None
 
 
 @dataclass
@@ -55,7 +56,9 @@ class RankLog:
 
 
 def _requests(job: Job) -> list[TokenizedGenerateReq]:
-    params = SamplingParams(temperature=job.temperature, max_new_tokens=job.max_new)
+    params = SamplingParams(
+        temperature=job.temperature, max_new_tokens=job.max_new, regex=job.regex
+    )
     rids = [job.rid] if job.n == 1 else [f"{job.rid}.{i}" for i in range(job.n)]
     return [
         TokenizedGenerateReq(

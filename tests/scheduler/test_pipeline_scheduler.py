@@ -132,3 +132,15 @@ def test_requests_that_arrive_together_spread_over_micro_batches(moe4: str) -> N
     logs = run_pipeline(moe4, jobs, Layout(1, 1, 2), chunk=64)
     busy = [n for n in logs[0].sizes if n]
     assert busy[:4] == [4, 4, 4, 4], logs[0].sizes
+
+
+def test_constrained_request_is_refused_with_stages(moe4: str) -> None:
+    """A grammar compiles on each stage's own clock, so admission could differ between stages:
+    refused with a 400 (the same way on every stage), the other requests unaffected."""
+    jobs = [Job("g", [5, 6, 7], regex="[ab]+"), Job("a", [5, 6, 7], max_new=3)]
+    logs = run_pipeline(moe4, jobs, Layout(1, 1, 2))
+    _check_lanes(logs, Layout(1, 1, 2))
+    (refused,) = [o for o in logs[0].outputs if o.rid == "g"]
+    assert refused.finish_reason == "abort" and refused.error_status == 400
+    assert "--pp-size" in refused.error
+    assert len(tokens_by_rid(logs[0])["a"]) == 3
