@@ -16,7 +16,8 @@ from dpattn.entrypoints.http_server import create_app
 
 
 class PDStack:
-    """prefill (tp, dp) + decode (tp, dp) servers and the router; `engines` to check pools."""
+    """prefill (tp, dp) + decode (tp, dp) servers and the router; `engines` to check pools.
+    `prefill_options`: the prefill server's own (its --pp-size, say)."""
 
     def __init__(
         self,
@@ -24,6 +25,7 @@ class PDStack:
         prefill: tuple[int, int],
         decode: tuple[int, int],
         backend: str = "thread",
+        prefill_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
         self.bootstrap_port = free_port()
@@ -40,7 +42,7 @@ class PDStack:
             *prefill,
             disaggregation_mode="prefill",
             disaggregation_bootstrap_port=self.bootstrap_port,
-            **common,
+            **{**common, **(prefill_options or {})},
         )
         self.decode_engine = Engine(
             str(model),

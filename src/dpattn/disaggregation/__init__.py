@@ -17,6 +17,7 @@ receives both and generates the rest. Each side keeps its own (T, D) layout and 
 | `frontend.py` | the Engine's share: bootstrap service start, DP group of a request |
 | `liveness.py` | decode side: prefill look-ups and heartbeats off the rank loop |
 | `prefill.py` | PrefillScheduler: bootstrap -> waiting -> forward -> inflight queues |
+| `prefill_pipeline.py` | the same with pipeline stages: stage 0 decides, each stage sends its layers |
 | `decode.py` | DecodeScheduler: prealloc -> transfer -> PREBUILT batch -> running |
 | `factory.py` | the rank loop's scheduler for a disaggregation mode |
 | `pd_router.py` | `dpattn router --pd-disaggregation` (HTTP) |

@@ -52,7 +52,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(400, {"error": f"bad registration: {e}"})
             return
         with self.server.lock:
-            self.server.ranks[(info.dp_rank, info.attn_tp_rank)] = info
+            self.server.ranks[(info.pp_rank, info.dp_rank, info.attn_tp_rank)] = info
         self._reply(200, {"status": "registered"})
 
 
@@ -63,12 +63,13 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], expected: int) -> None:
         super().__init__(addr, _Handler)
         self.lock = threading.Lock()
-        self.ranks: dict[tuple[int, int], RankInfo] = {}
+        self.ranks: dict[tuple[int, int, int], RankInfo] = {}  # (stage, dp, attn_tp) -> info
         self.expected = expected
 
 
 class BootstrapServer:
-    """Serves until close(); `expected` is the prefill server's number of ranks (T)."""
+    """Serves until close(); `expected` is the prefill server's number of ranks (P x T: every
+    pipeline stage's ranks register, each with the layers it holds)."""
 
     def __init__(self, port: int, expected: int, host: str = "127.0.0.1") -> None:
         try:
@@ -81,7 +82,7 @@ class BootstrapServer:
         self._thread.start()
 
     @property
-    def ranks(self) -> dict[tuple[int, int], RankInfo]:
+    def ranks(self) -> dict[tuple[int, int, int], RankInfo]:
         with self._server.lock:
             return dict(self._server.ranks)
 

@@ -10,6 +10,7 @@ from dpattn.disaggregation.bootstrap import register_rank
 from dpattn.disaggregation.decode import DecodeScheduler, DecodeTimeouts
 from dpattn.disaggregation.layout import KVLayout
 from dpattn.disaggregation.prefill import PrefillScheduler
+from dpattn.disaggregation.prefill_pipeline import PipelinedPrefillScheduler
 from dpattn.disaggregation.transfer import FakeDecodeTransfer, FakePrefillTransfer
 from dpattn.disaggregation.transfer_zmq_decode import ZmqDecodeTransfer
 from dpattn.disaggregation.transfer_zmq_prefill import ZmqPrefillTransfer
@@ -23,6 +24,8 @@ def kv_layout(runner: ModelRunner) -> KVLayout:
     pool, hc = runner.kv_pool, runner.hf_config
     dtype = str(pool.k[0].dtype).removeprefix("torch.")
     width, layers = int(pool.k[0].shape[2]), len(pool.k)
+    if not runner.stage.is_whole:  # a pipeline stage's pool: the model's layers, all stages'
+        layers = int(hc.num_hidden_layers)
     if pool.is_latent:
         rank = int(hc.kv_lora_rank)
         assert 0 < rank < width, f"kv_lora_rank {rank} in a latent row of {width}"
@@ -52,9 +55,12 @@ def build_scheduler(
         if fake:
             sender: Any = FakePrefillTransfer()
         else:
-            sender = ZmqPrefillTransfer(ps, kv_layout(runner), cfg.disaggregation_host)
+            stage = (runner.stage.start, runner.stage.end)  # the layers this rank's KV holds
+            sender = ZmqPrefillTransfer(ps, kv_layout(runner), cfg.disaggregation_host, stage)
             register_rank(bootstrap_host(cfg), cfg.disaggregation_bootstrap_port, sender.info())
-        return PrefillScheduler(
+        # With stages, the lane's decisions are stage 0's (prefill_pipeline.py).
+        kind = PipelinedPrefillScheduler if ps.pp_size > 1 else PrefillScheduler
+        return kind(
             runner,
             cfg.scheduler,
             eos_ids,

@@ -19,7 +19,8 @@ def start_bootstrap(cfg: EngineConfig) -> BootstrapServer | None:
     # One host: the advertised address only (as the API binds 127.0.0.1 by default); several:
     # every interface, for the other nodes' ranks to register.
     host = "0.0.0.0" if cfg.nnodes > 1 else cfg.disaggregation_host
-    return BootstrapServer(cfg.disaggregation_bootstrap_port, cfg.tp_size, host)
+    ranks = cfg.tp_size * cfg.pp_size  # every stage's ranks send their own layers' KV
+    return BootstrapServer(cfg.disaggregation_bootstrap_port, ranks, host)
 
 
 def disaggregation_dp_rank(

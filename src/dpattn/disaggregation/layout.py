@@ -77,6 +77,18 @@ class RankInfo:
     attn_tp_size: int
     endpoint: str  # tcp://host:port of its ZMQ PULL socket (handshakes, aborts)
     kv: KVLayout
+    # Pipeline stages: the rank's stage and the global layers [layer_start, layer_end) whose KV
+    # it holds and sends (layer_end None: all of kv.num_layers). A peer that predates the fields
+    # registers without them: one stage holding every layer.
+    pp_rank: int = 0
+    pp_size: int = 1
+    layer_start: int = 0
+    layer_end: int | None = None
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        end = self.kv.num_layers if self.layer_end is None else self.layer_end
+        return self.layer_start, end
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,3 +139,22 @@ def expected_sources(
     """The prefill attention-TP ranks a decode rank receives KV (and aux) from."""
     heads = kv_heads_of(num_kv_heads, decode_attn_tp_size, decode_rank)
     return {source_rank(h, num_kv_heads, prefill_attn_tp_size) for h in heads}
+
+
+def stage_coverage(group: list[RankInfo]) -> str | None:
+    """Why the registered stages of one prefill DP group do not hold every layer exactly once
+    (None: they do). Each stage's ranks hold the same layers; together they tile [0, L)."""
+    stages: dict[int, tuple[int, int]] = {}
+    for info in group:
+        if stages.setdefault(info.pp_rank, info.layers) != info.layers:
+            return f"prefill stage {info.pp_rank}'s ranks hold different layers"
+    size = group[0].pp_size if group else 0
+    spans = [stages[s] for s in sorted(stages)]
+    ends = [0, *(end for _, end in spans)]
+    tiled = [start for start, _ in spans] == ends[:-1] and ends[-1] == group[0].kv.num_layers
+    if sorted(stages) != list(range(size)) or not tiled:
+        return (
+            f"the prefill server's {size} stage(s) registered layers {spans} for "
+            f"{group[0].kv.num_layers} layers: every layer must come from exactly one stage"
+        )
+    return None

@@ -5,6 +5,8 @@ its DP group (states agreed over attention-TP), is then prefilled like any other
 sync, idle batches, chunked prefill), samples its first token, and goes to the inflight queue
 while its KV and the aux data (first token, logprobs, room) are sent; its KV is freed once the
 send is done on every rank. The prefill server's own client gets the first token and the end.
+With pipeline stages the same queues are driven per micro-batch, stage 0 deciding every queue
+move for its lane (prefill_pipeline.py): hence each poll is split in a decision and its apply.
 """
 
 from __future__ import annotations
@@ -100,12 +102,17 @@ class PrefillScheduler(Scheduler):
 
     # ---- queues ----
     def _poll_bootstrap(self) -> None:
+        self._apply_bootstrap(*self._bootstrap_decisions())
+
+    def _bootstrap_decisions(self) -> tuple[list[str], dict[str, str]]:
+        """(rids whose handshake reached every rank of the group, {rid: why it failed}), agreed
+        over attention-TP; the queue itself is left as it is (`_apply_bootstrap`)."""
         if not self.bootstrap_queue:
             # Still read the decode side's messages: a handshake for a room given up here (no
             # handshake in time, an abort) is answered with its reason now. Unread, the decode
             # request waited out its transfer timeout. Local only: no collective.
             self.transfer.poll_bootstrap([])
-            return
+            return [], {}
         now = time.monotonic()
         rooms = _rooms(self.bootstrap_queue)
         states = self.transfer.poll_bootstrap(rooms)
@@ -118,15 +125,19 @@ class PrefillScheduler(Scheduler):
         agreed = consensus(self.ps, rooms, states, "bootstrap")
         failed = [r for r, s in zip(self.bootstrap_queue, agreed) if s is KVPoll.Failed]
         local = [self.transfer.reason(room) for room in _rooms(failed)]
-        why = dict(zip([r.rid for r in failed], agreed_reasons(self.ps, local)))
+        timeout = f"no handshake from the decode server within {self.bootstrap_timeout_s} s"
+        why = {r.rid: w or timeout for r, w in zip(failed, agreed_reasons(self.ps, local))}
+        ready = [r.rid for r, s in zip(self.bootstrap_queue, agreed) if s >= KVPoll.WaitingForInput]
+        return ready, why
+
+    def _apply_bootstrap(self, ready: list[str], failed: dict[str, str]) -> None:
+        """Moves the decided requests on, in queue order: to waiting, or failed."""
         keep = []
-        for req, state in zip(self.bootstrap_queue, agreed):
-            if state is KVPoll.Failed:
-                reason = why[req.rid] or (
-                    f"no handshake from the decode server within {self.bootstrap_timeout_s} s"
-                )
-                self._fail(req, reason)
-            elif state >= KVPoll.WaitingForInput:
+        admitted = set(ready)
+        for req in self.bootstrap_queue:
+            if req.rid in failed:
+                self._fail(req, failed[req.rid])
+            elif req.rid in admitted:
                 self._since.pop(req.rid, None)
                 super().add_request(req)  # waits for its grammar, if it has one
             else:
@@ -168,18 +179,33 @@ class PrefillScheduler(Scheduler):
         self._sent_upto[req.rid] = end
 
     def _poll_inflight(self) -> None:
+        self._apply_inflight(*self._inflight_decisions())
+
+    def _inflight_decisions(self) -> tuple[list[str], dict[str, str]]:
+        """(rids delivered by every rank of the group, {rid: why the send failed}), agreed over
+        attention-TP; the queue itself is left as it is (`_apply_inflight`)."""
         if not self.inflight_queue:
-            return
+            return [], {}
         rooms = _rooms(self.inflight_queue)
         states = consensus(self.ps, rooms, self.transfer.poll_sent(rooms), "inflight")
+        sent = [r.rid for r, s in zip(self.inflight_queue, states) if s is KVPoll.Success]
+        lost = {
+            req.rid: self.transfer.reason(room)
+            or "the KV send failed on another rank of this group"
+            for req, room, s in zip(self.inflight_queue, rooms, states)
+            if s is KVPoll.Failed
+        }
+        return sent, lost
+
+    def _apply_inflight(self, sent: list[str], lost: dict[str, str]) -> None:
         keep = []
-        for req, state in zip(self.inflight_queue, states):
-            if state is KVPoll.Success:
+        done = set(sent)
+        for req in list(self.inflight_queue):
+            if req.rid in done:
                 self._free_kv(req)
                 self.transfer.release(req.bootstrap.room)  # type: ignore[union-attr]
-            elif state is KVPoll.Failed:
-                reason = self.transfer.reason(req.bootstrap.room)  # type: ignore[union-attr]
-                self._release(req, reason or "the KV send failed on another rank of this group")
+            elif req.rid in lost:
+                self._release(req, lost[req.rid])
             else:
                 keep.append(req)
         self.inflight_queue = keep

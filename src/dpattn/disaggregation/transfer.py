@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dpattn.disaggregation.states import KVPoll
-from dpattn.disaggregation.wire import KVAux
+from dpattn.disaggregation.wire import KVAux, KVInit
 from dpattn.kvcache.memory_pool import KVPool
 from dpattn.messages import BootstrapInfo
 
@@ -61,6 +61,14 @@ class PrefillTransfer(ABC):
 
     @abstractmethod
     def release(self, room: int) -> None: ...
+
+    def handshake(self, room: int) -> KVInit | None:
+        """Pipeline stages: the room's handshake as this stage-0 rank received it, which the
+        same rank of every later stage `adopt`s (None: the backend has nothing to hand on)."""
+        return None
+
+    def adopt(self, room: int, init: KVInit | None) -> None:  # noqa: B027 - optional
+        """A later pipeline stage: the handshake of its lane's stage-0 rank (same targets)."""
 
     def close(self) -> None:  # noqa: B027 - optional: only a backend with sockets has one
         pass

@@ -1,7 +1,9 @@
 """The `zmq` transfer backend, decode side: a receiver per request writes arriving KV heads (or
 an MLA model's latent rows) into the slots reserved in prealloc; the group's leader sends the
 handshake once the prefill server's ranks are known (liveness.py looks them up off the rank
-loop)."""
+loop). A prefill server with pipeline stages registers each stage's ranks with their layers: the
+handshake goes to stage 0's ranks, and a request is complete once every stage's sources (each
+sending its own layers, then its aux) are."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dpattn.disaggregation.layout import (
     expected_sources,
     kv_heads_of,
     plan_targets,
+    stage_coverage,
 )
 from dpattn.disaggregation.liveness import PrefillLiveness
 from dpattn.disaggregation.states import KVPoll, advance
@@ -35,9 +38,11 @@ class _Receiver:
     slots: torch.Tensor
     state: KVPoll = KVPoll.Bootstrapping
     started: float = field(default_factory=time.monotonic)
-    sources: set[int] | None = None  # prefill attention-TP ranks that send to us (once known)
-    chunks: dict[int, int] = field(default_factory=dict)
-    aux: dict[int, KVAux] = field(default_factory=dict)
+    # (prefill stage, attention-TP rank) pairs that send to us, once known; chunks and aux
+    # are counted per pair (each has its own ordered connection).
+    sources: set[tuple[int, int]] | None = None
+    chunks: dict[tuple[int, int], int] = field(default_factory=dict)
+    aux: dict[tuple[int, int], KVAux] = field(default_factory=dict)
     reason: str = ""
 
     @property
@@ -76,24 +81,26 @@ class ZmqDecodeTransfer(DecodeTransfer):
         if ranks is None:
             return None
         d = recv.bootstrap.room % ranks[0].dp_size  # the prefill DP group of the request
-        return sorted((r for r in ranks if r.dp_rank == d), key=lambda r: r.attn_tp_rank)
+        group = (r for r in ranks if r.dp_rank == d)  # every stage's ranks of that group
+        return sorted(group, key=lambda r: (r.pp_rank, r.attn_tp_rank))
 
     def _handshake(self, room: int, recv: _Receiver) -> None:
         group = self._group(recv)
         if group is None:
             return
-        why = group[0].kv.mismatch(self.layout)
+        why = group[0].kv.mismatch(self.layout) or stage_coverage(group)
         if why:
             self._fail(recv, f"{why} (prefill server {recv.addr[0]}:{recv.addr[1]})")
             return
         width = group[0].attn_tp_size
-        recv.sources = expected_sources(
+        mine = expected_sources(
             self.layout.num_kv_heads, width, self.ps.attn_tp_size, self.ps.attn_tp_rank
         )
+        recv.sources = {(s, a) for s in {r.pp_rank for r in group} for a in mine}
         if self.ps.attn_tp_rank == 0:  # the leader speaks for the group, once per room
             plan = plan_targets(self.layout.num_kv_heads, width, self.group_endpoints)
             n = int(recv.slots.numel())
-            for info in group:
+            for info in (r for r in group if r.pp_rank == 0):  # stage 0 hands it on
                 init = KVInit(room, plan[info.attn_tp_rank], self.layout, n)
                 self.sock.push(info.endpoint).send_multipart([encode(init)])
         recv.state = advance(recv.state, KVPoll.WaitingForInput)
@@ -103,9 +110,13 @@ class ZmqDecodeTransfer(DecodeTransfer):
         recv = self.receivers.get(getattr(msg, "room", -1))
         if recv is None or recv.state is KVPoll.Failed:
             return  # aborted or released: its slots may belong to another request now
+        key = (getattr(msg, "stage", 0), getattr(msg, "source", 0))
         if isinstance(msg, KVChunk):
             if msg.start < 0 or msg.start + msg.shape[0] > recv.slots.numel():
                 self._fail(recv, f"KV for positions beyond the {recv.slots.numel()} reserved")
+                return
+            if not 0 <= msg.layer < len(self.pool.k):
+                self._fail(recv, f"KV of layer {msg.layer}, the model has {len(self.pool.k)}")
                 return
             buffers = self.pool.layer_buffers(msg.layer)  # [K, V], or an MLA pool's [latent]
             if len(frames) - 1 != len(buffers):
@@ -116,13 +127,14 @@ class ZmqDecodeTransfer(DecodeTransfer):
             rows = recv.slots[msg.start : msg.start + msg.shape[0], None]
             for buf, data in zip(buffers, frames[1:]):
                 buf[rows, idx[None, :]] = tensor_from(data, msg.shape, msg.dtype).to(buf.device)
-            recv.chunks[msg.source] = recv.chunks.get(msg.source, 0) + 1
+            recv.chunks[key] = recv.chunks.get(key, 0) + 1
             self.stats.bytes += sum(len(f) for f in frames[1:])
             recv.state = advance(recv.state, KVPoll.Transferring)
         elif isinstance(msg, KVAux):
-            if recv.chunks.get(msg.source, 0) != msg.num_chunks:
-                self._fail(recv, f"prefill rank {msg.source} sent an incomplete KV cache")
-            recv.aux[msg.source] = msg
+            if recv.chunks.get(key, 0) != msg.num_chunks:
+                who = f"stage {key[0]} rank {key[1]}" if key[0] else f"rank {key[1]}"
+                self._fail(recv, f"prefill {who} sent an incomplete KV cache")
+            recv.aux[key] = msg
         elif isinstance(msg, KVAbort):
             self._fail(recv, msg.reason)
 

@@ -1,7 +1,11 @@
 """The `zmq` transfer backend, prefill side: a rank learns from the decode group's leader
 (KVInit) which decode endpoint gets which of its KV heads, then sends the request's KV per layer
 (K and V, or an MLA model's latent rows) and, after it on the same PUSH/PULL connection, the aux
-data (first token, logprobs, room)."""
+data (first token, logprobs, room).
+
+With pipeline stages every stage's rank sends its own layers (global indices in KVChunk) and its
+own aux; only stage 0's ranks get the decode side's handshakes, a later stage's rank `adopt`s
+its lane's (prefill_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +26,18 @@ GONE_MEMORY = 10_000  # aborted rooms a prefill rank remembers for a late handsh
 
 
 class ZmqPrefillTransfer(PrefillTransfer):
-    def __init__(self, ps: ParallelState, layout: KVLayout, host: str) -> None:
+    def __init__(
+        self,
+        ps: ParallelState,
+        layout: KVLayout,
+        host: str,
+        layers: tuple[int, int] | None = None,
+    ) -> None:
         self.ps = ps
         self.layout = layout
+        # The global layers [start, end) of this rank's pool (its pipeline stage's; all of them
+        # without stages): KVChunk.layer is global, the decode side's pool holds every layer.
+        self.layers = layers or (0, layout.num_layers)
         self.sock = Sockets(host)
         self.stats = TransferStats()
         self.heads = kv_heads_of(layout.num_kv_heads, ps.attn_tp_size, ps.attn_tp_rank)
@@ -45,6 +58,9 @@ class ZmqPrefillTransfer(PrefillTransfer):
             ps.attn_tp_size,
             self.sock.endpoint,
             self.layout,
+            ps.pp_rank,
+            ps.pp_size,
+            *self.layers,
         )
 
     def _drain(self) -> None:
@@ -108,8 +124,9 @@ class ZmqPrefillTransfer(PrefillTransfer):
                     # [K, V], or an MLA pool's [latent]: a frame each, after the header
                     parts = [buf[slots][:, idx] for buf in pool.layer_buffers(layer)]
                     dtype = str(parts[0].dtype).removeprefix("torch.")
-                    me = self.ps.attn_tp_rank
-                    head = KVChunk(room, start, layer, heads, me, tuple(parts[0].shape), dtype)
+                    me, stage, shape = self.ps.attn_tp_rank, self.ps.pp_rank, parts[0].shape
+                    glob = self.layers[0] + layer
+                    head = KVChunk(room, start, glob, heads, me, tuple(shape), dtype, stage)
                     frames = [tensor_bytes(t) for t in parts]
                     push.send_multipart([encode(head), *frames])
                     self.stats.bytes += sum(len(f) for f in frames)
@@ -130,7 +147,8 @@ class ZmqPrefillTransfer(PrefillTransfer):
         try:
             for endpoint, _ in init.targets:
                 n = self.chunks.get((room, endpoint), 0)
-                done = replace(aux, source=self.ps.attn_tp_rank, num_chunks=n)
+                me, stage = self.ps.attn_tp_rank, self.ps.pp_rank
+                done = replace(aux, source=me, num_chunks=n, stage=stage)
                 self.sock.push(endpoint).send_multipart([encode(done)])
         except zmq.ZMQError as e:
             self._error(room, init, f"KV send failed: {e}")
@@ -156,11 +174,19 @@ class ZmqPrefillTransfer(PrefillTransfer):
         for endpoint, _ in targets:
             self.sock.push(endpoint).send_multipart([encode(msg)])
 
+    def handshake(self, room: int) -> KVInit | None:
+        return self.inits.get(room)
+
+    def adopt(self, room: int, init: KVInit | None) -> None:
+        if init is not None:
+            self.inits[room] = init
+
     def abort(self, room: int, reason: str) -> None:
         init = self.inits.get(room)
         if init is not None:
             self._notify(init.targets, KVAbort(room, reason))
-        elif room not in self.failed:  # the handshake may still come: answer it then
+        elif room not in self.failed and self.ps.pp_rank == 0:
+            # The handshake may still come (to stage 0's ranks only): answer it then.
             self.gone[room] = reason
             if len(self.gone) > GONE_MEMORY:
                 self.gone.pop(next(iter(self.gone)))

@@ -4,6 +4,10 @@ decode leader -> each prefill rank of the request's group: `KVInit` (the handsha
 send which heads). prefill rank -> decode rank, in this order on one PUSH/PULL connection:
 one `KVChunk` per layer and prefill chunk (header + K bytes + V bytes, or header + latent bytes
 for an MLA model), then `KVAux` (first token, logprobs, the room as a check). Either way: `KVAbort` (the other side gave the request up).
+
+A prefill server with pipeline stages: the decode leader sends `KVInit` to stage 0's ranks only
+(stage 0 hands it on to its lane, prefill_pipeline.py); every stage's rank sends its own layers'
+`KVChunk`s (global layer indices) and then its own `KVAux`, each marked with its stage.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class KVChunk:
     source: int  # prefill attention-TP rank
     shape: tuple[int, int, int]  # tokens, heads, head_dim (of each buffer frame)
     dtype: str
+    stage: int = 0  # the prefill server's pipeline stage that sent it (0 without stages)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class KVAux:
     top_logprobs: list[tuple[float, int]] = field(default_factory=list)
     input_logprobs: list[float] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    stage: int = 0  # the prefill pipeline stage that sent it: each stage ends its own KV
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -128,6 +128,7 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
     log.debug("ready: %d KV slots", runner.kv_pool.size)
     collectives: dict[str, dict[str, int]] = {}
     backoff_ms, shutdown, flushed, steps = 0, False, False, 0
+    reported_kv_free = runner.kv_pool.available_size()  # as RankReady told the frontend
     try:
         while True:
             msgs: list[RankInput] = []
@@ -176,9 +177,13 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
                 collectives[key] = dict(Counter(f"{g}.{op}" for g, op, _ in calls))
             steps += 1
             outputs = sched.take_outputs()
-            if push is not None and (outputs or decision.run_forward or flushed):
+            # A step without a forward may still free KV (a pipelined prefill server releases
+            # a sent request's slots in a later micro-batch): the frontend hears of it too.
+            moved = kv_free != reported_kv_free
+            if push is not None and (outputs or decision.run_forward or flushed or moved):
                 cached = sched.cache.cached_size()
                 push.send_pyobj(BatchOutput(ps.dp_rank, outputs, stats, kv_free, flushed, cached))
+                reported_kv_free = kv_free
             flushed = False
             if decision.shutdown:
                 break

@@ -98,9 +98,11 @@ class PipelineStage:
         self._started = time.perf_counter()
         if not self.first:
             msgs = self.link.recv_object(tag=f"ctl{self.m}")
+        else:  # decisions taken on stage 0's clock (disaggregation), for the whole lane
+            msgs = [*msgs, *self.sched.lane_decisions()]
         if not self.last:
             self.link.send_object(msgs, tag=f"ctl{self.m}")
-        return msgs
+        return self.sched.apply_lane_decisions(msgs)
 
     # ---- 2-4. one micro-batch ----
     def step(self, shutdown: bool = False) -> SyncDecision:

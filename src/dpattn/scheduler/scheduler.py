@@ -186,6 +186,18 @@ class Scheduler(BatchBuilder):
             **ran,
         )
 
+    # ---- pipeline stages: decisions stage 0 takes for its lane (scheduler/pipeline.py) ----
+    def lane_decisions(self) -> list[Any]:
+        """Stage 0, before its control message goes out: decisions that depend on its own
+        timing (a disaggregated prefill server's transfer states), which ride the message so
+        that every stage applies them at the same point. None here."""
+        return []
+
+    def apply_lane_decisions(self, msgs: list[Any]) -> list[Any]:
+        """Every stage: applies the decisions among a control message's `msgs`, returns the
+        other messages."""
+        return msgs
+
     def close(self) -> None:
         """Release what lives outside the rank's memory (threads; disaggregation: sockets)."""
         self.grammars.close()
