@@ -3,6 +3,10 @@
 Series are labelled `dp_rank` / `tp_rank`: the DP group and the attention-TP rank of the rank that
 reports it (the group's attn_tp leader, so `tp_rank="0"`). Step metrics are fed from
 `Engine.step_listeners` on the engine's reader thread; prometheus-client is thread-safe.
+
+With pipeline stages (pp_size > 1) the reporting rank is stage 0's leader, and
+`dpattn_pp_output_messages_total{result="sent"|"skipped"}` counts the micro-batches whose output
+message went around the ring and those that sent none (a middle prefill chunk).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dpattn.messages import StepStats
 
 LEADER_TP_RANK = "0"
 FORWARD_MODES = ("extend", "decode", "mixed", "idle")
+PP_RESULTS = ("sent", "skipped")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SYNC_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1)
 
@@ -34,8 +39,9 @@ disable_created_metrics()
 
 
 class ServerMetrics:
-    def __init__(self, dp_size: int) -> None:
+    def __init__(self, dp_size: int, pp_size: int = 1) -> None:
         self.dp_size = dp_size
+        self.pp_size = pp_size
         self.registry = r = CollectorRegistry()
         rank = ["dp_rank", "tp_rank"]
 
@@ -97,6 +103,18 @@ class ServerMetrics:
         self.rejected = Counter(
             "dpattn_requests_rejected", "Requests refused before routing", ["reason"], registry=r
         )
+        # Pipeline output messages: registered only where there is a pipeline (pp_size > 1).
+        # The ranks report cumulative counts; the counter takes the increase since the last step.
+        self.pp_outputs = (
+            counter(
+                "pp_output_messages",
+                "Pipeline micro-batches whose output message was sent around the ring, or skipped",
+                [*rank, "result"],
+            )
+            if pp_size > 1
+            else None
+        )
+        self._pp_last: dict[int, tuple[int, int]] = {}
         for d in range(dp_size):  # every rank's series exists from the start
             lbl = self.labels(d)
             for metric in (self.running, self.queued, self.kv_used, self.kv_usage):
@@ -111,6 +129,8 @@ class ServerMetrics:
             self.mlp_real.labels(*lbl)
             for mode in FORWARD_MODES:
                 self.forward_steps.labels(*lbl, mode)
+            for result in PP_RESULTS if self.pp_outputs is not None else ():
+                self.pp_outputs.labels(*lbl, result)
 
     @staticmethod
     def labels(dp_rank: int) -> tuple[str, str]:
@@ -122,6 +142,8 @@ class ServerMetrics:
         self.running.labels(*lbl).set(stats.running)
         self.queued.labels(*lbl).set(stats.queued)
         self.grammar_queue.labels(*lbl).set(stats.grammar_queue)
+        if self.pp_outputs is not None:  # before the early return: a step without a forward
+            self._count_pp_outputs(self.pp_outputs, dp_rank, stats)  # may apply results
         if stats.forward_mode not in FORWARD_MODES:
             return  # no forward ran this step (e.g. only an abort was reported)
         self.forward_steps.labels(*lbl, stats.forward_mode).inc()
@@ -137,6 +159,21 @@ class ServerMetrics:
         padding_mode = getattr(stats, "padding_mode", None)
         if padding_mode:
             self.padding_mode.labels(*lbl, str(padding_mode)).inc()
+
+    def _count_pp_outputs(self, counter: Counter, dp_rank: int, stats: StepStats) -> None:
+        lbl = self.labels(dp_rank)
+        sent, skipped = self._pp_last.get(dp_rank, (0, 0))
+        for result, now, before in (
+            ("sent", stats.pp_outputs_sent, sent),
+            ("skipped", stats.pp_outputs_skipped, skipped),
+        ):
+            if now > before:
+                counter.labels(*lbl, result).inc(now - before)
+        # never backwards (a report is cumulative since the ranks started)
+        self._pp_last[dp_rank] = (
+            max(sent, stats.pp_outputs_sent),
+            max(skipped, stats.pp_outputs_skipped),
+        )
 
     def set_kv(self, kv_free: list[int], kv_total: list[int], kv_cached: list[int]) -> None:
         for d, (free, total, cached) in enumerate(zip(kv_free, kv_total, kv_cached)):

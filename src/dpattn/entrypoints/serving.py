@@ -42,7 +42,7 @@ class ServerState:
         self.context_length = engine.context_length
         # The model's embedding rows (what the ranks index), not the tokenizer's length.
         self.vocab_size = engine.limits.vocab_size if engine.limits is not None else None
-        self.metrics = ServerMetrics(self.dp_size)
+        self.metrics = ServerMetrics(self.dp_size, engine.layout.pp_size)
         engine.step_listeners.append(self.metrics.on_step)
         if engine.cfg.disaggregation_mode != "null":
             engine.step_listeners.append(DisaggMetrics(self.metrics.registry).on_step)

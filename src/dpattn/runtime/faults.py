@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,3 +21,21 @@ class DivergeAt:
     def before_step(self, ps: ParallelState, step: int) -> None:
         if ps.rank == self.rank and step == self.step:
             ps.world.all_reduce(torch.zeros(1, device=ps.device))
+
+
+@dataclass(frozen=True)
+class FailAt:
+    """Global rank `global_rank` fails before its scheduler step `step` (and every later one):
+    `exit` ends its process without a word (os._exit, as a crash or the OOM killer would; a rank
+    process only), else it raises. Any rank of any pipeline stage: the engine must name it."""
+
+    global_rank: int
+    step: int
+    exit: bool = True
+
+    def before_step(self, ps: ParallelState, step: int) -> None:
+        if ps.global_rank != self.global_rank or step < self.step:
+            return
+        if self.exit:
+            os._exit(3)
+        raise RuntimeError(f"injected fault at step {step}")

@@ -168,12 +168,39 @@ def offline_report(
         "rank_max_rss_mb": [r.get("max_rss_mb") for r in engine.rank_results],
         "num_layers": _num_layers(engine),
         "collectives_per_forward": rank0.get("collectives_per_forward"),
+        "pipeline": pipeline_report(engine),
     }
     for floor in ("bare_all_gather", "bare_gloo_all_gather"):
         for key in ("mlp_sync", "mlp_sync_collective"):
             value = report[f"{floor}_s"]
             report[f"{key}_over_{floor}"] = report[f"{key}_s_per_step"] / value if value else None
     return report
+
+
+def pipeline_report(engine: Engine) -> dict[str, Any] | None:
+    """--pp-size > 1: each stage's busy fraction (forward time over the wall time of the
+    micro-batches it ran: 1 - its bubble) and the output messages the pipeline sent around the
+    ring vs skipped (micro-batches that produced nothing, e.g. a long prompt's middle chunks).
+    From the ranks' counters at shutdown; None without stages or with stages on other hosts."""
+    layout, results = engine.layout, engine.rank_results
+    if layout.pp_size == 1 or len(results) < layout.world_size:
+        return None
+    stages = []
+    for s in range(layout.pp_size):
+        counters = [results[g]["pipeline"] for g in layout.stage_ranks(s)]
+        busy = statistics.fmean(c["busy_s"] for c in counters)
+        active = statistics.fmean(c["active_s"] for c in counters)
+        stages.append(
+            {"busy_s": busy, "active_s": active, "busy_fraction": busy / active if active else None}
+        )
+    # Every stage of a lane counts the same micro-batches; each DP group has its own: summed
+    # over stage 0's DP group leaders.
+    leaders = [results[layout.attn_tp_ranks(d)[0]]["pipeline"] for d in range(layout.dp_size)]
+    return {
+        "stages": stages,
+        "output_messages_sent": sum(c["outputs_sent"] for c in leaders),
+        "output_messages_skipped": sum(c["outputs_skipped"] for c in leaders),
+    }
 
 
 def _num_layers(engine: Engine) -> int | None:
