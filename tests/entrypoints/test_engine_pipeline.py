@@ -1,7 +1,7 @@
 """Pipeline stages through the Engine (issue 27): greedy tokens and logprobs at --pp-size 2 and 4
 equal --pp-size 1 of the same (T, D) layout, through chunked prefill (a long prompt's middle
 chunks send no output message), prompt logprobs over chunks, the prefix cache and retraction;
-and a rank that dies in stage 1 stops the engine, named by its global rank, without a hang.
+and a rank that dies in stage 1 stops the engine, named by its global rank and stage, without a hang.
 test_server_pipeline.py does the same through `serve`."""
 
 from __future__ import annotations
@@ -167,13 +167,13 @@ def test_dead_rank_in_stage_one_stops_the_engine(moe4: str) -> None:
         assert engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})
         start = time.monotonic()
         rid = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=400, ignore_eos=True))
-        with pytest.raises(RuntimeError, match=r"rank 1 died \(exit code 3\)"):
+        with pytest.raises(RuntimeError, match=r"rank 1 \(stage 1\) died \(exit code 3\)"):
             engine.result(rid, timeout=timeout)
         while any(p.is_alive() for p in engine.ranks.procs) and time.monotonic() < start + timeout:
             time.sleep(0.1)
         assert not any(p.is_alive() for p in engine.ranks.procs)
         assert time.monotonic() - start < timeout
-        with pytest.raises(RuntimeError, match="rank 1 died"):
+        with pytest.raises(RuntimeError, match=r"rank 1 \(stage 1\) died"):
             engine.submit([1], SamplingParams())
     finally:
         engine.shutdown()

@@ -179,7 +179,8 @@ class RankGroup:
             code = p.exitcode
             if code not in (0, None) and r not in self.results and r not in self.failed_ranks:
                 how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-                return f"rank {r} died ({how})"
+                where = f" (stage {self.layout.stage(r)})" if self.layout.pp_size > 1 else ""
+                return f"rank {r}{where} died ({how})"
         return self.errors[0] if self.errors else None
 
     def _drain(self, timeout: float) -> None:
