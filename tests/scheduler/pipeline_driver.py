@@ -122,17 +122,7 @@ def run_pipeline(
             shutdown = False
             for msg in msgs:
                 if isinstance(msg, TokenizedGenerateReq):
-                    sched.add_request(
-                        Req(
-                            msg.rid,
-                            list(msg.input_ids),
-                            msg.params,
-                            msg.seed,
-                            msg.return_logprob,
-                            msg.logprob_start_len,
-                            msg.top_logprobs_num,
-                        )
-                    )
+                    sched.add_request(Req.from_message(msg))
                 elif isinstance(msg, AbortReq):
                     sched.abort_request(msg.rid)
                 elif isinstance(msg, Shutdown):

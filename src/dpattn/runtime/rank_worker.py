@@ -142,18 +142,7 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
                 msgs = stage.exchange(msgs)
             for msg in msgs:  # Wake only ends the idle back-off
                 if isinstance(msg, TokenizedGenerateReq):
-                    sched.add_request(
-                        Req(
-                            msg.rid,
-                            list(msg.input_ids),
-                            msg.params,
-                            msg.seed,
-                            msg.return_logprob,
-                            msg.logprob_start_len,
-                            msg.top_logprobs_num,
-                            bootstrap=msg.bootstrap,
-                        )
-                    )
+                    sched.add_request(Req.from_message(msg))
                 elif isinstance(msg, AbortReq):
                     sched.abort_request(msg.rid)
                 elif isinstance(msg, Shutdown):

@@ -15,7 +15,7 @@ from dpattn.executor.sampler import sample
 from dpattn.executor.sampling_batch_info import SamplingBatchInfo
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.kvcache.radix_tree import TreeNode
-from dpattn.messages import BootstrapInfo, RequestOutput
+from dpattn.messages import BootstrapInfo, RequestOutput, TokenizedGenerateReq
 
 
 class FinishReason(str, Enum):
@@ -55,6 +55,20 @@ class Req:
     generator: torch.Generator | None = None
     bootstrap: BootstrapInfo | None = None  # disaggregation: prefill's bootstrap address, room
     grammar: Matcher | None = None  # constrained decoding: the grammar's state after output_ids
+
+    @classmethod
+    def from_message(cls, msg: TokenizedGenerateReq) -> Req:
+        """A rank's request state from the frontend's message."""
+        return cls(
+            msg.rid,
+            list(msg.input_ids),
+            msg.params,
+            msg.seed,
+            msg.return_logprob,
+            msg.logprob_start_len,
+            msg.top_logprobs_num,
+            bootstrap=msg.bootstrap,
+        )
 
     @property
     def all_ids(self) -> list[int]:
