@@ -178,3 +178,14 @@ def test_dead_rank_in_stage_one_stops_the_engine(moe4: str) -> None:
     finally:
         engine.shutdown()
     assert mp.active_children() == []
+
+
+def test_failing_rank_thread_is_named_with_its_stage(moe4: str) -> None:
+    """Rank threads: the error the engine reports names the rank that raised, and its stage."""
+    engine = Engine(moe4, backend="thread", pp_size=2, fault=FailAt(1, step=40, exit=False))
+    try:
+        rid = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=400, ignore_eos=True))
+        with pytest.raises(RuntimeError, match=r"rank 1 \(stage 1\): injected fault at step 40"):
+            engine.result(rid, timeout=30)
+    finally:
+        engine.shutdown()

@@ -262,5 +262,6 @@ def run_threads(world: ThreadWorld, fn: Callable[[int], Any]) -> list[Any]:
     originals = [e for e in errors if e is not None and not isinstance(e, CollectiveError)]
     first = originals[0] if originals else next((e for e in errors if e is not None), None)
     if first is not None:
+        first.dpattn_rank = errors.index(first)  # type: ignore[attr-defined]  # named by the engine
         raise first
     return results

@@ -168,20 +168,24 @@ class RankGroup:
     def dead_rank(self) -> str | None:
         """A description of the first rank that died or failed, if any."""
         if self.backend == "thread":
-            return (
-                None
-                if self._thread.is_alive() or self._thread_error is None
-                else str(self._thread_error)
-            )
+            err = self._thread_error
+            if self._thread.is_alive() or err is None:
+                return None
+            rank = getattr(err, "dpattn_rank", None)  # run_threads: which rank raised it
+            return str(err) if rank is None else f"{self._rank_name(rank)}: {err}"
         self._drain(0)
         # A rank that vanished without a word is the cause; the others' errors are its echo.
         for r, p in zip(self.local_ranks, self.procs):
             code = p.exitcode
             if code not in (0, None) and r not in self.results and r not in self.failed_ranks:
                 how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-                where = f" (stage {self.layout.stage(r)})" if self.layout.pp_size > 1 else ""
-                return f"rank {r}{where} died ({how})"
+                return f"{self._rank_name(r)} died ({how})"
         return self.errors[0] if self.errors else None
+
+    def _rank_name(self, rank: int) -> str:
+        """`rank g`, with its stage when there are several."""
+        where = f" (stage {self.layout.stage(rank)})" if self.layout.pp_size > 1 else ""
+        return f"rank {rank}{where}"
 
     def _drain(self, timeout: float) -> None:
         try:
