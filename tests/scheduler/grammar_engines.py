@@ -65,12 +65,14 @@ def thread_engine(model: str, tp: int, dp: int, **options: Any) -> Iterator[Engi
         engine.shutdown()
     # Every rank, not only the DP group leaders the frontend hears from: no KV slot leaked,
     # and the ranks of a group took the same steps (admitted and failed requests together).
-    results = engine.rank_results
-    assert len(results) == tp
+    # With pipeline stages every stage's group too (results: stage-major).
+    results, layout = engine.rank_results, engine.layout
+    assert len(results) == layout.world_size
     assert all(r["kv_free_after_flush"] == r["kv_total"] for r in results), results
-    a = tp // dp
-    for d in range(dp):
-        assert len({r["steps"] for r in results[d * a : (d + 1) * a]}) == 1, results
+    for stage in range(layout.pp_size):
+        for d in range(dp):
+            group = [results[g] for g in layout.attn_tp_ranks(d, stage)]
+            assert len({r["steps"] for r in group}) == 1, results
 
 
 def check_valid(kind: str, text: str) -> None:

@@ -5,6 +5,9 @@ on its own threads, so "ready" is a local fact. Each step with a non-empty queue
 on every rank of the group: the queue's contents are identical) the ranks all-gather one status
 per queued request and act on the minimum (executor/grammar.py: GrammarStatus): a request moves
 to the waiting queue on every rank in the same step, or fails on every rank in the same step.
+With pipeline stages the minimum is also taken over the lane (`pp_group`: every stage holds the
+same queue at the same micro-batch), so every stage admits the request in the same micro-batch;
+only the last stage samples, but each stage's scheduler must hold the same requests.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from dpattn.scheduler.schedule_batch import Req
 
 
 class GrammarQueue:
-    def __init__(self, backend: GrammarBackend, group: Group) -> None:
+    def __init__(self, backend: GrammarBackend, group: Group, lane: Group | None = None) -> None:
         self.backend = backend
-        self.group = group  # the DP group's attn_tp ranks: all of them sample its requests
+        # The DP group's attn_tp ranks (all of them sample its requests), then, with pipeline
+        # stages, the lane's stages (all of them schedule its requests).
+        self.groups = [group] if lane is None else [group, lane]
         self.reqs: list[tuple[Req, float]] = []  # (request, when it arrived)
         self._fill_pool: ThreadPoolExecutor | None = None  # made by the first constrained step
 
@@ -48,12 +53,17 @@ class GrammarQueue:
         now = time.monotonic()
         local = [self.backend.status(r.params.grammar, now - t) for r, t in self.reqs]  # type: ignore[arg-type]
         codes = torch.tensor([[int(s) for s, _ in local]], dtype=torch.int64)
-        agreed = self.group.all_gather(codes).amin(0).tolist()
+        for group in self.groups:
+            codes = group.all_gather(codes).amin(0, keepdim=True)
+        agreed = codes[0].tolist()
         reasons: Iterator[str] = iter(())
         if GrammarStatus.FAILED in agreed:  # every rank knows it: each says why, if it knows
-            mine = [why for code, (_, why) in zip(agreed, local) if code == GrammarStatus.FAILED]
-            told = zip(*self.group.all_gather_object(mine))
-            reasons = iter([next((w for w in ws if w), "") for ws in told])
+            told = [why for code, (_, why) in zip(agreed, local) if code == GrammarStatus.FAILED]
+            for group in self.groups:
+                told = [
+                    next((w for w in ws if w), "") for ws in zip(*group.all_gather_object(told))
+                ]
+            reasons = iter(told)
         ready: list[Req] = []
         failed: list[tuple[Req, str]] = []
         keep: list[tuple[Req, float]] = []

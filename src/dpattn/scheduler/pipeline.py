@@ -108,16 +108,20 @@ class PipelineStage:
     def step(self, shutdown: bool = False) -> SyncDecision:
         start = time.perf_counter()
         sched, m = self.sched, self.m
+        applied: dict[str, float] = {}  # the applied result's grammar stats, on every stage
         if len(self.in_flight) == self.num_stages:
             done = self.in_flight.popleft()
             if done.batch is not None and done.batch.forward_mode is not ForwardMode.IDLE:
-                sched.apply(done.batch, self._result(done))
+                got = self._result(done)
+                sched.apply(done.batch, got)
+                applied = got.stats if isinstance(got, StepResult) else {}
         batch, decision, sync_s = sched.schedule(shutdown)
         run = batch_to_run(batch, decision, self.ps.rank)
-        ran: dict[str, Any] = {}
+        ran: dict[str, Any] = dict(applied)
         result = None
         if run is not None:
-            ran, result = self._forward(m, run)
+            stats, result = self._forward(m, run)
+            ran.update(stats)
         output = self.output_rule(run) and not decision.shutdown  # stage 0 has left the ring
         if self.last and output:
             self.link.send_object(result, tag=f"out{m}")
@@ -143,6 +147,7 @@ class PipelineStage:
         if sched.cfg.debug_lockstep:  # the whole scheduler state, not only the batch
             tag += f":{state_digest(sched)}"
         hidden = None if self.first else link.recv(tag=tag)[0]
+        masks = sched.grammars.start_fill(run.reqs, run.sample_mask) if self.last else None
         t0 = time.perf_counter()
         if self.last:
             logits, prompt = runner.forward_with_logprobs(fb, plan, hidden)
@@ -153,7 +158,7 @@ class PipelineStage:
         sched.after_forward(run)
         result = None
         if self.last and self.output_rule(run):
-            result = sched.sample(run, logits, prompt)
+            result = sched.sample(run, logits, prompt, masks)
         return forward_stats(run, plan.total, plan.mode.value, forward_s), result
 
     def _result(self, done: MicroBatch) -> StepResult | SkippedResult:

@@ -73,16 +73,12 @@ class Scheduler(BatchBuilder):
         backend = make_backend(
             cfg.grammar_backend, tokenizer, runner.vocab_size, eos_ids, cfg.grammar_compile_timeout
         )
-        self.grammars = GrammarQueue(backend, self.ps.attn_tp_cpu)
+        self.grammars = GrammarQueue(backend, self.ps.attn_tp_cpu, self.ps.pp_group)
 
     # ---- requests in ----
     def add_request(self, req: Req) -> None:
         """A request with a grammar waits for it to compile on every rank of the group first."""
-        if req.params.grammar is not None and self.ps.pp_size > 1:
-            # Each stage would compile it on its own clock, but admission must not depend on
-            # local timing (scheduler/pipeline.py): not supported yet.
-            self._fail_grammar(req, "constrained decoding is not supported with --pp-size > 1")
-        elif req.params.grammar is not None:
+        if req.params.grammar is not None:
             self.grammars.add(req)
         else:
             self._admit(req)
@@ -232,7 +228,17 @@ class Scheduler(BatchBuilder):
         if len(rows) != len(batch.reqs):  # a prefill chunk that is not a prompt's last
             logits = logits[torch.tensor(rows, device=logits.device)]
         tokens, logprobs, tops, stats = sample_requests(reqs, logits, masks, rows)
-        return StepResult(tokens, logprobs, tops, prompt, stats)
+        finish = [self._stop_after(req, token) for req, token in zip(reqs, tokens)]
+        return StepResult(tokens, logprobs, tops, prompt, stats, finish)
+
+    def _stop_after(self, req: Req, token: int) -> tuple[FinishReason, str | int | None] | None:
+        """Whether `req` stops once `token` is appended (its grammar accepts the token here)."""
+        req.output_ids.append(token)
+        try:
+            reason = self._stop_reason(req, token)
+        finally:
+            req.output_ids.pop()
+        return None if reason is None else (reason, req.matched_stop)
 
     def apply(self, batch: ScheduleBatch, result: StepResult | SkippedResult) -> None:
         """The batch's result reaches this scheduler: new tokens, finished and scored requests,
@@ -247,14 +253,17 @@ class Scheduler(BatchBuilder):
             return
         extend = batch.forward_mode.is_extend_like()
         self.num_landing -= len(rows) if extend else 0
-        for i, token, logprob, top in zip(rows, result.tokens, result.logprobs, result.tops):
+        outcome = zip(rows, result.tokens, result.logprobs, result.tops, result.finish)
+        for i, token, logprob, top, stop in outcome:
             req = batch.reqs[i]
             req.in_flight = False
             if req.finished:  # aborted while its token was on its way
                 continue
             req.output_ids.append(token)
             req.output_logprobs.append(logprob)
-            reason = self._stop_reason(req, token)
+            reason = None
+            if stop is not None:
+                reason, req.matched_stop = stop
             if reason is not None:
                 self._finish(req, reason, emit=False)
             elif extend:  # a prefill's last chunk: now it decodes

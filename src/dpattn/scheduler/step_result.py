@@ -15,7 +15,7 @@ from typing import Any
 
 from dpattn.executor.forward_batch import ForwardMode
 from dpattn.executor.logprobs import PromptLogprobs
-from dpattn.scheduler.schedule_batch import ScheduleBatch
+from dpattn.scheduler.schedule_batch import FinishReason, ScheduleBatch
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class StepResult:
     tops: list[list[tuple[float, int]]] = field(default_factory=list)
     prompt: PromptLogprobs | None = None
     stats: dict[str, float] = field(default_factory=dict)  # grammar masks' share of the step
+    # Per sampled row: why it stops, and what matched (None: it goes on). Decided where the
+    # token is sampled (a grammar accepts each token once, there), applied on every stage.
+    finish: list[tuple[FinishReason, str | int | None] | None] = field(default_factory=list)
 
 
 class SkippedResult:
