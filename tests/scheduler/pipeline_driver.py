@@ -25,8 +25,8 @@ from dpattn.executor.model_runner import ModelRunner
 from dpattn.executor.sampling_params import SamplingParams
 from dpattn.messages import AbortReq, RankInput, RequestOutput, Shutdown, TokenizedGenerateReq
 from dpattn.models.stage import partition_layers
+from dpattn.runtime.rank_worker import take_inputs
 from dpattn.scheduler.pipeline import PipelineStage, state_digest
-from dpattn.scheduler.schedule_batch import Req
 from dpattn.scheduler.scheduler import Scheduler
 
 
@@ -119,14 +119,7 @@ def run_pipeline(
                         msgs.append(Shutdown())
             if stage is not None:
                 msgs = stage.exchange(msgs)
-            shutdown = False
-            for msg in msgs:
-                if isinstance(msg, TokenizedGenerateReq):
-                    sched.add_request(Req.from_message(msg))
-                elif isinstance(msg, AbortReq):
-                    sched.abort_request(msg.rid)
-                elif isinstance(msg, Shutdown):
-                    shutdown = True
+            shutdown, _ = take_inputs(sched, msgs)  # as the rank loop does
             if jitter_s:
                 time.sleep(rng.random() * jitter_s)  # random per-stage timing
             decision = stage.step(shutdown) if stage is not None else sched.step(shutdown)

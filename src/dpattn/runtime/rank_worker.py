@@ -36,6 +36,7 @@ from dpattn.runtime.host_memory import rank_memory_policy, resident_bytes
 from dpattn.scheduler.mlp_sync import SyncRow
 from dpattn.scheduler.pipeline import PipelineStage
 from dpattn.scheduler.schedule_batch import Req
+from dpattn.scheduler.scheduler import Scheduler
 from dpattn.scheduler.step_log import StepLog
 
 IDLE_BACKOFF_MAX_MS = 50
@@ -140,16 +141,8 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
                 msgs = ps.attn_tp_cpu.broadcast_object(msgs)
             if stage is not None:
                 msgs = stage.exchange(msgs)
-            for msg in msgs:  # Wake only ends the idle back-off
-                if isinstance(msg, TokenizedGenerateReq):
-                    sched.add_request(Req.from_message(msg))
-                elif isinstance(msg, AbortReq):
-                    sched.abort_request(msg.rid)
-                elif isinstance(msg, Shutdown):
-                    shutdown = True
-                elif isinstance(msg, FlushCache):
-                    sched.flush_cache()
-                    flushed = True
+            stop, flush = take_inputs(sched, msgs)
+            shutdown, flushed = shutdown or stop, flushed or flush
             if cfg.fault is not None:
                 cfg.fault.before_step(ps, steps)
             if os.getppid() != parent:  # the engine died without shutting us down
@@ -204,6 +197,23 @@ def scheduler_main(ps: ParallelState, cfg: EngineConfig, addrs: WorkerAddrs) -> 
             else None
         ),
     }
+
+
+def take_inputs(sched: Scheduler, msgs: list[RankInput]) -> tuple[bool, bool]:
+    """Hand the frontend's messages to the scheduler: (a Shutdown came, a FlushCache ran).
+    Wake only ends the idle back-off."""
+    shutdown = flushed = False
+    for msg in msgs:
+        if isinstance(msg, TokenizedGenerateReq):
+            sched.add_request(Req.from_message(msg))
+        elif isinstance(msg, AbortReq):
+            sched.abort_request(msg.rid)
+        elif isinstance(msg, Shutdown):
+            shutdown = True
+        elif isinstance(msg, FlushCache):
+            sched.flush_cache()
+            flushed = True
+    return shutdown, flushed
 
 
 def bare_all_gather_seconds(
