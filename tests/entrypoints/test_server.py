@@ -371,7 +371,7 @@ def test_metrics_per_rank_idle_batches_and_dp_cooperation(
         after = _metrics(server.url)
         return grew("dpattn_dp_extending_groups_count", 1) >= 3 * 8
 
-    assert _wait_for(idle_group_caught_up, 5)
+    assert _wait_for(idle_group_caught_up, 30)  # generous: a loaded machine lags
     assert grew("dpattn_idle_batches_total", 1) >= 3 * 8
     assert grew("dpattn_idle_batches_total", 0) == 0
     assert grew("dpattn_generation_tokens_total", 0) == 24
