@@ -57,8 +57,8 @@ class MicroBatch:
 @dataclass
 class PipelineCounters:
     """Of the micro-batches that ran a real batch: those whose output message went around the
-    ring, and those whose message was skipped. Every stage counts the same micro-batches (the
-    last when it makes the result, the others when they apply it), so the counts agree."""
+    ring, and those whose message was skipped. Every stage counts a micro-batch when it applies
+    its result, so all stages of a lane count the same ones (those in flight at shutdown none)."""
 
     outputs_sent: int = 0
     outputs_skipped: int = 0
@@ -125,8 +125,6 @@ class PipelineStage:
         output = self.output_rule(run) and not decision.shutdown  # stage 0 has left the ring
         if self.last and output:
             self.link.send_object(result, tag=f"out{m}")
-        if self.last and run is not None and run.forward_mode is not ForwardMode.IDLE:
-            self.counters.count(output)
         self.in_flight.append(MicroBatch(m, run, output, result))
         if run is not None:
             self.counters.active_s += time.perf_counter() - (self._started or start)
@@ -164,11 +162,12 @@ class PipelineStage:
     def _result(self, done: MicroBatch) -> StepResult | SkippedResult:
         """Micro-batch done.m's result on this stage: its own (last), or the output message
         from the previous stage, relayed on until stage P - 2 (stage P - 1 made it)."""
-        if self.last:
-            return done.result if done.output else SkippedResult(f"micro-batch {done.m}")
         self.counters.count(done.output)
         if not done.output:
             return SkippedResult(f"micro-batch {done.m}")
+        if self.last:
+            assert done.result is not None  # sampled whenever the output rule holds
+            return done.result
         result: StepResult = self.link.recv_object(tag=f"out{done.m}")
         if self.link.stage < self.num_stages - 2:
             self.link.send_object(result, tag=f"out{done.m}")
