@@ -85,9 +85,13 @@ def test_pp_prefill_through_the_router_matches_colocated(
         # Prompt logprobs and top logprobs: the prefill side's, in every stage's aux alike.
         a, b = prompt_logprobs(url), prompt_logprobs(colocated)
         assert a["output_ids"] == b["output_ids"]
-        for key in ("input_token_logprobs", "output_top_logprobs"):
-            got, want = a["meta_info"][key], b["meta_info"][key]
-            assert str(got)[:40] and len(got) == len(want), key
+        # Top alternatives of the output tokens: the same ids, the same logprobs.
+        got, want = a["meta_info"]["output_top_logprobs"], b["meta_info"]["output_top_logprobs"]
+        assert len(got) == len(want) == 3
+        assert [[t[1] for t in pos] for pos in got] == [[t[1] for t in pos] for pos in want]
+        flat = [t[0] for pos in got for t in pos]
+        assert flat == pytest.approx([t[0] for pos in want for t in pos], abs=1e-4)
+        assert len(a["meta_info"]["input_token_logprobs"]) == len(LONG)
         la = [x[0] for x in a["meta_info"]["input_token_logprobs"][1:]]
         lb = [x[0] for x in b["meta_info"]["input_token_logprobs"][1:]]
         assert la == pytest.approx(lb, abs=1e-4)
