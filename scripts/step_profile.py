@@ -44,6 +44,8 @@ def profile_rank(ps: ParallelState, args: argparse.Namespace) -> dict[str, Any]:
                 max_running_requests=args.batch,
                 cuda_graph_max_bs=args.batch,
                 disable_cuda_graph=args.eager,
+                quantization=args.quantization,
+                quant_batch_path=args.quant_batch_path,
             ),
             ps,
         )
@@ -142,6 +144,8 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--eager", action="store_true")
+    p.add_argument("--quantization", help="weight format (default: the checkpoint's own)")
+    p.add_argument("--quant-batch-path", default="dequantize", choices=("dequantize", "dense"))
     p.add_argument("--torch-profile", action="store_true", help="also torch.profiler's op table")
     p.add_argument("--save-model", help="keep the random --like model here (reuse: --model)")
     p.add_argument("--top", type=int, default=30)

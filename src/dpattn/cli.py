@@ -350,6 +350,7 @@ def _run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             quantization=args.quantization,
             quant_group_size=args.quant_group_size,
+            quant_batch_path=args.quant_batch_path,
             backend=args.backend,
             device=args.device,
             num_prompts=args.num_prompts,

@@ -98,6 +98,14 @@ class RunnerConfig:
     quant_group_size: int = option(
         128, "int8 / int4: inputs per scale", group=LAYOUT, choices=(32, 64, 128, 256)
     )
+    quant_batch_path: str = option(
+        "dequantize",
+        "integer weights, batches of more than a few rows (CPU): dequantize row blocks each "
+        "step (the quantized bytes only), or dense: keep an fp32 prepacked copy beside the "
+        "packed weight (faster at batch, fp32's memory more)",
+        group=LAYOUT,
+        choices=("dequantize", "dense"),
+    )
     # None: sized from memory (kvcache/budget.py); SGLang's flag name, the old one kept too.
     kv_pool_tokens: int | None = option(
         None,

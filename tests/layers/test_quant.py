@@ -144,3 +144,26 @@ def test_packed_in_row_blocks() -> None:
         torch.randint(-128, 128, (9000, 64), dtype=torch.int8), torch.rand(9000, 2), None, 32
     )
     assert _kernel_vs_effective(gq) < 2**-7
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dense_batch_path(bits: int) -> None:
+    """batch_path "dense": batches past the int4 kernel's rows run on an fp32 prepacked copy of
+    the effective weight (fp32 arithmetic, so far tighter than the kernel's bf16 bound); the
+    kernel keeps the rows it is faster at, and no values are kept for dequantizing."""
+    torch.manual_seed(6)
+    weight = torch.randn(40, 128)
+    gq = quantize(weight, bits, 32)
+    fmt = WeightFormat(f"int{bits}", 32, dense_prepack=True, int4_kernel=True, batch_path="dense")
+    with weight_format(fmt):
+        w = pack_weight(weight)
+    assert isinstance(w, Int4Weight) and w.batch_weight is not None and w.values is None
+    assert w.max_rows == (4 if bits == 4 else 1)
+    ref_w = effective(gq).dequantize().double()
+    x = torch.randn(w.max_rows + 3, 128)
+    out = linear(x, w)
+    ref = x.double() @ ref_w.t()
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    small = x[: w.max_rows]  # the int4 kernel: bf16 activations
+    assert torch.equal(linear(small, w), w(small))
+    assert not torch.equal(linear(small, w), out[: w.max_rows])

@@ -76,6 +76,14 @@ def test_int_dense_llama(tiny_models: dict[str, Path], method: str, tp: int, dp:
         assert has_odd_count(report), "no odd token count: the padding case was not exercised"
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_int_dense_batch_path(tiny_models: dict[str, Path], method: str) -> None:
+    """--quant-batch-path dense: prefill batches run on fp32 prepacked copies, decode rows on the
+    kernel (int4 up to 4 rows; int8's two nibbles at one row only), within the same bound."""
+    cfg, report = run_quant(tiny_models["llama"], 2, 2, method, quant_batch_path="dense")
+    check_quantized(cfg, report, method)
+
+
 @pytest.fixture(scope="module")
 def moe_seed1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model("qwen3_moe", tmp_path_factory.mktemp("q-moe") / "qwen3_moe", seed=1)

@@ -71,6 +71,7 @@ class ModelRunner:
             cfg.quant_group_size,
             dense_prepack=not cfg.disable_weight_prepack and can_prepack(ps.device),
             int4_kernel=ps.device.type == "cpu",
+            batch_path=cfg.quant_batch_path,
         )
         if fmt.dense_prepack or quantization not in ("none", "fp8"):
             prepack(self.model, fmt)

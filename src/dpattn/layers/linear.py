@@ -46,7 +46,9 @@ def linear(
     x: torch.Tensor, weight: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     if isinstance(weight, Int4Weight):
-        return weight(x, bias)
+        if weight.batch_weight is None or x.numel() <= weight.max_rows * x.shape[-1]:
+            return weight(x, bias)
+        weight = weight.batch_weight
     if weight.is_mkldnn:  # prepacked
         plain = getattr(weight, "plain", None)
         if plain is not None and x.dim() == 2 and x.shape[0] == 1:
@@ -105,7 +107,11 @@ def pack_weight(*weights: torch.Tensor, quantize: bool = True) -> torch.Tensor |
     fmt = current_format()
     gq = group_quant(weights, fmt) if quantize else None
     if gq is not None and fmt.int4_kernel and gq.group in KERNEL_GROUPS:
-        return Int4Weight(gq)
+        dense_batches = fmt.batch_path == "dense" and fmt.dense_prepack
+        w4 = Int4Weight(gq, batch_values=not dense_batches)
+        if dense_batches:
+            w4.use_batch_weight(_reorder(effective(gq).dequantize()))
+        return w4
     weights = tuple(dense(w) for w in weights)
     weight = weights[0] if len(weights) == 1 else torch.cat(weights)
     if gq is not None:
@@ -119,10 +125,15 @@ def pack_weight(*weights: torch.Tensor, quantize: bool = True) -> torch.Tensor |
         note_dense("gguf: tensors stored in float or in a type without a split stay dense")
     if not fmt.dense_prepack:
         return weight.detach()
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous())
+    packed = _reorder(weight.detach())
     if weight.dtype in (torch.bfloat16, torch.float16):
         packed.plain = weight.detach()  # type: ignore[attr-defined]
     return packed
+
+
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` fp32, in oneDNN's blocked layout (what linear()'s prepacked path runs)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.float().contiguous())
 
 
 def pack_params(module: nn.Module, *names: str, quantize: bool = True) -> None:

@@ -153,14 +153,18 @@ def effective(gq: GroupQuant) -> GroupQuant:
 
 
 class Int4Weight:
-    """A projection weight [N, K] in the CPU int4 kernel's packed layout (see the module doc)."""
+    """A projection weight [N, K] in the CPU int4 kernel's packed layout (see the module doc).
+    `batch_weight`: where the format keeps one (WeightFormat.batch_path "dense"), the same
+    weight dense and prepacked, which linear() runs batches of more than `max_rows` rows on."""
 
-    def __init__(self, gq: GroupQuant) -> None:
+    def __init__(self, gq: GroupQuant, batch_values: bool = True) -> None:
         n, k = gq.q.shape
         self.shape = torch.Size((n, k))
         self.group = gq.group
         form = _kernel_form(gq)
         self.nibbles = len(form.scales)
+        self.max_rows = INT4_MAX_ROWS
+        self.batch_weight: torch.Tensor | None = None
         pad = -n % _N_ALIGN
         q = F.pad(gq.q, (0, 0, 0, pad))
         # Packed 4,096 rows at a time (the same bytes as one call): the int32 nibbles the
@@ -177,22 +181,38 @@ class Int4Weight:
         # The batch path: the values unpacked, each row block dequantized when a batch runs.
         # fp32, exact: bf16 weights cost Gemma 3 a KL of 0.01 against fp32 (measured)
         exact = form.effective
-        self.values, self.scale = gq.q, exact.scale
-        self.zero = exact.zero if exact.zero is not None and bool(exact.zero.any()) else None
+        has_zero = batch_values and exact.zero is not None and bool(exact.zero.any())
+        self.values = gq.q if batch_values else None
+        self.scale = exact.scale if batch_values else None
+        self.zero = exact.zero if has_zero else None
+
+    def use_batch_weight(self, weight: torch.Tensor) -> None:
+        """Batches run on `weight` (this one's effective weight, dense): the int4 kernel keeps
+        the rows where it is faster (2 cores, AVX2, measured against oneDNN's fp32 GEMM:
+        4-bit values up to 4 rows, two nibbles at 1 row only; Gemma 3's LM head at 1 row 28
+        against 23-34 ms, noisy)."""
+        self.batch_weight = weight
+        self.max_rows = 4 if self.nibbles == 1 else 1
 
     @property
     def nbytes(self) -> int:
         parts = (self.packed, self.scales_and_zeros, self.values, self.scale, self.zero)
-        return sum(t.nbytes for t in parts if t is not None)
+        dense = 0 if self.batch_weight is None else self.batch_weight.numel() * 4
+        return sum(t.nbytes for t in parts if t is not None) + dense
 
     def _dense_mm(self, rows: torch.Tensor) -> torch.Tensor:
         """rows @ W.T through the dense GEMM, W dequantized one block of rows at a time (the
-        block stays in cache between its dequantization and its GEMM)."""
+        block stays in cache between its dequantization and its GEMM). Each block computes
+        W_block @ rows.T: BLAS streams the block as it lies instead of packing it per call
+        (2x faster at 16-64 rows on 2 AVX2 cores, measured; see linear.py)."""
         n, k = self.shape
         g = self.group
+        assert self.values is not None and self.scale is not None
         xs = rows.float()
-        out = xs.new_empty((rows.shape[0], n))
+        m = xs.shape[0]
+        out = xs.new_empty((m, n))
         block = xs.new_empty((min(n, _DENSE_BLOCK), k // g, g))
+        block_out = xs.new_empty((min(n, _DENSE_BLOCK), m))
         for lo in range(0, n, _DENSE_BLOCK):
             hi = min(n, lo + _DENSE_BLOCK)
             w = block[: hi - lo]
@@ -200,7 +220,8 @@ class Int4Weight:
             w.mul_(self.scale[lo:hi, :, None])  # than one mixed-dtype mul (measured)
             if self.zero is not None:
                 w += self.zero[lo:hi, :, None]
-            torch.mm(xs, w.view(hi - lo, k).t(), out=out[:, lo:hi])
+            torch.mm(w.view(hi - lo, k), xs.t(), out=block_out[: hi - lo])
+            out[:, lo:hi].copy_(block_out[: hi - lo].t())
         return out
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,6 +251,10 @@ class WeightFormat:
     group_size: int = 128
     dense_prepack: bool = False  # oneDNN-prepack the weights that stay dense (CPU)
     int4_kernel: bool = False  # the device has the int4 kernel (CPU)
+    # Batches past a few rows: "dequantize" row blocks every call (the quantized bytes only),
+    # or "dense": keep the weight dense and prepacked beside its int4 form (fp32's bytes more;
+    # oneDNN's fp32 GEMM is 1.4-2x faster at 16-64 rows on 2 AVX2 cores, measured)
+    batch_path: str = "dequantize"
 
 
 _DEFAULT = WeightFormat(dense_prepack=True)  # pack_weight called outside prepack (tests)

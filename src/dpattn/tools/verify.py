@@ -43,6 +43,7 @@ class VerifyConfig:
     dtype: str = "float32"
     quantization: str | None = None  # None: the checkpoint's own
     quant_group_size: int = 128
+    quant_batch_path: str = "dequantize"
     backend: str | None = None  # None: nccl on cuda, gloo on cpu (config.resolve_backend)
     device: str | None = None  # None: cuda when available (config.resolve_device)
     num_prompts: int = 5
@@ -121,6 +122,7 @@ def rank_main(ps: ParallelState, cfg: VerifyConfig) -> dict[str, Any]:
             mla_mode=cfg.mla_mode,
             quantization=cfg.quantization,
             quant_group_size=cfg.quant_group_size,
+            quant_batch_path=cfg.quant_batch_path,
             pp_layer_partition=cfg.pp_layer_partition,
             disable_cuda_graph=True,  # no scheduler, no graph vote: every step runs eagerly
         ),
