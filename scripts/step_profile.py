@@ -100,12 +100,13 @@ def profile_rank(ps: ParallelState, args: argparse.Namespace) -> dict[str, Any]:
     if args.torch_profile:  # per-op host and device time, same steps again
         acts = [torch.profiler.ProfilerActivity.CPU]
         acts += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
-        with torch.profiler.profile(activities=acts) as tp:
+        with torch.profiler.profile(activities=acts, record_shapes=args.shapes) as tp:
             for _ in range(args.profile_steps):
                 sched.step()
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         for k in ("self_cpu_time_total", key)[: 1 + cuda]:
-            text.write(tp.key_averages().table(sort_by=k, row_limit=args.top))
+            avg = tp.key_averages(group_by_input_shape=args.shapes)
+            text.write(avg.table(sort_by=k, row_limit=args.top))
     ms = 1e3
     return {
         "device": str(ps.device),
@@ -147,6 +148,7 @@ def main() -> None:
     p.add_argument("--quantization", help="weight format (default: the checkpoint's own)")
     p.add_argument("--quant-batch-path", default="dequantize", choices=("dequantize", "dense"))
     p.add_argument("--torch-profile", action="store_true", help="also torch.profiler's op table")
+    p.add_argument("--shapes", action="store_true", help="--torch-profile: per input shape")
     p.add_argument("--save-model", help="keep the random --like model here (reuse: --model)")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()

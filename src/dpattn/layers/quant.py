@@ -13,7 +13,8 @@ Every integer format runs on torch's group-wise int4 CPU kernel (`_weight_int4pa
 bf16 activations and scales): 4-bit values directly, wider ones (GGUF's 5- and 8-bit types,
 int8) as two nibbles over a doubled input, w = 16 s h + s l + z, which keeps every value
 exact; the 4 bytes per weight of fp32 become 0.5 or 1 (plus the int8 values the batch path
-dequantizes: batches of more than 8 rows run fp32 GEMMs over dequantized row blocks). Scales
+dequantizes: batches of more than 8 rows run fp32 GEMMs over dequantized row blocks, or, with
+`batch_path` "dense", on an fp32 prepacked copy kept beside the packed weight). Scales
 and offsets are rounded to bf16 (relative 2^-9, beside a 4-bit step of 1/15): `effective()`
 is the weight the kernel computes with, which `dpattn verify` gives transformers as its
 reference. Groups the kernel lacks (GGUF's Q6_K scales every 16 weights) and devices without
@@ -55,9 +56,10 @@ class GroupQuant:
     group: int
 
     def dequantize(self) -> torch.Tensor:
-        w = self.q.float().unflatten(-1, (-1, self.group)) * self.scale[..., None]
+        w = self.q.float().unflatten(-1, (-1, self.group))
+        w.mul_(self.scale[..., None])  # in place: one fp32 copy at a time (Gemma's head: 671 MB)
         if self.zero is not None:
-            w = w + self.zero[..., None]
+            w.add_(self.zero[..., None])
         return w.flatten(-2)
 
     def take(self, ids: torch.Tensor) -> torch.Tensor:
