@@ -189,10 +189,10 @@ class Int4Weight:
         self.zero = exact.zero if has_zero else None
 
     def use_batch_weight(self, weight: torch.Tensor) -> None:
-        """Batches run on `weight` (this one's effective weight, dense): the int4 kernel keeps
-        the rows where it is faster (2 cores, AVX2, measured against oneDNN's fp32 GEMM:
-        4-bit values up to 4 rows, two nibbles at 1 row only; Gemma 3's LM head at 1 row 28
-        against 23-34 ms, noisy)."""
+        """Batches run on `weight` (this one's effective weight, dense); the int4 kernel keeps
+        the rows it is faster at against oneDNN's fp32 GEMM (2 AVX2 cores, measured): 4-bit
+        values up to 4 rows; two nibbles at one row only, where the two are even (Gemma 3's
+        LM head 28-30 ms against 23-35, noisy) and the kernel reads a quarter of the bytes."""
         self.batch_weight = weight
         self.max_rows = 4 if self.nibbles == 1 else 1
 
