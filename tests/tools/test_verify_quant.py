@@ -76,11 +76,15 @@ def test_int_dense_llama(tiny_models: dict[str, Path], method: str, tp: int, dp:
         assert has_odd_count(report), "no odd token count: the padding case was not exercised"
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_int_dense_batch_path(tiny_models: dict[str, Path], method: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "method", "kw"),
+    [("llama", "int8", {}), ("llama", "int4", {}), ("qwen3_moe", "int8", {"ep": True})],
+)
+def test_int_dense_batch_path(tiny_models: dict[str, Path], arch: str, method: str, kw: dict):
     """--quant-batch-path dense: prefill batches run on fp32 prepacked copies, decode rows on the
-    kernel (int4 up to 4 rows; int8's two nibbles at one row only), within the same bound."""
-    cfg, report = run_quant(tiny_models["llama"], 2, 2, method, quant_batch_path="dense")
+    kernel (int4 up to 4 rows; int8's two nibbles at one row only), within the same bound; MoE
+    experts too (EP)."""
+    cfg, report = run_quant(tiny_models[arch], 2, 2, method, quant_batch_path="dense", **kw)
     check_quantized(cfg, report, method)
 
 
