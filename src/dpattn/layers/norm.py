@@ -17,10 +17,19 @@ class RMSNorm(nn.Module):
         self.weight = param((dim,), dtype)
         self.eps = eps
         self.offset = offset
+        self.folded: torch.Tensor | None = None  # offset + weight, once loaded (prepack)
+
+    def prepack(self) -> None:
+        """After loading: Gemma's 1 + w once, not per call (an add of ~13 us on CPU, 109 norms
+        a Gemma 3 270M step)."""
+        if self.offset:
+            self.folded = (self.weight + self.offset).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused kernel, the same arithmetic as below
-            w = self.weight + self.offset if self.offset else self.weight
+            w = self.folded
+            if w is None:
+                w = self.weight + self.offset if self.offset else self.weight
             return F.rms_norm(x, w.shape, w, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
