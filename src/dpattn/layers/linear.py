@@ -108,10 +108,7 @@ def pack_weight(*weights: torch.Tensor, quantize: bool = True) -> torch.Tensor |
     gq = group_quant(weights, fmt) if quantize else None
     if gq is not None and fmt.int4_kernel and gq.group in KERNEL_GROUPS:
         dense_batches = fmt.batch_path == "dense" and fmt.dense_prepack
-        w4 = Int4Weight(gq, batch_values=not dense_batches)
-        if dense_batches:
-            w4.use_batch_weight(_reorder(effective(gq).dequantize()))
-        return w4
+        return Int4Weight(gq, _reorder if dense_batches else None)
     weights = tuple(dense(w) for w in weights)
     weight = weights[0] if len(weights) == 1 else torch.cat(weights)
     if gq is not None:

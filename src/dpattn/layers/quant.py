@@ -156,17 +156,26 @@ def effective(gq: GroupQuant) -> GroupQuant:
 
 class Int4Weight:
     """A projection weight [N, K] in the CPU int4 kernel's packed layout (see the module doc).
-    `batch_weight`: where the format keeps one (WeightFormat.batch_path "dense"), the same
-    weight dense and prepacked, which linear() runs batches of more than `max_rows` rows on."""
+    `dense_packer` (WeightFormat.batch_path "dense"): packs the effective weight, dense, into
+    `batch_weight`, which linear() runs batches of more than `max_rows` rows on."""
 
-    def __init__(self, gq: GroupQuant, batch_values: bool = True) -> None:
+    def __init__(
+        self,
+        gq: GroupQuant,
+        dense_packer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         n, k = gq.q.shape
         self.shape = torch.Size((n, k))
         self.group = gq.group
         form = _kernel_form(gq)
         self.nibbles = len(form.scales)
-        self.max_rows = INT4_MAX_ROWS
-        self.batch_weight: torch.Tensor | None = None
+        exact = form.effective
+        self.batch_weight = None if dense_packer is None else dense_packer(exact.dequantize())
+        # With the dense copy, the kernel keeps the rows it is faster at against oneDNN's fp32
+        # GEMM (2 AVX2 cores, measured): 4-bit values up to 4 rows; two nibbles at one row
+        # only, where the two are even (Gemma 3's LM head 28-30 ms against 23-35, noisy) and
+        # the kernel reads a quarter of the bytes.
+        self.max_rows = INT4_MAX_ROWS if dense_packer is None else 4 if self.nibbles == 1 else 1
         pad = -n % _N_ALIGN
         q = F.pad(gq.q, (0, 0, 0, pad))
         # Packed 4,096 rows at a time (the same bytes as one call): the int32 nibbles the
@@ -180,21 +189,13 @@ class Int4Weight:
         sz = torch.stack([torch.cat(form.scales, 1), torch.cat(form.zeros, 1)], dim=-1)
         sz = F.pad(sz, (0, 0, 0, 0, 0, pad))
         self.scales_and_zeros = sz.transpose(0, 1).to(torch.bfloat16).contiguous()
-        # The batch path: the values unpacked, each row block dequantized when a batch runs.
-        # fp32, exact: bf16 weights cost Gemma 3 a KL of 0.01 against fp32 (measured)
-        exact = form.effective
-        has_zero = batch_values and exact.zero is not None and bool(exact.zero.any())
-        self.values = gq.q if batch_values else None
-        self.scale = exact.scale if batch_values else None
+        # Else the batch path: the values unpacked, each row block dequantized when a batch
+        # runs. fp32, exact: bf16 weights cost Gemma 3 a KL of 0.01 against fp32 (measured)
+        dequantize = dense_packer is None
+        has_zero = dequantize and exact.zero is not None and bool(exact.zero.any())
+        self.values = gq.q if dequantize else None
+        self.scale = exact.scale if dequantize else None
         self.zero = exact.zero if has_zero else None
-
-    def use_batch_weight(self, weight: torch.Tensor) -> None:
-        """Batches run on `weight` (this one's effective weight, dense); the int4 kernel keeps
-        the rows it is faster at against oneDNN's fp32 GEMM (2 AVX2 cores, measured): 4-bit
-        values up to 4 rows; two nibbles at one row only, where the two are even (Gemma 3's
-        LM head 28-30 ms against 23-35, noisy) and the kernel reads a quarter of the bytes."""
-        self.batch_weight = weight
-        self.max_rows = 4 if self.nibbles == 1 else 1
 
     @property
     def nbytes(self) -> int:
